@@ -1,0 +1,222 @@
+//! # Orchestrix guest SDK
+//!
+//! Write an Orchestrix domain module in plain Rust: implement [`Aggregate`]
+//! (and, when you need them, [`Projection`] and [`Saga`]), describe the module
+//! with [`Module`], and export it with [`export!`]. Compile it with
+//! `cargo build --target wasm32-wasip2` and drop the `.wasm` into the host's
+//! plugins directory. The SDK generates the WebAssembly bindings from the one
+//! contract in the repository's `wit/` folder; you never see them.
+//!
+//! Domain logic is tested natively, with no wasm, through [`testing`].
+//!
+//! ```
+//! use orchestrix_guest::{Aggregate, DomainError, Module, ModuleBuilder};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! pub struct Counter {
+//!     value: i64,
+//! }
+//!
+//! #[derive(Debug, PartialEq, Serialize, Deserialize)]
+//! pub enum CounterCommand {
+//!     Add { amount: i64 },
+//! }
+//!
+//! #[derive(Debug, PartialEq, Serialize, Deserialize)]
+//! pub enum CounterEvent {
+//!     Added { amount: i64 },
+//! }
+//!
+//! impl Aggregate for Counter {
+//!     const TYPE: &'static str = "counter";
+//!     type Command = CounterCommand;
+//!     type Event = CounterEvent;
+//!
+//!     fn handle(&self, command: CounterCommand) -> Result<Vec<CounterEvent>, DomainError> {
+//!         match command {
+//!             CounterCommand::Add { amount } if amount <= 0 => {
+//!                 Err(DomainError::Invalid("amount must be positive".into()))
+//!             }
+//!             CounterCommand::Add { amount } if self.value + amount > 100 => {
+//!                 Err(DomainError::Rejected("a counter never exceeds 100".into()))
+//!             }
+//!             CounterCommand::Add { amount } => Ok(vec![CounterEvent::Added { amount }]),
+//!         }
+//!     }
+//!
+//!     fn apply(&mut self, event: CounterEvent) {
+//!         match event {
+//!             CounterEvent::Added { amount } => self.value += amount,
+//!         }
+//!     }
+//! }
+//!
+//! pub struct Counters;
+//!
+//! impl Module for Counters {
+//!     const NAME: &'static str = "counters";
+//!     const VERSION: &'static str = "1.0.0";
+//!     fn register(module: &mut ModuleBuilder) {
+//!         module.aggregate::<Counter>();
+//!     }
+//! }
+//!
+//! orchestrix_guest::export!(Counters);
+//!
+//! // Given/when/then, natively:
+//! use orchestrix_guest::testing::given;
+//!
+//! given::<Counter>([CounterEvent::Added { amount: 90 }])
+//!     .when(CounterCommand::Add { amount: 5 })
+//!     .then_expect_events([CounterEvent::Added { amount: 5 }]);
+//! given::<Counter>([CounterEvent::Added { amount: 90 }])
+//!     .when(CounterCommand::Add { amount: 20 })
+//!     .then_expect_rejection("never exceeds");
+//! ```
+//!
+//! Guests are sandboxed: there is no clock, randomness, file, network or
+//! environment access. The host stamps ids and times; [`log`] is the only
+//! way out.
+
+// Lets the generated bindings name this crate the same way inside and outside it.
+extern crate self as orchestrix_guest;
+
+mod aggregate;
+mod codec;
+mod exports;
+pub mod log;
+mod module;
+mod projection;
+mod saga;
+pub mod testing;
+
+use std::fmt;
+
+pub use aggregate::Aggregate;
+pub use exports::Exports;
+pub use module::{Module, ModuleBuilder, Upcast};
+pub use projection::{DocumentKey, Documents, Projection, ReadModelOp};
+pub use saga::{CommandRequest, CommandResult, Reaction, Saga, SagaInput};
+pub use serde;
+pub use serde_json;
+pub use wit_bindgen;
+
+/// The bindings generated from `wit/`. Not part of the public API.
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "module",
+        pub_export_macro: true,
+        export_macro_name: "__export_component",
+        default_bindings_module: "::orchestrix_guest::bindings",
+        runtime_path: "::orchestrix_guest::wit_bindgen::rt",
+    });
+}
+
+/// Why a module refused a command (or could not read its input).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainError {
+    /// A business rule forbids it. The host answers 422.
+    Rejected(String),
+    /// The input does not make sense for its type. The host answers 400.
+    Invalid(String),
+}
+
+impl DomainError {
+    /// A business-rule rejection.
+    pub fn rejected(reason: impl Into<String>) -> Self {
+        Self::Rejected(reason.into())
+    }
+
+    /// An invalid-input error.
+    pub fn invalid(reason: impl Into<String>) -> Self {
+        Self::Invalid(reason.into())
+    }
+}
+
+impl fmt::Display for DomainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Rejected(reason) => write!(f, "rejected: {reason}"),
+            Self::Invalid(reason) => write!(f, "invalid: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for DomainError {}
+
+/// An event produced by `handle`, as sent to the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub event_type: String,
+    pub payload: String,
+}
+
+/// An event as stored by the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedEvent {
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub stream_version: u64,
+    pub position: u64,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub time: String,
+    pub payload: String,
+}
+
+/// A stored event with its typed body, as projections and sagas see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope<E> {
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub stream_version: u64,
+    pub position: u64,
+    /// Host-stamped commit time (RFC 3339, UTC).
+    pub time: String,
+    pub event: E,
+}
+
+impl<E: serde::de::DeserializeOwned> Envelope<E> {
+    pub(crate) fn decode(event: &RecordedEvent) -> Result<Self, DomainError> {
+        Ok(Envelope {
+            id: event.id.clone(),
+            aggregate_type: event.aggregate_type.clone(),
+            aggregate_id: event.aggregate_id.clone(),
+            stream_version: event.stream_version,
+            position: event.position,
+            time: event.time.clone(),
+            event: codec::decode(&event.event_type, &event.payload)?,
+        })
+    }
+}
+
+#[doc(hidden)]
+pub fn __assert_module<M: Module>() {}
+
+/// Export a [`Module`] as this component's implementation of the
+/// `orchestrix:domain/module` world. Use it once, at the crate root.
+///
+/// ```ignore
+/// orchestrix_guest::export!(Bank);
+/// ```
+#[macro_export]
+macro_rules! export {
+    ($module:ty) => {
+        const _: fn() = $crate::__assert_module::<$module>;
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            type __OrchestrixExports = $crate::Exports<$module>;
+            $crate::bindings::__export_component!(__OrchestrixExports with_types_in $crate::bindings);
+        };
+    };
+    ($($other:tt)*) => {
+        ::core::compile_error!(
+            "usage: `orchestrix_guest::export!(MyModule);` where `MyModule` implements `orchestrix_guest::Module`"
+        );
+    };
+}

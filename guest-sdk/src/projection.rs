@@ -1,0 +1,154 @@
+//! Projections: typed read-model builders and their type-erased adapter.
+//!
+//! A projection reads events and writes JSON documents addressed by
+//! `(collection, key)`. The host first asks which documents a batch touches,
+//! loads them, then runs the batch; the SDK keeps an in-batch overlay so a
+//! document written by one event is seen by the next.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::codec;
+use crate::{DomainError, Envelope, RecordedEvent};
+
+/// Address of one read-model document.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DocumentKey {
+    pub collection: String,
+    pub key: String,
+}
+
+impl DocumentKey {
+    pub fn new(collection: impl Into<String>, key: impl Into<String>) -> Self {
+        Self { collection: collection.into(), key: key.into() }
+    }
+}
+
+/// One change to a read model, as returned to the host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReadModelOp {
+    Upsert(DocumentKey, String),
+    Delete(DocumentKey),
+}
+
+/// Builds read-model documents from events.
+///
+/// `Event` is an enum (externally tagged, like an aggregate's events) whose
+/// variant names are the event types the projection subscribes to; it may
+/// list events of several aggregates.
+pub trait Projection: Default + Send + Sync + 'static {
+    /// Projection name, unique across all modules.
+    const NAME: &'static str;
+    /// Bump it when the projection's logic changes: the host rebuilds.
+    const VERSION: u32 = 1;
+    /// The events it consumes.
+    type Event: DeserializeOwned;
+
+    /// The documents `project` reads for this event.
+    fn touches(&self, event: &Envelope<Self::Event>) -> Vec<DocumentKey>;
+
+    /// Apply one event to the documents.
+    fn project(&self, event: &Envelope<Self::Event>, documents: &mut Documents) -> Result<(), DomainError>;
+}
+
+/// The documents a projection can see and change while it runs a batch.
+#[derive(Debug, Default)]
+pub struct Documents {
+    current: BTreeMap<DocumentKey, Option<Value>>,
+    ops: Vec<ReadModelOp>,
+}
+
+impl Documents {
+    pub(crate) fn new(loaded: impl IntoIterator<Item = (DocumentKey, Option<Value>)>) -> Self {
+        Self { current: loaded.into_iter().collect(), ops: Vec::new() }
+    }
+
+    /// Read a document. It must have been named by `touches`.
+    pub fn get<T: DeserializeOwned>(&self, collection: &str, key: &str) -> Result<Option<T>, DomainError> {
+        let address = DocumentKey::new(collection, key);
+        match self.current.get(&address) {
+            Some(Some(body)) => serde_json::from_value(body.clone())
+                .map(Some)
+                .map_err(|e| DomainError::Invalid(format!("document {collection}/{key} has an unexpected shape: {e}"))),
+            Some(None) => Ok(None),
+            None => Err(DomainError::Invalid(format!(
+                "document {collection}/{key} was not loaded: return it from `touches`"
+            ))),
+        }
+    }
+
+    /// Create or replace a document.
+    pub fn upsert<T: Serialize>(&mut self, collection: &str, key: &str, body: &T) -> Result<(), DomainError> {
+        let body = serde_json::to_value(body)
+            .map_err(|e| DomainError::Invalid(format!("cannot serialize document {collection}/{key}: {e}")))?;
+        let address = DocumentKey::new(collection, key);
+        self.ops.push(ReadModelOp::Upsert(address.clone(), body.to_string()));
+        self.current.insert(address, Some(body));
+        Ok(())
+    }
+
+    /// Remove a document (absent documents are fine).
+    pub fn delete(&mut self, collection: &str, key: &str) {
+        let address = DocumentKey::new(collection, key);
+        self.ops.push(ReadModelOp::Delete(address.clone()));
+        self.current.insert(address, None);
+    }
+
+    pub(crate) fn into_ops(self) -> Vec<ReadModelOp> {
+        self.ops
+    }
+}
+
+pub(crate) trait ErasedProjection: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn version(&self) -> u32;
+    fn event_types(&self) -> Vec<String>;
+    fn touches(&self, events: &[RecordedEvent]) -> Result<Vec<DocumentKey>, DomainError>;
+    fn project(&self, events: &[RecordedEvent], documents: &mut Documents) -> Result<(), DomainError>;
+}
+
+pub(crate) struct ProjectionAdapter<P> {
+    projection: P,
+}
+
+impl<P: Projection> ProjectionAdapter<P> {
+    pub(crate) fn new() -> Self {
+        Self { projection: P::default() }
+    }
+}
+
+impl<P: Projection> ErasedProjection for ProjectionAdapter<P> {
+    fn name(&self) -> &'static str {
+        P::NAME
+    }
+
+    fn version(&self) -> u32 {
+        P::VERSION
+    }
+
+    fn event_types(&self) -> Vec<String> {
+        codec::variant_names::<P::Event>()
+    }
+
+    fn touches(&self, events: &[RecordedEvent]) -> Result<Vec<DocumentKey>, DomainError> {
+        let mut keys = Vec::new();
+        for event in events {
+            for key in self.projection.touches(&Envelope::decode(event)?) {
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    fn project(&self, events: &[RecordedEvent], documents: &mut Documents) -> Result<(), DomainError> {
+        for event in events {
+            self.projection.project(&Envelope::decode(event)?, documents)?;
+        }
+        Ok(())
+    }
+}

@@ -9,8 +9,8 @@
 use std::cell::Cell;
 use std::fmt;
 
-use serde::de::{self, DeserializeOwned, Visitor};
 use serde::Serialize;
+use serde::de::{self, DeserializeOwned, Visitor};
 use serde_json::Value;
 
 use crate::DomainError;
@@ -66,7 +66,9 @@ pub(crate) fn decode<T: DeserializeOwned>(name: &str, payload: &str) -> Result<T
                     return Ok(value);
                 }
             }
-            Err(DomainError::Invalid(format!("invalid `{name}`: {first_error}")))
+            Err(DomainError::Invalid(format!(
+                "invalid `{name}`: {first_error}"
+            )))
         }
     }
 }
@@ -82,7 +84,8 @@ pub(crate) fn decode_state<S: DeserializeOwned + Default>(state: &[u8]) -> Resul
 
 /// Encode a state value as its blob.
 pub(crate) fn encode_state<S: Serialize>(state: &S) -> Result<Vec<u8>, DomainError> {
-    serde_json::to_vec(state).map_err(|e| DomainError::Invalid(format!("cannot serialize state: {e}")))
+    serde_json::to_vec(state)
+        .map_err(|e| DomainError::Invalid(format!("cannot serialize state: {e}")))
 }
 
 /// A deserializer that only answers `deserialize_enum`, recording the names.
@@ -156,7 +159,13 @@ mod tests {
 
     #[test]
     fn round_trips_every_variant_shape() {
-        for value in [Sample::Opened { owner: "ann".into() }, Sample::Touched {}, Sample::Unit] {
+        for value in [
+            Sample::Opened {
+                owner: "ann".into(),
+            },
+            Sample::Touched {},
+            Sample::Unit,
+        ] {
             let (name, payload) = encode(&value).unwrap();
             assert_eq!(decode::<Sample>(&name, &payload).unwrap(), value);
         }
@@ -165,8 +174,17 @@ mod tests {
 
     #[test]
     fn bad_payloads_are_invalid_not_panics() {
-        assert!(matches!(decode::<Sample>("Opened", "{"), Err(DomainError::Invalid(_))));
-        assert!(matches!(decode::<Sample>("Opened", "{}"), Err(DomainError::Invalid(_))));
-        assert!(matches!(decode::<Sample>("Nope", "{}"), Err(DomainError::Invalid(_))));
+        assert!(matches!(
+            decode::<Sample>("Opened", "{"),
+            Err(DomainError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode::<Sample>("Opened", "{}"),
+            Err(DomainError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode::<Sample>("Nope", "{}"),
+            Err(DomainError::Invalid(_))
+        ));
     }
 }

@@ -1,0 +1,19 @@
+//! Orchestrix host: runs event-sourced domain modules compiled to
+//! WebAssembly components, and owns everything durable around them.
+//!
+//! Code map (see ARCHITECTURE.md for the invariants):
+//! - [`sandbox`]: wasmtime engine, bindings of the `orchestrix:domain`
+//!   world, plugin loading with the precompile cache, guest calls.
+//! - [`store`]: the [`store::EventStore`] trait and its SQLite backend with
+//!   group commit.
+//! - [`pipeline`]: the command path (route, load, handle, append, fold).
+//! - [`http`]: the JSON HTTP API; [`cloudevents`]: the event wire format.
+//! - [`metrics`]: Prometheus metrics; [`runtime`]: wiring it all together.
+
+pub mod cloudevents;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod runtime;
+pub mod sandbox;
+pub mod store;

@@ -1,1 +1,186 @@
-fn main() {}
+//! `orchestrix`: the host binary. `serve` runs the host; `send`, `events` and
+//! `modules` talk to a running host over HTTP; `bench` measures the command
+//! path.
+
+mod cli;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use orchestrix_host::runtime::{Runtime, RuntimeConfig};
+use orchestrix_host::sandbox::SandboxLimits;
+
+#[derive(Parser)]
+#[command(
+    name = "orchestrix",
+    version,
+    about = "Event-sourced domain modules in WebAssembly, hosted durably"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the host: load the plugins, open the store, serve the HTTP API.
+    Serve(ServeArgs),
+    /// Send a command to a running host and print the result.
+    Send(cli::client::SendArgs),
+    /// Print events: one aggregate's stream, or the global log.
+    Events(cli::client::EventsArgs),
+    /// List the modules a running host has loaded (and the files it refused).
+    Modules(cli::client::ModulesArgs),
+    /// Measure command throughput and latency through the real pipeline.
+    Bench(cli::bench::BenchArgs),
+}
+
+/// Options shared by everything that starts a host.
+#[derive(Args, Clone)]
+pub struct HostArgs {
+    /// Directory of module `.wasm` files.
+    #[arg(long, env = "ORCHESTRIX_PLUGINS", default_value = "plugins")]
+    plugins: PathBuf,
+    /// Event store URL: `sqlite://PATH`.
+    #[arg(
+        long,
+        env = "ORCHESTRIX_STORE",
+        default_value = "sqlite://orchestrix.db"
+    )]
+    store: String,
+    /// Directory for precompiled modules [default: PLUGINS/.orchestrix-cache].
+    #[arg(long, env = "ORCHESTRIX_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Largest accepted request body, in bytes (also the event payload limit).
+    #[arg(long, env = "ORCHESTRIX_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Deadline of one guest call, in milliseconds.
+    #[arg(long, env = "ORCHESTRIX_CALL_DEADLINE_MS", default_value_t = 100)]
+    call_deadline_ms: u64,
+    /// Memory cap of one guest instance, in MiB.
+    #[arg(long, env = "ORCHESTRIX_MAX_MEMORY_MIB", default_value_t = 64)]
+    max_memory_mib: usize,
+    /// Skip the fsync on each commit (faster; a power loss may drop the last commits).
+    #[arg(long, env = "ORCHESTRIX_NO_FSYNC")]
+    no_fsync: bool,
+}
+
+impl HostArgs {
+    fn config(&self) -> RuntimeConfig {
+        let mut config = RuntimeConfig::new(&self.plugins, &self.store);
+        if let Some(dir) = &self.cache_dir {
+            config.cache_dir = dir.clone();
+        }
+        config.max_body_bytes = self.max_body_bytes;
+        config.sqlite.max_event_bytes = self.max_body_bytes;
+        config.sqlite.fsync_every_commit = !self.no_fsync;
+        config.sandbox = SandboxLimits {
+            call_deadline: Duration::from_millis(self.call_deadline_ms),
+            max_memory_bytes: self.max_memory_mib << 20,
+            ..SandboxLimits::default()
+        };
+        config
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    host: HostArgs,
+    /// Address to listen on.
+    #[arg(long, env = "ORCHESTRIX_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ORCHESTRIX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Send(args) => cli::client::send(args).await,
+            Command::Events(args) => cli::client::events(args).await,
+            Command::Modules(args) => cli::client::modules(args).await,
+            Command::Bench(args) => cli::bench::run(args).await,
+        }
+    })
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let config = args.host.config();
+    let runtime = Runtime::start(config.clone())
+        .await
+        .context("starting the host")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    let names: Vec<String> = runtime
+        .commands
+        .modules()
+        .modules()
+        .map(|m| format!("{}@{}", m.name, m.version))
+        .collect();
+    println!("orchestrix listening on http://{address}");
+    println!("  store:   {}", config.store_url);
+    println!(
+        "  plugins: {} ({})",
+        config.plugins_dir.display(),
+        if names.is_empty() {
+            "none loaded".into()
+        } else {
+            names.join(", ")
+        }
+    );
+    for failure in &runtime.load_failures {
+        println!("  refused: {} — {}", failure.file.display(), failure.reason);
+    }
+    println!("try:");
+    println!(
+        "  curl -s -X POST http://{address}/v1/aggregates/account/acc-1/commands/OpenAccount -H 'content-type: application/json' -d '{{\"owner\":\"Ada\",\"initial_balance\":100}}'"
+    );
+    println!(
+        "  curl -s -X POST http://{address}/v1/aggregates/account/acc-1/commands/DepositMoney -d '{{\"amount\":50}}'"
+    );
+    println!("  curl -s http://{address}/v1/aggregates/account/acc-1");
+    println!("  curl -s http://{address}/v1/aggregates/account/acc-1/events");
+    println!("  curl -s http://{address}/metrics");
+    runtime.serve(listener, shutdown_signal()).await?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutting down: finishing in-flight commands");
+}

@@ -1,0 +1,248 @@
+//! `orchestrix bench`: N concurrent clients send `DepositMoney` across K
+//! bank accounts through the real host pipeline (wasm `handle`, group commit
+//! into a fresh SQLite file, fold) — in process, or over HTTP — and report
+//! throughput and latency percentiles. Every command is acknowledged only
+//! after its commit is durable, exactly as in `serve`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use orchestrix_host::pipeline::{CommandRequest, CommandService};
+use orchestrix_host::runtime::Runtime;
+use orchestrix_host::store::StreamId;
+
+use crate::HostArgs;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Call the command service directly (no HTTP).
+    Pipeline,
+    /// Send real HTTP requests to the host's API on a loopback port.
+    Http,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    host: HostArgs,
+    /// Concurrent clients (comma-separated for several measurements).
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    clients: Vec<usize>,
+    /// Accounts the deposits are spread over.
+    #[arg(long, default_value_t = 1000)]
+    accounts: usize,
+    /// Measured seconds per run (after a one-second warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Runs per client count; the median run is reported too.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long, value_enum, default_value = "pipeline")]
+    mode: Mode,
+}
+
+struct RunResult {
+    commands: usize,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl RunResult {
+    fn throughput(&self) -> f64 {
+        self.commands as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        let index = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.latencies_us[index]) / 1000.0
+    }
+}
+
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let mode = if args.mode == Mode::Http {
+        "http"
+    } else {
+        "pipeline"
+    };
+    println!(
+        "bench: deposits over {} accounts, {} s per run, {} runs, mode {mode}, store {}",
+        args.accounts,
+        args.seconds,
+        args.runs,
+        if args.host.no_fsync {
+            "sqlite (no fsync)"
+        } else {
+            "sqlite (fsync every commit)"
+        }
+    );
+    for &clients in &args.clients {
+        let mut results = Vec::new();
+        for run in 1..=args.runs {
+            let result = one_run(&args, clients).await?;
+            println!(
+                "  clients={clients:<3} run={run} cmds={:<7} {:>9.0} cmd/s  p50={:.2} ms  p99={:.2} ms",
+                result.commands,
+                result.throughput(),
+                result.percentile(0.50),
+                result.percentile(0.99)
+            );
+            results.push(result);
+        }
+        results.sort_by(|a, b| a.throughput().total_cmp(&b.throughput()));
+        let median = &results[results.len() / 2];
+        println!(
+            "median clients={clients:<3} {:>9.0} cmd/s  p50={:.2} ms  p99={:.2} ms",
+            median.throughput(),
+            median.percentile(0.50),
+            median.percentile(0.99)
+        );
+    }
+    Ok(())
+}
+
+async fn one_run(args: &BenchArgs, clients: usize) -> Result<RunResult> {
+    let dir = std::env::temp_dir().join(format!(
+        "orchestrix-bench-{}-{}",
+        std::process::id(),
+        uuid::Uuid::now_v7()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let mut host = args.host.clone();
+    host.store = format!("sqlite://{}", dir.join("bench.db").display());
+    let runtime = Runtime::start(host.config())
+        .await
+        .context("starting the host")?;
+    if runtime.commands.modules().route("account").is_none() {
+        bail!(
+            "the bank module is not in {}: build the plugins first (cargo xtask dist)",
+            host.plugins.display()
+        );
+    }
+    let service = runtime.commands.clone();
+    for account in 0..args.accounts {
+        service
+            .execute(command(
+                account,
+                "OpenAccount",
+                r#"{"owner":"bench","initial_balance":0}"#.into(),
+            ))
+            .await
+            .context("opening the bench accounts")?;
+    }
+    let result = match args.mode {
+        Mode::Pipeline => drive(clients, args, Driver::Pipeline(service)).await?,
+        Mode::Http => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let router = runtime.router();
+            let server = tokio::spawn(async move { axum::serve(listener, router).await });
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(clients)
+                .build()?;
+            let result = drive(clients, args, Driver::Http { client, url }).await;
+            server.abort();
+            result?
+        }
+    };
+    runtime.close().await;
+    drop(runtime);
+    let _ = std::fs::remove_dir_all(PathBuf::from(&dir));
+    Ok(result)
+}
+
+fn command(account: usize, command_type: &str, payload: String) -> CommandRequest {
+    CommandRequest {
+        stream: StreamId::new("account", format!("bench-{account}")),
+        command_type: command_type.into(),
+        payload,
+        expected_version: None,
+        command_id: None,
+        correlation_id: None,
+    }
+}
+
+#[derive(Clone)]
+enum Driver {
+    Pipeline(Arc<CommandService>),
+    Http {
+        client: reqwest::Client,
+        url: String,
+    },
+}
+
+impl Driver {
+    async fn deposit(&self, account: usize) -> Result<()> {
+        match self {
+            Driver::Pipeline(service) => {
+                service
+                    .execute(command(account, "DepositMoney", r#"{"amount":1}"#.into()))
+                    .await?;
+            }
+            Driver::Http { client, url } => {
+                let response = client
+                    .post(format!(
+                        "{url}/v1/aggregates/account/bench-{account}/commands/DepositMoney"
+                    ))
+                    .header("content-type", "application/json")
+                    .body(r#"{"amount":1}"#)
+                    .send()
+                    .await?;
+                if !response.status().is_success() {
+                    bail!(
+                        "deposit failed: {} {}",
+                        response.status(),
+                        response.text().await.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn drive(clients: usize, args: &BenchArgs, driver: Driver) -> Result<RunResult> {
+    let warmup = Duration::from_secs(1);
+    let measured = Duration::from_secs_f64(args.seconds);
+    let start = Instant::now();
+    let accounts = args.accounts;
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let driver = driver.clone();
+        tasks.push(tokio::spawn(async move {
+            // A small LCG per client spreads deposits over the accounts.
+            let mut seed = (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut latencies = Vec::new();
+            loop {
+                let now = Instant::now();
+                if now >= start + warmup + measured {
+                    break;
+                }
+                seed = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let account = ((seed >> 33) as usize) % accounts;
+                driver.deposit(account).await?;
+                if now >= start + warmup {
+                    latencies.push(now.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                }
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies_us = Vec::new();
+    for task in tasks {
+        latencies_us.extend(task.await??);
+    }
+    latencies_us.sort_unstable();
+    if latencies_us.is_empty() {
+        bail!("no command completed in the measured window");
+    }
+    Ok(RunResult {
+        commands: latencies_us.len(),
+        elapsed: measured,
+        latencies_us,
+    })
+}

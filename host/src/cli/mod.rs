@@ -1,0 +1,4 @@
+//! Subcommands of the `orchestrix` binary other than `serve`.
+
+pub mod bench;
+pub mod client;

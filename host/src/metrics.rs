@@ -1,0 +1,144 @@
+//! Prometheus metrics of the host, rendered in the text exposition format on
+//! `/metrics`. One [`Metrics`] value is shared (cheaply cloned) by the
+//! pipeline, the sandbox and the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    commands: IntCounterVec,
+    command_seconds: HistogramVec,
+    events_appended: IntCounterVec,
+    wasm_call_seconds: HistogramVec,
+    append_batch_size: Histogram,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let commands = IntCounterVec::new(
+            Opts::new(
+                "orchestrix_commands_total",
+                "Commands handled, by module, command type and outcome",
+            ),
+            &["module", "command", "outcome"],
+        )
+        .expect("valid metric");
+        let command_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "orchestrix_command_duration_seconds",
+                "End-to-end command latency in the host",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["module"],
+        )
+        .expect("valid metric");
+        let events_appended = IntCounterVec::new(
+            Opts::new(
+                "orchestrix_events_appended_total",
+                "Events durably appended, by module",
+            ),
+            &["module"],
+        )
+        .expect("valid metric");
+        let wasm_call_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "orchestrix_wasm_call_duration_seconds",
+                "Duration of guest calls",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["module", "function"],
+        )
+        .expect("valid metric");
+        let append_batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "orchestrix_append_batch_size",
+                "Appends committed per group-commit transaction",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+            ]),
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(command_seconds.clone()),
+            Box::new(events_appended.clone()),
+            Box::new(wasm_call_seconds.clone()),
+            Box::new(append_batch_size.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                commands,
+                command_seconds,
+                events_appended,
+                wasm_call_seconds,
+                append_batch_size,
+            }),
+        }
+    }
+
+    pub fn observe_command(&self, module: &str, command: &str, outcome: &str, elapsed: Duration) {
+        self.inner
+            .commands
+            .with_label_values(&[module, command, outcome])
+            .inc();
+        self.inner
+            .command_seconds
+            .with_label_values(&[module])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_appended(&self, module: &str, events: usize) {
+        self.inner
+            .events_appended
+            .with_label_values(&[module])
+            .inc_by(events as u64);
+    }
+
+    pub fn observe_wasm_call(&self, module: &str, function: &str, elapsed: Duration) {
+        self.inner
+            .wasm_call_seconds
+            .with_label_values(&[module, function])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_batch(&self, appends: usize) {
+        self.inner.append_batch_size.observe(appends as f64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.inner.registry.gather(), &mut buffer)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buffer).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,507 @@
+//! The command pipeline: route → load state → `handle` → append → fold → reply.
+//!
+//! Folded state is cached per aggregate instance together with its version
+//! and the content hash of the module that folded it. Each cached instance
+//! has an async lock held from load to fold, so concurrent commands on one
+//! aggregate run one after another and never lose an update, while commands
+//! on different aggregates run concurrently and meet in the store's group
+//! commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::metrics::Metrics;
+use crate::sandbox::{Command, DomainError, GuestFailure, GuestModule, ModuleSet, RecordedEvent};
+use crate::store::{
+    AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion,
+    StoreError, StoredEvent, StreamId, StreamRange,
+};
+
+/// A command as received from a client.
+#[derive(Debug, Clone)]
+pub struct CommandRequest {
+    pub stream: StreamId,
+    pub command_type: String,
+    /// The command body (JSON text, already checked to parse).
+    pub payload: String,
+    /// `If-Match`: the version the client believes the aggregate is at.
+    pub expected_version: Option<u64>,
+    /// `Idempotency-Key`.
+    pub command_id: Option<String>,
+    /// `X-Correlation-Id`.
+    pub correlation_id: Option<String>,
+}
+
+/// The result of an accepted command.
+#[derive(Debug, Clone)]
+pub struct CommandReply {
+    pub stream: StreamId,
+    /// Stream version after the command.
+    pub version: u64,
+    /// The events the command appended (empty when it decided nothing happened).
+    pub events: Vec<StoredEvent>,
+    /// True when this is a resend of an already applied command id.
+    pub duplicate: bool,
+}
+
+/// Why a command was not applied. Each variant maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("unknown aggregate type `{0}`")]
+    UnknownAggregate(String),
+    #[error("aggregate type `{aggregate_type}` has no command `{command_type}`")]
+    UnknownCommand {
+        aggregate_type: String,
+        command_type: String,
+    },
+    #[error("{0} does not exist")]
+    NotFound(StreamId),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Rejected(String),
+    #[error("version conflict on {stream}: expected {expected}, aggregate is at {actual}")]
+    Conflict {
+        stream: StreamId,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(transparent)]
+    Guest(#[from] GuestFailure),
+    #[error("module `{module}` broke the contract: {reason}")]
+    Contract { module: String, reason: String },
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for CommandError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Conflict {
+                stream,
+                expected,
+                actual,
+            } => {
+                let expected = match expected {
+                    ExpectedVersion::Exact(v) => v,
+                    ExpectedVersion::NoStream | ExpectedVersion::Any => 0,
+                };
+                CommandError::Conflict {
+                    stream,
+                    expected,
+                    actual,
+                }
+            }
+            other => CommandError::Store(other),
+        }
+    }
+}
+
+impl From<DomainError> for CommandError {
+    fn from(error: DomainError) -> Self {
+        match error {
+            DomainError::Rejected(reason) => CommandError::Rejected(reason),
+            DomainError::Invalid(reason) => CommandError::Invalid(reason),
+        }
+    }
+}
+
+impl CommandError {
+    /// Short label for metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            CommandError::UnknownAggregate(_)
+            | CommandError::UnknownCommand { .. }
+            | CommandError::NotFound(_) => "not_found",
+            CommandError::Invalid(_) => "invalid",
+            CommandError::Rejected(_) => "rejected",
+            CommandError::Conflict { .. } => "conflict",
+            CommandError::Guest(_) | CommandError::Contract { .. } => "guest_failure",
+            CommandError::Store(_) => "store_error",
+        }
+    }
+}
+
+/// State of one aggregate instance as last folded.
+struct Folded {
+    module_hash: Arc<str>,
+    version: u64,
+    state: Vec<u8>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Folded>>>;
+
+/// Folded aggregate state, sharded, bounded. Entries in use are never evicted.
+struct AggregateCache {
+    shards: Vec<Mutex<HashMap<StreamId, Slot>>>,
+    per_shard: usize,
+}
+
+impl AggregateCache {
+    fn new(capacity: usize) -> Self {
+        let shards = 64;
+        Self {
+            shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: (capacity / shards).max(16),
+        }
+    }
+
+    fn slot(&self, stream: &StreamId) -> Slot {
+        use std::hash::{BuildHasher, RandomState};
+        static SHARDING: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+        let index =
+            SHARDING.get_or_init(RandomState::new).hash_one(stream) as usize % self.shards.len();
+        let mut shard = self.shards[index].lock();
+        if let Some(slot) = shard.get(stream) {
+            return slot.clone();
+        }
+        if shard.len() >= self.per_shard {
+            let mut to_evict = shard.len() - self.per_shard * 3 / 4;
+            shard.retain(|_, slot| {
+                if to_evict > 0 && Arc::strong_count(slot) == 1 {
+                    to_evict -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        let slot = Slot::default();
+        shard.insert(stream.clone(), slot.clone());
+        slot
+    }
+}
+
+/// Events folded per `apply` call when loading a stream.
+const FOLD_CHUNK: usize = 256;
+
+/// The command service shared by the HTTP API, the CLI's in-process
+/// benchmark and the tests.
+pub struct CommandService {
+    modules: Arc<ModuleSet>,
+    store: Arc<dyn EventStore>,
+    cache: AggregateCache,
+    metrics: Metrics,
+}
+
+impl CommandService {
+    pub fn new(
+        modules: Arc<ModuleSet>,
+        store: Arc<dyn EventStore>,
+        metrics: Metrics,
+        cache_capacity: usize,
+    ) -> Self {
+        Self {
+            modules,
+            store,
+            cache: AggregateCache::new(cache_capacity),
+            metrics,
+        }
+    }
+
+    pub fn modules(&self) -> &ModuleSet {
+        &self.modules
+    }
+
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    fn route(&self, aggregate_type: &str) -> Result<&Arc<GuestModule>, CommandError> {
+        self.modules
+            .route(aggregate_type)
+            .ok_or_else(|| CommandError::UnknownAggregate(aggregate_type.to_owned()))
+    }
+
+    /// Execute one command end to end.
+    pub async fn execute(&self, request: CommandRequest) -> Result<CommandReply, CommandError> {
+        let started = Instant::now();
+        let module = self.route(&request.stream.aggregate_type)?.clone();
+        let correlation_id = request
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let span = tracing::info_span!(
+            "command",
+            module = %module.name,
+            aggregate = %request.stream,
+            command = %request.command_type,
+            correlation_id = %correlation_id,
+        );
+        let command_type = request.command_type.clone();
+        let result = self
+            .execute_routed(&module, request, correlation_id)
+            .instrument(span)
+            .await;
+        let outcome = match &result {
+            Ok(reply) if reply.duplicate => "duplicate",
+            Ok(_) => "accepted",
+            Err(error) => error.outcome(),
+        };
+        self.metrics
+            .observe_command(&module.name, &command_type, outcome, started.elapsed());
+        if let Err(
+            error @ (CommandError::Guest(_)
+            | CommandError::Contract { .. }
+            | CommandError::Store(_)),
+        ) = &result
+        {
+            tracing::error!(module = %module.name, %error, "command failed");
+        }
+        result
+    }
+
+    async fn execute_routed(
+        &self,
+        module: &Arc<GuestModule>,
+        request: CommandRequest,
+        correlation_id: String,
+    ) -> Result<CommandReply, CommandError> {
+        let aggregate = module
+            .aggregate(&request.stream.aggregate_type)
+            .expect("routed by aggregate type");
+        if !aggregate
+            .command_types
+            .iter()
+            .any(|c| *c == request.command_type)
+        {
+            return Err(CommandError::UnknownCommand {
+                aggregate_type: request.stream.aggregate_type.clone(),
+                command_type: request.command_type.clone(),
+            });
+        }
+        if let Some(id) = &request.command_id {
+            if let Some(reply) = self.replay_duplicate(id, &request.stream).await? {
+                return Ok(reply);
+            }
+        }
+
+        let slot = self.cache.slot(&request.stream);
+        let mut guard = slot.lock().await;
+        let folded = self
+            .ensure_folded(module, &request.stream, &mut guard)
+            .await?;
+        if let Some(expected) = request.expected_version {
+            if expected != folded.version {
+                return Err(CommandError::Conflict {
+                    stream: request.stream,
+                    expected,
+                    actual: folded.version,
+                });
+            }
+        }
+
+        let command = Command {
+            aggregate_id: request.stream.aggregate_id.clone(),
+            command_type: request.command_type.clone(),
+            payload: request.payload,
+        };
+        let new_events =
+            module.handle(&request.stream.aggregate_type, &folded.state, &command)??;
+        for event in &new_events {
+            if !aggregate.event_types.iter().any(|t| *t == event.event_type) {
+                return Err(CommandError::Contract {
+                    module: module.name.clone(),
+                    reason: format!("emitted undeclared event type `{}`", event.event_type),
+                });
+            }
+            if serde_json::from_str::<serde::de::IgnoredAny>(&event.payload).is_err() {
+                return Err(CommandError::Contract {
+                    module: module.name.clone(),
+                    reason: format!(
+                        "emitted `{}` with a payload that is not JSON",
+                        event.event_type
+                    ),
+                });
+            }
+        }
+        if new_events.is_empty() {
+            return Ok(CommandReply {
+                stream: request.stream,
+                version: folded.version,
+                events: Vec::new(),
+                duplicate: false,
+            });
+        }
+
+        let append = AppendRequest {
+            stream: request.stream.clone(),
+            expected: if folded.version == 0 {
+                ExpectedVersion::NoStream
+            } else {
+                ExpectedVersion::Exact(folded.version)
+            },
+            events: new_events
+                .into_iter()
+                .map(|e| EventData {
+                    schema_version: module.schema_version(&e.event_type),
+                    event_type: e.event_type,
+                    data: e.payload,
+                })
+                .collect(),
+            metadata: EventMetadata {
+                correlation_id: Some(correlation_id),
+                causation_id: Some(
+                    request
+                        .command_id
+                        .clone()
+                        .unwrap_or_else(|| Uuid::now_v7().to_string()),
+                ),
+                module: module.name.clone(),
+                module_version: module.version.clone(),
+            },
+            command_id: request.command_id.clone(),
+        };
+        let stored = match self.store.append(append).await {
+            Ok(AppendOutcome::Appended(stored)) => stored,
+            Ok(AppendOutcome::Duplicate(_)) => {
+                // A concurrent resend on another aggregate lock won the race.
+                let id = request.command_id.as_deref().unwrap_or_default();
+                return self
+                    .replay_duplicate(id, &request.stream)
+                    .await?
+                    .ok_or_else(|| {
+                        CommandError::Store(StoreError::Unavailable(
+                            "idempotency record vanished".into(),
+                        ))
+                    });
+            }
+            Err(error) => {
+                // Whatever the store says, re-read the stream next time.
+                *guard = None;
+                return Err(error.into());
+            }
+        };
+        self.metrics.observe_appended(&module.name, stored.len());
+
+        let version = stored.last().map_or(folded.version, |e| e.version);
+        let recorded: Vec<RecordedEvent> = stored.iter().map(to_recorded).collect();
+        match module.apply(&request.stream.aggregate_type, &folded.state, &recorded) {
+            Ok(Ok(state)) => {
+                *guard = Some(Folded {
+                    module_hash: folded.module_hash,
+                    version,
+                    state,
+                })
+            }
+            outcome => {
+                // The events are durable; only the cached state is lost.
+                tracing::error!(module = %module.name, stream = %request.stream, ?outcome, "apply failed after append");
+                *guard = None;
+            }
+        }
+        Ok(CommandReply {
+            stream: request.stream,
+            version,
+            events: stored,
+            duplicate: false,
+        })
+    }
+
+    /// Make sure the slot holds state folded by this very module build,
+    /// refolding from the stream when it does not. Returns a copy of it.
+    async fn ensure_folded(
+        &self,
+        module: &GuestModule,
+        stream: &StreamId,
+        slot: &mut Option<Folded>,
+    ) -> Result<Folded, CommandError> {
+        if let Some(folded) = slot.as_ref() {
+            if *folded.module_hash == *module.content_hash {
+                return Ok(Folded {
+                    module_hash: folded.module_hash.clone(),
+                    version: folded.version,
+                    state: folded.state.clone(),
+                });
+            }
+        }
+        *slot = None;
+        let events = self.store.read_stream(stream, StreamRange::all()).await?;
+        let mut state = Vec::new();
+        for chunk in events.chunks(FOLD_CHUNK) {
+            let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
+            state = module
+                .apply(&stream.aggregate_type, &state, &recorded)?
+                .map_err(|e| CommandError::Contract {
+                    module: module.name.clone(),
+                    reason: format!("cannot fold stored history of {stream}: {e:?}"),
+                })?;
+        }
+        let folded = Folded {
+            module_hash: Arc::from(module.content_hash.as_str()),
+            version: events.last().map_or(0, |e| e.version),
+            state,
+        };
+        *slot = Some(Folded {
+            module_hash: folded.module_hash.clone(),
+            version: folded.version,
+            state: folded.state.clone(),
+        });
+        Ok(folded)
+    }
+
+    async fn replay_duplicate(
+        &self,
+        command_id: &str,
+        stream: &StreamId,
+    ) -> Result<Option<CommandReply>, CommandError> {
+        let Some(record) = self.store.find_command(command_id).await? else {
+            return Ok(None);
+        };
+        if record.stream != *stream {
+            return Err(CommandError::Store(StoreError::CommandIdReused(
+                command_id.to_owned(),
+            )));
+        }
+        let count = (record.last_position - record.first_position + 1) as usize;
+        let events = self
+            .store
+            .read_all(record.first_position - 1, count)
+            .await?;
+        Ok(Some(CommandReply {
+            stream: record.stream,
+            version: record.version,
+            events,
+            duplicate: true,
+        }))
+    }
+
+    /// The current version and state (rendered as JSON by the module) of an aggregate.
+    pub async fn state(&self, stream: &StreamId) -> Result<(u64, serde_json::Value), CommandError> {
+        let module = self.route(&stream.aggregate_type)?.clone();
+        let slot = self.cache.slot(stream);
+        let mut guard = slot.lock().await;
+        let folded = self.ensure_folded(&module, stream, &mut guard).await?;
+        if folded.version == 0 {
+            return Err(CommandError::NotFound(stream.clone()));
+        }
+        let rendered = module.describe_state(&stream.aggregate_type, &folded.state)??;
+        let state = serde_json::from_str(&rendered).map_err(|e| CommandError::Contract {
+            module: module.name.clone(),
+            reason: format!("describe-state returned invalid JSON: {e}"),
+        })?;
+        Ok((folded.version, state))
+    }
+}
+
+/// The guest's view of a stored event.
+fn to_recorded(event: &StoredEvent) -> RecordedEvent {
+    RecordedEvent {
+        id: event.id.to_string(),
+        aggregate_type: event.stream.aggregate_type.clone(),
+        aggregate_id: event.stream.aggregate_id.clone(),
+        stream_version: event.version,
+        position: event.position,
+        event_type: event.event_type.clone(),
+        schema_version: event.schema_version,
+        time: event
+            .time
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        payload: event.data.clone(),
+    }
+}

@@ -1,0 +1,431 @@
+//! The wasm sandbox: one wasmtime [`Engine`], the generated bindings of the
+//! `orchestrix:domain/module` world, and [`GuestModule`], a loaded module with
+//! a pool of ready instances that the command pipeline calls.
+//!
+//! Guests get nothing from the outside world: WASI is linked (Rust std needs
+//! it) but with no preopens, no environment, no network, a clock frozen at
+//! the epoch and seeded randomness, so the same inputs always give the same
+//! outputs. stdout and stderr go to the host log under the module's name.
+//! Every call runs under an epoch deadline and a memory cap; a trap costs
+//! that call (and that instance) only.
+
+mod loader;
+mod output;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use wasmtime::component::{HasSelf, InstancePre, Linker, ResourceTable};
+use wasmtime::{Config, Engine, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+pub use loader::{LoadFailure, ModuleSet, load_plugins_dir};
+
+use crate::metrics::Metrics;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "module",
+    });
+}
+
+pub use bindings::exports::orchestrix::domain::manifest::ModuleManifest;
+pub use bindings::orchestrix::domain::types::{Command, DomainError, NewEvent, RecordedEvent};
+
+/// Limits every guest call runs under.
+#[derive(Debug, Clone)]
+pub struct SandboxLimits {
+    /// Wall-clock budget of one call, enforced by epoch interruption.
+    pub call_deadline: Duration,
+    /// Linear-memory cap of one instance.
+    pub max_memory_bytes: usize,
+    /// Instances kept warm per module.
+    pub idle_instances: usize,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        Self {
+            call_deadline: Duration::from_millis(100),
+            max_memory_bytes: 64 << 20,
+            idle_instances: 8,
+        }
+    }
+}
+
+/// Granularity of the epoch clock that enforces call deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// The process-wide wasmtime engine and the epoch ticker that drives deadlines.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    limits: SandboxLimits,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Sandbox {
+    pub fn new(limits: SandboxLimits) -> Result<Self, SandboxError> {
+        let mut pooling = PoolingAllocationConfig::default();
+        pooling
+            .total_component_instances(256)
+            .total_core_instances(512)
+            .total_memories(512)
+            .total_tables(512)
+            .max_memory_size(limits.max_memory_bytes)
+            .linear_memory_keep_resident(4 << 20)
+            .table_keep_resident(64 << 10);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pooling));
+        let engine = Engine::new(&config).map_err(|e| SandboxError::Engine(e.to_string()))?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| SandboxError::Engine(e.to_string()))?;
+        bindings::Module::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |state| state)
+            .map_err(|e| SandboxError::Engine(e.to_string()))?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let ticking_engine = engine.clone();
+        let stop = ticker_stop.clone();
+        std::thread::Builder::new()
+            .name("orchestrix-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticking_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| SandboxError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+
+        Ok(Self {
+            engine,
+            linker,
+            limits,
+            ticker_stop,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// A fingerprint of everything a precompiled artifact depends on: the
+    /// wasmtime version and the engine configuration (wasmtime's own
+    /// compatibility hash covers both).
+    pub fn artifact_key(&self) -> String {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let mut hasher = DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        format!("engine-{:016x}", hasher.finish())
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        (self.limits.call_deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Per-instance host state: the empty WASI context and the memory limiter.
+pub struct GuestState {
+    module: Arc<str>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl bindings::orchestrix::domain::log::Host for GuestState {
+    fn log(
+        &mut self,
+        level: bindings::orchestrix::domain::log::Level,
+        message: String,
+        fields: Vec<(String, String)>,
+    ) {
+        use bindings::orchestrix::domain::log::Level;
+        let module = &*self.module;
+        match level {
+            Level::Trace => {
+                tracing::trace!(target: "orchestrix::guest", module, ?fields, "{message}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "orchestrix::guest", module, ?fields, "{message}")
+            }
+            Level::Info => {
+                tracing::info!(target: "orchestrix::guest", module, ?fields, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "orchestrix::guest", module, ?fields, "{message}")
+            }
+            Level::Error => {
+                tracing::error!(target: "orchestrix::guest", module, ?fields, "{message}")
+            }
+        }
+    }
+}
+
+impl bindings::orchestrix::domain::types::Host for GuestState {}
+
+/// Errors of the sandbox itself (not of a guest call).
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("wasm engine: {0}")]
+    Engine(String),
+}
+
+/// A guest call that did not return normally: a trap, a blown deadline, an
+/// exhausted memory cap, or a contract violation. The instance is discarded.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("module `{module}` failed in `{function}`: {reason}")]
+pub struct GuestFailure {
+    pub module: String,
+    pub function: &'static str,
+    pub reason: String,
+}
+
+struct PooledInstance {
+    store: Store<GuestState>,
+    bindings: bindings::Module,
+}
+
+/// A loaded, validated module: its identity, manifest and warm instances.
+pub struct GuestModule {
+    pub name: String,
+    pub version: String,
+    /// SHA-256 of the `.wasm` file, hex.
+    pub content_hash: String,
+    pub file: std::path::PathBuf,
+    pub manifest: ModuleManifest,
+    engine: Engine,
+    pre: bindings::ModulePre<GuestState>,
+    limits: SandboxLimits,
+    deadline_ticks: u64,
+    idle: Mutex<Vec<PooledInstance>>,
+    metrics: Metrics,
+}
+
+impl GuestModule {
+    fn instantiate(&self) -> Result<PooledInstance, GuestFailure> {
+        let wasi = WasiCtx::builder()
+            .stdout(output::GuestOutput::new(self.name.as_str(), "stdout"))
+            .stderr(output::GuestOutput::new(self.name.as_str(), "stderr"))
+            .wall_clock(output::FrozenClock)
+            .monotonic_clock(output::FrozenClock)
+            .secure_random(wasmtime_wasi::Deterministic::new(vec![0x5a; 32]))
+            .insecure_random(wasmtime_wasi::Deterministic::new(vec![0xa5; 32]))
+            .insecure_random_seed(0)
+            .build();
+        let state = GuestState {
+            module: Arc::from(self.name.as_str()),
+            wasi,
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.limits.max_memory_bytes)
+                .trap_on_grow_failure(true)
+                .build(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks);
+        let bindings = self.pre.instantiate(&mut store).map_err(|e| GuestFailure {
+            module: self.name.clone(),
+            function: "instantiate",
+            reason: format!("{e:#}"),
+        })?;
+        Ok(PooledInstance { store, bindings })
+    }
+
+    /// Run `call` on a warm instance. A failed call discards the instance,
+    /// so a guest that corrupted its own memory never serves again.
+    fn call<R>(
+        &self,
+        function: &'static str,
+        call: impl FnOnce(&bindings::Module, &mut Store<GuestState>) -> wasmtime::Result<R>,
+    ) -> Result<R, GuestFailure> {
+        let pooled = self.idle.lock().pop();
+        let mut instance = match pooled {
+            Some(instance) => instance,
+            None => self.instantiate()?,
+        };
+        instance.store.set_epoch_deadline(self.deadline_ticks);
+        let started = Instant::now();
+        let result = call(&instance.bindings, &mut instance.store);
+        self.metrics
+            .observe_wasm_call(&self.name, function, started.elapsed());
+        match result {
+            Ok(value) => {
+                let mut idle = self.idle.lock();
+                if idle.len() < self.limits.idle_instances {
+                    idle.push(instance);
+                }
+                Ok(value)
+            }
+            Err(error) => Err(GuestFailure {
+                module: self.name.clone(),
+                function,
+                reason: describe_trap(&error, &self.limits),
+            }),
+        }
+    }
+
+    pub fn handle(
+        &self,
+        aggregate_type: &str,
+        state: &[u8],
+        command: &Command,
+    ) -> Result<Result<Vec<NewEvent>, DomainError>, GuestFailure> {
+        self.call("handle", |b, store| {
+            b.orchestrix_domain_aggregate()
+                .call_handle(store, aggregate_type, state, command)
+        })
+    }
+
+    pub fn apply(
+        &self,
+        aggregate_type: &str,
+        state: &[u8],
+        events: &[RecordedEvent],
+    ) -> Result<Result<Vec<u8>, DomainError>, GuestFailure> {
+        self.call("apply", |b, store| {
+            b.orchestrix_domain_aggregate()
+                .call_apply(store, aggregate_type, state, events)
+        })
+    }
+
+    pub fn describe_state(
+        &self,
+        aggregate_type: &str,
+        state: &[u8],
+    ) -> Result<Result<String, DomainError>, GuestFailure> {
+        self.call("describe-state", |b, store| {
+            b.orchestrix_domain_aggregate()
+                .call_describe_state(store, aggregate_type, state)
+        })
+    }
+
+    fn manifest(&self) -> Result<ModuleManifest, GuestFailure> {
+        self.call("manifest", |b, store| {
+            b.orchestrix_domain_manifest().call_manifest(store)
+        })
+    }
+
+    /// The manifest entry of an aggregate type this module owns.
+    pub fn aggregate(
+        &self,
+        aggregate_type: &str,
+    ) -> Option<&bindings::exports::orchestrix::domain::manifest::AggregateInfo> {
+        self.manifest
+            .aggregates
+            .iter()
+            .find(|a| a.name == aggregate_type)
+    }
+
+    /// Current schema version of an event type (1 unless the manifest says otherwise).
+    pub fn schema_version(&self, event_type: &str) -> u32 {
+        self.manifest
+            .event_schemas
+            .iter()
+            .find(|s| s.event_type == event_type)
+            .map_or(1, |s| s.version)
+    }
+}
+
+fn describe_trap(error: &wasmtime::Error, limits: &SandboxLimits) -> String {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => {
+            format!(
+                "call exceeded its deadline of {} ms",
+                limits.call_deadline.as_millis()
+            )
+        }
+        Some(wasmtime::Trap::UnreachableCodeReached) => {
+            format!("guest panicked or trapped: {error:#}")
+        }
+        Some(trap) => format!("trap: {trap}"),
+        None => {
+            let text = format!("{error:#}");
+            if text.contains("memory") && text.contains("grow") {
+                format!(
+                    "memory cap of {} MiB exceeded: {text}",
+                    limits.max_memory_bytes >> 20
+                )
+            } else {
+                text
+            }
+        }
+    }
+}
+
+/// Build a [`GuestModule`] from a compiled component: check it implements
+/// the world, instantiate it once and read its manifest.
+pub(crate) fn prepare_module(
+    sandbox: &Sandbox,
+    component: &wasmtime::component::Component,
+    file: std::path::PathBuf,
+    content_hash: String,
+    metrics: Metrics,
+) -> Result<GuestModule, String> {
+    let instance_pre: InstancePre<GuestState> = sandbox
+        .linker
+        .instantiate_pre(component)
+        .map_err(|e| format!("imports something the host does not provide (not an orchestrix:domain module?): {e:#}"))?;
+    let pre = bindings::ModulePre::new(instance_pre)
+        .map_err(|e| format!("does not implement the orchestrix:domain/module world: {e:#}"))?;
+    // Until the manifest names it, the module logs under its file name.
+    let file_name = file
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let mut module = GuestModule {
+        name: file_name,
+        version: String::new(),
+        content_hash,
+        file,
+        manifest: ModuleManifest {
+            name: String::new(),
+            version: String::new(),
+            aggregates: Vec::new(),
+            projections: Vec::new(),
+            sagas: Vec::new(),
+            event_schemas: Vec::new(),
+        },
+        engine: sandbox.engine.clone(),
+        pre,
+        limits: sandbox.limits.clone(),
+        deadline_ticks: sandbox.deadline_ticks(),
+        idle: Mutex::new(Vec::new()),
+        metrics,
+    };
+    let manifest = module.manifest().map_err(|e| e.reason)?;
+    if manifest.name.trim().is_empty() {
+        return Err("manifest has an empty module name".into());
+    }
+    module.name = manifest.name.clone();
+    module.version = manifest.version.clone();
+    module.manifest = manifest;
+    // The instance that answered the manifest logs under the file name;
+    // start the pool afresh under the module's own name.
+    module.idle.lock().clear();
+    Ok(module)
+}

@@ -1,0 +1,212 @@
+//! The event store: the [`EventStore`] trait every backend implements, and
+//! the types that cross it.
+//!
+//! Invariants every backend upholds:
+//! - an append is acknowledged only once its transaction is durable;
+//! - each append's expected-version check and result are its own, even when
+//!   a group commit puts many appends in one transaction;
+//! - global positions are gap-free and strictly increasing in commit order,
+//!   so a reader that has seen position N never later sees a new event below N;
+//! - a command id appends at most once; a resend gets the original record.
+
+mod sqlite;
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+pub use sqlite::{SqliteOptions, SqliteStore};
+
+/// Identity of one stream: an aggregate instance.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct StreamId {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+}
+
+impl StreamId {
+    pub fn new(aggregate_type: impl Into<String>, aggregate_id: impl Into<String>) -> Self {
+        Self {
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+        }
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.aggregate_type, self.aggregate_id)
+    }
+}
+
+/// What the stream must look like for an append to go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// No check.
+    Any,
+    /// The stream has no events yet.
+    NoStream,
+    /// The stream's last event has exactly this version.
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    fn admits(self, current: u64) -> bool {
+        match self {
+            Self::Any => true,
+            Self::NoStream => current == 0,
+            Self::Exact(version) => current == version,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Any => f.write_str("any"),
+            Self::NoStream => f.write_str("no stream"),
+            Self::Exact(version) => write!(f, "{version}"),
+        }
+    }
+}
+
+/// One event to append.
+#[derive(Debug, Clone)]
+pub struct EventData {
+    pub event_type: String,
+    pub schema_version: u32,
+    /// JSON text.
+    pub data: String,
+}
+
+/// Metadata shared by the events of one append.
+#[derive(Debug, Clone, Default)]
+pub struct EventMetadata {
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    pub module: String,
+    pub module_version: String,
+}
+
+/// An append: events for one stream, all or nothing.
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    pub stream: StreamId,
+    pub expected: ExpectedVersion,
+    pub events: Vec<EventData>,
+    pub metadata: EventMetadata,
+    /// Idempotency key: an id that already appended makes this a no-op.
+    pub command_id: Option<String>,
+}
+
+/// An event as stored, with everything the host stamped on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub position: u64,
+    pub stream: StreamId,
+    pub version: u64,
+    pub id: Uuid,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub time: DateTime<Utc>,
+    /// JSON text.
+    pub data: String,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    pub module: String,
+    pub module_version: String,
+}
+
+/// What a command id appended the first time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRecord {
+    pub command_id: String,
+    pub stream: StreamId,
+    pub first_position: u64,
+    pub last_position: u64,
+    pub version: u64,
+}
+
+/// The result of an accepted append.
+#[derive(Debug, Clone)]
+pub enum AppendOutcome {
+    /// The events were durably appended.
+    Appended(Vec<StoredEvent>),
+    /// The command id had already appended; nothing new was written.
+    Duplicate(CommandRecord),
+}
+
+/// Which events of a stream to read.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamRange {
+    /// First version to return (inclusive).
+    pub from_version: u64,
+    /// Last version to return (inclusive).
+    pub to_version: Option<u64>,
+    /// Only events committed at or before this time.
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl StreamRange {
+    /// The whole stream.
+    pub fn all() -> Self {
+        Self {
+            from_version: 1,
+            to_version: None,
+            until: None,
+        }
+    }
+
+    /// Everything after `version`.
+    pub fn after(version: u64) -> Self {
+        Self {
+            from_version: version + 1,
+            to_version: None,
+            until: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("version conflict on {stream}: expected {expected}, stream is at {actual}")]
+    Conflict {
+        stream: StreamId,
+        expected: ExpectedVersion,
+        actual: u64,
+    },
+    #[error("event payload of {size} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("command id `{0}` was already used for a different stream")]
+    CommandIdReused(String),
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    #[error("event store is shutting down")]
+    ShuttingDown,
+}
+
+/// The durable event log. Implemented by [`SqliteStore`]; PostgreSQL fits
+/// behind the same trait.
+#[async_trait::async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Append events to one stream under an expected-version check.
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError>;
+
+    /// Read one stream, in version order.
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        range: StreamRange,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Read the global log after `position`, in position order.
+    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// What an idempotency key appended, if it did.
+    async fn find_command(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError>;
+
+    /// Finish every append already submitted, then release the database.
+    async fn close(&self);
+}

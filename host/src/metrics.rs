@@ -21,6 +21,7 @@ struct Inner {
     events_appended: IntCounterVec,
     wasm_call_seconds: HistogramVec,
     append_batch_size: Histogram,
+    commit_seconds: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -75,12 +76,18 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let commit_seconds = Histogram::with_opts(
+            HistogramOpts::new("orchestrix_append_commit_duration_seconds", "Duration of one group-commit transaction")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(command_seconds.clone()),
             Box::new(events_appended.clone()),
             Box::new(wasm_call_seconds.clone()),
             Box::new(append_batch_size.clone()),
+            Box::new(commit_seconds.clone()),
         ] {
             registry
                 .register(collector)
@@ -94,6 +101,7 @@ impl Metrics {
                 events_appended,
                 wasm_call_seconds,
                 append_batch_size,
+                commit_seconds,
             }),
         }
     }
@@ -123,8 +131,20 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn observe_batch(&self, appends: usize) {
+    pub fn observe_batch(&self, appends: usize, commit: Duration) {
         self.inner.append_batch_size.observe(appends as f64);
+        self.inner.commit_seconds.observe(commit.as_secs_f64());
+    }
+
+    /// Group commits so far: how many, mean appends per commit, mean commit time.
+    pub fn batch_summary(&self) -> (u64, f64, Duration) {
+        let count = self.inner.append_batch_size.get_sample_count();
+        if count == 0 {
+            return (0, 0.0, Duration::ZERO);
+        }
+        let mean_size = self.inner.append_batch_size.get_sample_sum() / count as f64;
+        let mean_commit = Duration::from_secs_f64(self.inner.commit_seconds.get_sample_sum() / count as f64);
+        (count, mean_size, mean_commit)
     }
 
     /// The Prometheus text exposition of every metric.

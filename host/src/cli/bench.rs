@@ -148,6 +148,11 @@ async fn one_run(args: &BenchArgs, clients: usize) -> Result<RunResult> {
         }
     };
     runtime.close().await;
+    let (commits, mean_size, mean_commit) = runtime.metrics.batch_summary();
+    println!(
+        "    group commits: {commits}, mean {mean_size:.1} appends per commit, mean commit {:.3} ms",
+        mean_commit.as_secs_f64() * 1000.0
+    );
     drop(runtime);
     let _ = std::fs::remove_dir_all(PathBuf::from(&dir));
     Ok(result)

@@ -71,10 +71,10 @@ impl Sandbox {
     pub fn new(limits: SandboxLimits) -> Result<Self, SandboxError> {
         let mut pooling = PoolingAllocationConfig::default();
         pooling
-            .total_component_instances(256)
+            .total_component_instances(128)
             .total_core_instances(512)
-            .total_memories(512)
-            .total_tables(512)
+            .total_memories(128)
+            .total_tables(256)
             .max_memory_size(limits.max_memory_bytes)
             .linear_memory_keep_resident(4 << 20)
             .table_keep_resident(64 << 10);

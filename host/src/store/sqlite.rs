@@ -96,7 +96,10 @@ impl SqliteStore {
             } else {
                 SqliteSynchronous::Normal
             })
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // Statement journals of multi-row INSERTs stay in memory
+            // instead of a temporary file written on every commit.
+            .pragma("temp_store", "memory");
         let mut writer = SqliteConnection::connect_with(&connect)
             .await
             .map_err(unavailable)?;
@@ -259,9 +262,8 @@ fn decode_command(row: &SqliteRow) -> CommandRecord {
 
 /// Stream versions the writer remembers before it starts forgetting.
 const VERSION_CACHE_LIMIT: usize = 200_000;
-/// Rows per multi-row INSERT, largest first; fixed sizes keep the prepared
-/// statement cache small.
-const INSERT_CHUNKS: [usize; 4] = [64, 16, 4, 1];
+/// Rows per INSERT statement (13 parameters each; SQLite allows 32766).
+const ROWS_PER_INSERT: usize = 2000;
 
 /// The single writer: owns the write connection, the head position and the
 /// last known version of recently written streams.
@@ -417,6 +419,7 @@ impl Writer {
             return;
         }
 
+        let commit_started = std::time::Instant::now();
         match self.write(&accepted).await {
             Ok(()) => {
                 self.head = next_position;
@@ -424,7 +427,7 @@ impl Writer {
                     self.versions.clear();
                 }
                 self.versions.extend(pending);
-                self.metrics.observe_batch(accepted.len());
+                self.metrics.observe_batch(accepted.len(), commit_started.elapsed());
                 for append in accepted {
                     let _ = append
                         .reply
@@ -484,19 +487,15 @@ impl Writer {
         Ok(Check::Proceed(current))
     }
 
+    /// Write a batch as one multi-statement script — `BEGIN IMMEDIATE`,
+    /// multi-row INSERTs, idempotency records, `COMMIT` — so the whole
+    /// transaction costs a single round trip to sqlx's SQLite thread.
     async fn write(&mut self, accepted: &[Accepted]) -> Result<(), sqlx::Error> {
-        let mut tx = self.connection.begin().await?;
         let rows: Vec<&StoredEvent> = accepted.iter().flat_map(|a| a.events.iter()).collect();
-        let mut rest = rows.as_slice();
-        while !rest.is_empty() {
-            let size = INSERT_CHUNKS
-                .into_iter()
-                .find(|size| *size <= rest.len())
-                .unwrap_or(1);
-            let (chunk, tail) = rest.split_at(size);
-            let mut insert: QueryBuilder<Sqlite> =
-                QueryBuilder::new(concat!("INSERT INTO events (", columns!(), ") "));
-            insert.push_values(chunk, |mut row, event| {
+        let mut script: QueryBuilder<Sqlite> = QueryBuilder::new("BEGIN IMMEDIATE; ");
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            script.push(concat!("INSERT INTO events (", columns!(), ") "));
+            script.push_values(chunk, |mut row, event| {
                 row.push_bind(event.position as i64)
                     .push_bind(&event.stream.aggregate_type)
                     .push_bind(&event.stream.aggregate_id)
@@ -511,31 +510,33 @@ impl Writer {
                     .push_bind(&event.module)
                     .push_bind(&event.module_version);
             });
-            insert.build().persistent(true).execute(&mut *tx).await?;
-            rest = tail;
+            script.push("; ");
         }
-        for append in accepted {
-            let (Some(id), Some(first), Some(last)) = (
-                &append.command_id,
-                append.events.first(),
-                append.events.last(),
-            ) else {
-                continue;
-            };
-            sqlx::query(
-                "INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_position, last_position, version) \
-                 VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(id)
-            .bind(&first.stream.aggregate_type)
-            .bind(&first.stream.aggregate_id)
-            .bind(first.position as i64)
-            .bind(last.position as i64)
-            .bind(last.version as i64)
-            .execute(&mut *tx)
-            .await?;
+        let records: Vec<(&String, &StoredEvent, &StoredEvent)> = accepted
+            .iter()
+            .filter_map(|a| Some((a.command_id.as_ref()?, a.events.first()?, a.events.last()?)))
+            .collect();
+        if !records.is_empty() {
+            script.push(
+                "INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_position, last_position, version) ",
+            );
+            script.push_values(records, |mut row, (id, first, last)| {
+                row.push_bind(id)
+                    .push_bind(&first.stream.aggregate_type)
+                    .push_bind(&first.stream.aggregate_id)
+                    .push_bind(first.position as i64)
+                    .push_bind(last.position as i64)
+                    .push_bind(last.version as i64);
+            });
+            script.push("; ");
         }
-        tx.commit().await
+        script.push("COMMIT");
+        let result = script.build().persistent(true).execute(&mut self.connection).await;
+        if result.is_err() {
+            // The script stops at the failing statement; undo what it began.
+            let _ = sqlx::query("ROLLBACK").execute(&mut self.connection).await;
+        }
+        result.map(|_| ())
     }
 }
 

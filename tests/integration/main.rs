@@ -1,0 +1,8 @@
+//! End-to-end tests of the host: real wasm modules built from source by
+//! `build.rs`, real SQLite files in temporary directories, real HTTP.
+
+mod bank_rules;
+mod commands;
+mod plugins_dir;
+mod store_conformance;
+mod support;

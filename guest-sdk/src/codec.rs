@@ -61,10 +61,10 @@ pub(crate) fn decode<T: DeserializeOwned>(name: &str, payload: &str) -> Result<T
     match serde_json::from_value(tagged) {
         Ok(value) => Ok(value),
         Err(first_error) => {
-            if unit_candidate {
-                if let Ok(value) = serde_json::from_value(Value::String(name.to_owned())) {
-                    return Ok(value);
-                }
+            if unit_candidate
+                && let Ok(value) = serde_json::from_value(Value::String(name.to_owned()))
+            {
+                return Ok(value);
             }
             Err(DomainError::Invalid(format!(
                 "invalid `{name}`: {first_error}"

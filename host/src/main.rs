@@ -198,8 +198,11 @@ mod tests {
 
     #[test]
     fn serve_flags_have_documented_defaults() {
-        let cli = <Cli as clap::Parser>::try_parse_from(["orchestrix", "serve"]).expect("defaults suffice");
-        let super::Command::Serve(args) = cli.command else { panic!("serve") };
+        let cli = <Cli as clap::Parser>::try_parse_from(["orchestrix", "serve"])
+            .expect("defaults suffice");
+        let super::Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
         assert_eq!(args.listen.to_string(), "127.0.0.1:7070");
         assert_eq!(args.host.store, "sqlite://orchestrix.db");
         assert_eq!(args.host.config().sandbox.max_memory_bytes, 64 << 20);

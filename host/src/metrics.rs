@@ -77,8 +77,11 @@ impl Metrics {
         )
         .expect("valid metric");
         let commit_seconds = Histogram::with_opts(
-            HistogramOpts::new("orchestrix_append_commit_duration_seconds", "Duration of one group-commit transaction")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "orchestrix_append_commit_duration_seconds",
+                "Duration of one group-commit transaction",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
         for collector in [
@@ -143,7 +146,8 @@ impl Metrics {
             return (0, 0.0, Duration::ZERO);
         }
         let mean_size = self.inner.append_batch_size.get_sample_sum() / count as f64;
-        let mean_commit = Duration::from_secs_f64(self.inner.commit_seconds.get_sample_sum() / count as f64);
+        let mean_commit =
+            Duration::from_secs_f64(self.inner.commit_seconds.get_sample_sum() / count as f64);
         (count, mean_size, mean_commit)
     }
 

@@ -265,20 +265,16 @@ impl CommandService {
         let aggregate = module
             .aggregate(&request.stream.aggregate_type)
             .expect("routed by aggregate type");
-        if !aggregate
-            .command_types
-            .iter()
-            .any(|c| *c == request.command_type)
-        {
+        if !aggregate.command_types.contains(&request.command_type) {
             return Err(CommandError::UnknownCommand {
                 aggregate_type: request.stream.aggregate_type.clone(),
                 command_type: request.command_type.clone(),
             });
         }
-        if let Some(id) = &request.command_id {
-            if let Some(reply) = self.replay_duplicate(id, &request.stream).await? {
-                return Ok(reply);
-            }
+        if let Some(id) = &request.command_id
+            && let Some(reply) = self.replay_duplicate(id, &request.stream).await?
+        {
+            return Ok(reply);
         }
 
         let slot = self.cache.slot(&request.stream);
@@ -286,14 +282,14 @@ impl CommandService {
         let folded = self
             .ensure_folded(module, &request.stream, &mut guard)
             .await?;
-        if let Some(expected) = request.expected_version {
-            if expected != folded.version {
-                return Err(CommandError::Conflict {
-                    stream: request.stream,
-                    expected,
-                    actual: folded.version,
-                });
-            }
+        if let Some(expected) = request.expected_version
+            && expected != folded.version
+        {
+            return Err(CommandError::Conflict {
+                stream: request.stream,
+                expected,
+                actual: folded.version,
+            });
         }
 
         let command = Command {
@@ -304,7 +300,7 @@ impl CommandService {
         let new_events =
             module.handle(&request.stream.aggregate_type, &folded.state, &command)??;
         for event in &new_events {
-            if !aggregate.event_types.iter().any(|t| *t == event.event_type) {
+            if !aggregate.event_types.contains(&event.event_type) {
                 return Err(CommandError::Contract {
                     module: module.name.clone(),
                     reason: format!("emitted undeclared event type `{}`", event.event_type),
@@ -411,14 +407,14 @@ impl CommandService {
         stream: &StreamId,
         slot: &mut Option<Folded>,
     ) -> Result<Folded, CommandError> {
-        if let Some(folded) = slot.as_ref() {
-            if *folded.module_hash == *module.content_hash {
-                return Ok(Folded {
-                    module_hash: folded.module_hash.clone(),
-                    version: folded.version,
-                    state: folded.state.clone(),
-                });
-            }
+        if let Some(folded) = slot.as_ref()
+            && *folded.module_hash == *module.content_hash
+        {
+            return Ok(Folded {
+                module_hash: folded.module_hash.clone(),
+                version: folded.version,
+                state: folded.state.clone(),
+            });
         }
         *slot = None;
         let events = self.store.read_stream(stream, StreamRange::all()).await?;

@@ -163,7 +163,7 @@ fn compile_cached(
         Component::new(sandbox.engine(), bytes).map_err(|e| format!("invalid component: {e:#}"))?;
     match component.serialize() {
         Ok(serialized) => {
-            let temporary = artifact.with_extension(format!("tmp{}", std::process::id()));
+            let temporary = artifact.with_extension(format!("tmp-{}", uuid::Uuid::now_v7()));
             let written = std::fs::write(&temporary, serialized)
                 .and_then(|()| std::fs::rename(&temporary, &artifact));
             if let Err(error) = written {

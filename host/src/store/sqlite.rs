@@ -57,7 +57,7 @@ impl Default for SqliteOptions {
 
 enum Job {
     Append(
-        AppendRequest,
+        Box<AppendRequest>,
         oneshot::Sender<Result<AppendOutcome, StoreError>>,
     ),
     Shutdown(oneshot::Sender<()>),
@@ -154,7 +154,7 @@ impl EventStore for SqliteStore {
         }
         let (reply, outcome) = oneshot::channel();
         self.jobs
-            .send(Job::Append(request, reply))
+            .send(Job::Append(Box::new(request), reply))
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         outcome.await.map_err(|_| StoreError::ShuttingDown)?
@@ -288,12 +288,12 @@ impl Writer {
         while let Some(job) = queue.recv().await {
             let mut shutdown = None;
             match job {
-                Job::Append(request, reply) => batch.push((request, reply)),
+                Job::Append(request, reply) => batch.push((*request, reply)),
                 Job::Shutdown(done) => shutdown = Some(done),
             }
             while shutdown.is_none() && batch.len() < self.max_batch {
                 match queue.try_recv() {
-                    Ok(Job::Append(request, reply)) => batch.push((request, reply)),
+                    Ok(Job::Append(request, reply)) => batch.push((*request, reply)),
                     Ok(Job::Shutdown(done)) => shutdown = Some(done),
                     Err(_) => break,
                 }
@@ -427,7 +427,8 @@ impl Writer {
                     self.versions.clear();
                 }
                 self.versions.extend(pending);
-                self.metrics.observe_batch(accepted.len(), commit_started.elapsed());
+                self.metrics
+                    .observe_batch(accepted.len(), commit_started.elapsed());
                 for append in accepted {
                     let _ = append
                         .reply
@@ -531,7 +532,11 @@ impl Writer {
             script.push("; ");
         }
         script.push("COMMIT");
-        let result = script.build().persistent(true).execute(&mut self.connection).await;
+        let result = script
+            .build()
+            .persistent(true)
+            .execute(&mut self.connection)
+            .await;
         if result.is_err() {
             // The script stops at the failing statement; undo what it began.
             let _ = sqlx::query("ROLLBACK").execute(&mut self.connection).await;

@@ -16,7 +16,8 @@ const WASM_TARGET: &str = "wasm32-wasip2";
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let task = args.next().unwrap_or_default();
-    let rest: Vec<String> = args.collect();
+    // `cargo xtask bench -- --clients 64` and `cargo xtask bench --clients 64` both work.
+    let rest: Vec<String> = args.skip_while(|arg| arg == "--").collect();
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
     match task.as_str() {
@@ -45,7 +46,7 @@ fn main() -> Result<()> {
                  run     build everything and serve the example plugins on ./orchestrix.db\n  \
                  test    fmt check, clippy -D warnings, every test\n  \
                  dist    build target/release/orchestrix and target/plugins/*.wasm\n  \
-                 bench   dist, then `orchestrix bench` (try `cargo xtask bench -- --help`)"
+                 bench   dist, then `orchestrix bench` (try `cargo xtask bench --help`)"
             );
             if task.is_empty() || task == "help" || task == "--help" {
                 Ok(())

@@ -43,12 +43,7 @@ pub(crate) trait ErasedAggregate: Send + Sync {
     fn aggregate_type(&self) -> &'static str;
     fn command_types(&self) -> Vec<String>;
     fn event_types(&self) -> Vec<String>;
-    fn handle(
-        &self,
-        state: &[u8],
-        command_type: &str,
-        payload: &str,
-    ) -> Result<Vec<NewEvent>, DomainError>;
+    fn handle(&self, state: &[u8], command_type: &str, payload: &str) -> Result<Vec<NewEvent>, DomainError>;
     fn apply(&self, state: &[u8], events: &[RecordedEvent]) -> Result<Vec<u8>, DomainError>;
     fn describe_state(&self, state: &[u8]) -> Result<String, DomainError>;
 }
@@ -74,12 +69,7 @@ impl<A: Aggregate> ErasedAggregate for AggregateAdapter<A> {
         codec::variant_names::<A::Event>()
     }
 
-    fn handle(
-        &self,
-        state: &[u8],
-        command_type: &str,
-        payload: &str,
-    ) -> Result<Vec<NewEvent>, DomainError> {
+    fn handle(&self, state: &[u8], command_type: &str, payload: &str) -> Result<Vec<NewEvent>, DomainError> {
         let state: A = codec::decode_state(state)?;
         let command: A::Command = codec::decode(command_type, payload)?;
         state
@@ -87,10 +77,7 @@ impl<A: Aggregate> ErasedAggregate for AggregateAdapter<A> {
             .iter()
             .map(|event| {
                 let (event_type, payload) = codec::encode(event)?;
-                Ok(NewEvent {
-                    event_type,
-                    payload,
-                })
+                Ok(NewEvent { event_type, payload })
             })
             .collect()
     }
@@ -105,7 +92,6 @@ impl<A: Aggregate> ErasedAggregate for AggregateAdapter<A> {
 
     fn describe_state(&self, state: &[u8]) -> Result<String, DomainError> {
         let state: A = codec::decode_state(state)?;
-        serde_json::to_string(&state)
-            .map_err(|e| DomainError::Invalid(format!("cannot render state: {e}")))
+        serde_json::to_string(&state).map_err(|e| DomainError::Invalid(format!("cannot render state: {e}")))
     }
 }

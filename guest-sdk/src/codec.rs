@@ -36,8 +36,7 @@ pub(crate) fn variant_names<T: DeserializeOwned>() -> Vec<String> {
 
 /// Encode a typed enum value as `(variant name, JSON payload)`.
 pub(crate) fn encode<T: Serialize>(value: &T) -> Result<(String, String), DomainError> {
-    let json = serde_json::to_value(value)
-        .map_err(|e| DomainError::Invalid(format!("cannot serialize: {e}")))?;
+    let json = serde_json::to_value(value).map_err(|e| DomainError::Invalid(format!("cannot serialize: {e}")))?;
     match json {
         // Unit variants serialize as a bare string; their payload is `{}`.
         Value::String(name) => Ok((name, "{}".to_owned())),
@@ -61,14 +60,10 @@ pub(crate) fn decode<T: DeserializeOwned>(name: &str, payload: &str) -> Result<T
     match serde_json::from_value(tagged) {
         Ok(value) => Ok(value),
         Err(first_error) => {
-            if unit_candidate
-                && let Ok(value) = serde_json::from_value(Value::String(name.to_owned()))
-            {
+            if unit_candidate && let Ok(value) = serde_json::from_value(Value::String(name.to_owned())) {
                 return Ok(value);
             }
-            Err(DomainError::Invalid(format!(
-                "invalid `{name}`: {first_error}"
-            )))
+            Err(DomainError::Invalid(format!("invalid `{name}`: {first_error}")))
         }
     }
 }
@@ -78,14 +73,12 @@ pub(crate) fn decode_state<S: DeserializeOwned + Default>(state: &[u8]) -> Resul
     if state.is_empty() {
         return Ok(S::default());
     }
-    serde_json::from_slice(state)
-        .map_err(|e| DomainError::Invalid(format!("state blob is not readable: {e}")))
+    serde_json::from_slice(state).map_err(|e| DomainError::Invalid(format!("state blob is not readable: {e}")))
 }
 
 /// Encode a state value as its blob.
 pub(crate) fn encode_state<S: Serialize>(state: &S) -> Result<Vec<u8>, DomainError> {
-    serde_json::to_vec(state)
-        .map_err(|e| DomainError::Invalid(format!("cannot serialize state: {e}")))
+    serde_json::to_vec(state).map_err(|e| DomainError::Invalid(format!("cannot serialize state: {e}")))
 }
 
 /// A deserializer that only answers `deserialize_enum`, recording the names.
@@ -159,13 +152,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_variant_shape() {
-        for value in [
-            Sample::Opened {
-                owner: "ann".into(),
-            },
-            Sample::Touched {},
-            Sample::Unit,
-        ] {
+        for value in [Sample::Opened { owner: "ann".into() }, Sample::Touched {}, Sample::Unit] {
             let (name, payload) = encode(&value).unwrap();
             assert_eq!(decode::<Sample>(&name, &payload).unwrap(), value);
         }
@@ -174,17 +161,8 @@ mod tests {
 
     #[test]
     fn bad_payloads_are_invalid_not_panics() {
-        assert!(matches!(
-            decode::<Sample>("Opened", "{"),
-            Err(DomainError::Invalid(_))
-        ));
-        assert!(matches!(
-            decode::<Sample>("Opened", "{}"),
-            Err(DomainError::Invalid(_))
-        ));
-        assert!(matches!(
-            decode::<Sample>("Nope", "{}"),
-            Err(DomainError::Invalid(_))
-        ));
+        assert!(matches!(decode::<Sample>("Opened", "{"), Err(DomainError::Invalid(_))));
+        assert!(matches!(decode::<Sample>("Opened", "{}"), Err(DomainError::Invalid(_))));
+        assert!(matches!(decode::<Sample>("Nope", "{}"), Err(DomainError::Invalid(_))));
     }
 }

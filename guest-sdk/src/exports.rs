@@ -4,9 +4,7 @@
 
 use std::marker::PhantomData;
 
-use crate::bindings::exports::orchestrix::domain::{
-    aggregate, manifest, projection, saga, upcaster,
-};
+use crate::bindings::exports::orchestrix::domain::{aggregate, manifest, projection, saga, upcaster};
 use crate::bindings::orchestrix::domain::types;
 use crate::module::registry;
 use crate::projection::{DocumentKey, Documents, ReadModelOp};
@@ -47,19 +45,13 @@ fn recorded(events: Vec<types::RecordedEvent>) -> Vec<RecordedEvent> {
 
 impl From<projection::DocumentKey> for DocumentKey {
     fn from(key: projection::DocumentKey) -> Self {
-        DocumentKey {
-            collection: key.collection,
-            key: key.key,
-        }
+        DocumentKey { collection: key.collection, key: key.key }
     }
 }
 
 impl From<DocumentKey> for projection::DocumentKey {
     fn from(key: DocumentKey) -> Self {
-        projection::DocumentKey {
-            collection: key.collection,
-            key: key.key,
-        }
+        projection::DocumentKey { collection: key.collection, key: key.key }
     }
 }
 
@@ -99,10 +91,7 @@ impl<M: Module> manifest::Guest for Exports<M> {
             event_schemas: module
                 .event_schemas()
                 .into_iter()
-                .map(|(event_type, version)| manifest::EventSchema {
-                    event_type,
-                    version,
-                })
+                .map(|(event_type, version)| manifest::EventSchema { event_type, version })
                 .collect(),
         }
     }
@@ -119,13 +108,7 @@ impl<M: Module> aggregate::Guest for Exports<M> {
             &command.command_type,
             &command.payload,
         )?;
-        Ok(events
-            .into_iter()
-            .map(|e| types::NewEvent {
-                event_type: e.event_type,
-                payload: e.payload,
-            })
-            .collect())
+        Ok(events.into_iter().map(|e| types::NewEvent { event_type: e.event_type, payload: e.payload }).collect())
     }
 
     fn apply(
@@ -133,18 +116,11 @@ impl<M: Module> aggregate::Guest for Exports<M> {
         state: Vec<u8>,
         events: Vec<types::RecordedEvent>,
     ) -> Result<Vec<u8>, types::DomainError> {
-        Ok(registry::<M>()
-            .aggregate_named(&aggregate_type)?
-            .apply(&state, &recorded(events))?)
+        Ok(registry::<M>().aggregate_named(&aggregate_type)?.apply(&state, &recorded(events))?)
     }
 
-    fn describe_state(
-        aggregate_type: String,
-        state: Vec<u8>,
-    ) -> Result<String, types::DomainError> {
-        Ok(registry::<M>()
-            .aggregate_named(&aggregate_type)?
-            .describe_state(&state)?)
+    fn describe_state(aggregate_type: String, state: Vec<u8>) -> Result<String, types::DomainError> {
+        Ok(registry::<M>().aggregate_named(&aggregate_type)?.describe_state(&state)?)
     }
 }
 
@@ -153,9 +129,7 @@ impl<M: Module> projection::Guest for Exports<M> {
         name: String,
         events: Vec<types::RecordedEvent>,
     ) -> Result<Vec<projection::DocumentKey>, types::DomainError> {
-        let keys = registry::<M>()
-            .projection_named(&name)?
-            .touches(&recorded(events))?;
+        let keys = registry::<M>().projection_named(&name)?.touches(&recorded(events))?;
         Ok(keys.into_iter().map(Into::into).collect())
     }
 
@@ -167,24 +141,21 @@ impl<M: Module> projection::Guest for Exports<M> {
         let mut loaded = Vec::with_capacity(documents.len());
         for document in documents {
             let body = match document.body {
-                Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
-                    DomainError::Invalid(format!("stored document is not valid JSON: {e}"))
-                })?),
+                Some(text) => Some(
+                    serde_json::from_str(&text)
+                        .map_err(|e| DomainError::Invalid(format!("stored document is not valid JSON: {e}")))?,
+                ),
                 None => None,
             };
             loaded.push((DocumentKey::from(document.key), body));
         }
         let mut documents = Documents::new(loaded);
-        registry::<M>()
-            .projection_named(&name)?
-            .project(&recorded(events), &mut documents)?;
+        registry::<M>().projection_named(&name)?.project(&recorded(events), &mut documents)?;
         Ok(documents
             .into_ops()
             .into_iter()
             .map(|op| match op {
-                ReadModelOp::Upsert(key, body) => {
-                    projection::ReadModelOp::Upsert((key.into(), body))
-                }
+                ReadModelOp::Upsert(key, body) => projection::ReadModelOp::Upsert((key.into(), body)),
                 ReadModelOp::Delete(key) => projection::ReadModelOp::Delete(key.into()),
             })
             .collect())
@@ -192,20 +163,11 @@ impl<M: Module> projection::Guest for Exports<M> {
 }
 
 impl<M: Module> saga::Guest for Exports<M> {
-    fn correlate(
-        name: String,
-        event: types::RecordedEvent,
-    ) -> Result<Option<String>, types::DomainError> {
-        Ok(registry::<M>()
-            .saga_named(&name)?
-            .correlate(&event.into())?)
+    fn correlate(name: String, event: types::RecordedEvent) -> Result<Option<String>, types::DomainError> {
+        Ok(registry::<M>().saga_named(&name)?.correlate(&event.into())?)
     }
 
-    fn react(
-        name: String,
-        state: Vec<u8>,
-        input: saga::SagaInput,
-    ) -> Result<saga::Reaction, types::DomainError> {
+    fn react(name: String, state: Vec<u8>, input: saga::SagaInput) -> Result<saga::Reaction, types::DomainError> {
         let input = match input {
             saga::SagaInput::Event(event) => RawSagaInput::Event(event.into()),
             saga::SagaInput::Outcome(outcome) => RawSagaInput::Outcome {
@@ -249,10 +211,6 @@ impl<M: Module> upcaster::Guest for Exports<M> {
     fn upcast(event: upcaster::UpcastEvent) -> Result<upcaster::UpcastEvent, types::DomainError> {
         let (schema_version, payload) =
             registry::<M>().upcast(&event.event_type, event.schema_version, &event.payload)?;
-        Ok(upcaster::UpcastEvent {
-            event_type: event.event_type,
-            schema_version,
-            payload,
-        })
+        Ok(upcaster::UpcastEvent { event_type: event.event_type, schema_version, payload })
     }
 }

@@ -204,6 +204,14 @@ pub fn __assert_module<M: Module>() {}
 /// ```ignore
 /// orchestrix_guest::export!(Bank);
 /// ```
+///
+/// Exporting a type that is not a [`Module`] fails to compile, with the
+/// error on that type: "`NotAModule` is not an Orchestrix module".
+///
+/// ```compile_fail
+/// struct NotAModule;
+/// orchestrix_guest::export!(NotAModule);
+/// ```
 #[macro_export]
 macro_rules! export {
     ($module:ty) => {
@@ -211,7 +219,7 @@ macro_rules! export {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             type __OrchestrixExports = $crate::Exports<$module>;
-            $crate::bindings::__export_component!(__OrchestrixExports with_types_in $crate::bindings);
+    $crate::bindings::__export_component!(__OrchestrixExports with_types_in $crate::bindings);
         };
     };
     ($($other:tt)*) => {

@@ -16,10 +16,7 @@ pub enum Level {
 
 /// Emit one record with key/value fields.
 pub fn log(level: Level, message: &str, fields: &[(&str, &dyn Display)]) {
-    let fields: Vec<(String, String)> = fields
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.to_string()))
-        .collect();
+    let fields: Vec<(String, String)> = fields.iter().map(|(k, v)| ((*k).to_owned(), v.to_string())).collect();
     emit(level, message, &fields);
 }
 

@@ -49,8 +49,7 @@ impl ModuleBuilder {
 
     /// Register a projection.
     pub fn projection<P: Projection>(&mut self) -> &mut Self {
-        self.projections
-            .push(Box::new(ProjectionAdapter::<P>::new()));
+        self.projections.push(Box::new(ProjectionAdapter::<P>::new()));
         self
     }
 
@@ -64,28 +63,19 @@ impl ModuleBuilder {
     /// version `from_version` to `from_version + 1`. The current version of
     /// an event type is one above its highest registered step (1 without any).
     pub fn upcaster(&mut self, event_type: &str, from_version: u32, step: Upcast) -> &mut Self {
-        self.upcasters
-            .insert((event_type.to_owned(), from_version), step);
+        self.upcasters.insert((event_type.to_owned(), from_version), step);
         self
     }
 
-    pub(crate) fn aggregate_named(
-        &self,
-        aggregate_type: &str,
-    ) -> Result<&dyn ErasedAggregate, DomainError> {
+    pub(crate) fn aggregate_named(&self, aggregate_type: &str) -> Result<&dyn ErasedAggregate, DomainError> {
         self.aggregates
             .iter()
             .find(|a| a.aggregate_type() == aggregate_type)
             .map(|a| a.as_ref())
-            .ok_or_else(|| {
-                DomainError::Invalid(format!("unknown aggregate type `{aggregate_type}`"))
-            })
+            .ok_or_else(|| DomainError::Invalid(format!("unknown aggregate type `{aggregate_type}`")))
     }
 
-    pub(crate) fn projection_named(
-        &self,
-        name: &str,
-    ) -> Result<&dyn ErasedProjection, DomainError> {
+    pub(crate) fn projection_named(&self, name: &str) -> Result<&dyn ErasedProjection, DomainError> {
         self.projections
             .iter()
             .find(|p| p.name() == name)
@@ -112,23 +102,12 @@ impl ModuleBuilder {
     }
 
     /// Upgrade a payload by one version step.
-    pub(crate) fn upcast(
-        &self,
-        event_type: &str,
-        version: u32,
-        payload: &str,
-    ) -> Result<(u32, String), DomainError> {
-        let step = self
-            .upcasters
-            .get(&(event_type.to_owned(), version))
-            .ok_or_else(|| {
-                DomainError::Invalid(format!(
-                    "no upcaster for `{event_type}` at schema version {version}"
-                ))
-            })?;
-        let body: Value = serde_json::from_str(payload).map_err(|e| {
-            DomainError::Invalid(format!("`{event_type}` payload is not valid JSON: {e}"))
+    pub(crate) fn upcast(&self, event_type: &str, version: u32, payload: &str) -> Result<(u32, String), DomainError> {
+        let step = self.upcasters.get(&(event_type.to_owned(), version)).ok_or_else(|| {
+            DomainError::Invalid(format!("no upcaster for `{event_type}` at schema version {version}"))
         })?;
+        let body: Value = serde_json::from_str(payload)
+            .map_err(|e| DomainError::Invalid(format!("`{event_type}` payload is not valid JSON: {e}")))?;
         Ok((version + 1, step(body)?.to_string()))
     }
 }

@@ -23,10 +23,7 @@ pub struct DocumentKey {
 
 impl DocumentKey {
     pub fn new(collection: impl Into<String>, key: impl Into<String>) -> Self {
-        Self {
-            collection: collection.into(),
-            key: key.into(),
-        }
+        Self { collection: collection.into(), key: key.into() }
     }
 }
 
@@ -54,11 +51,7 @@ pub trait Projection: Default + Send + Sync + 'static {
     fn touches(&self, event: &Envelope<Self::Event>) -> Vec<DocumentKey>;
 
     /// Apply one event to the documents.
-    fn project(
-        &self,
-        event: &Envelope<Self::Event>,
-        documents: &mut Documents,
-    ) -> Result<(), DomainError>;
+    fn project(&self, event: &Envelope<Self::Event>, documents: &mut Documents) -> Result<(), DomainError>;
 }
 
 /// The documents a projection can see and change while it runs a batch.
@@ -70,25 +63,16 @@ pub struct Documents {
 
 impl Documents {
     pub(crate) fn new(loaded: impl IntoIterator<Item = (DocumentKey, Option<Value>)>) -> Self {
-        Self {
-            current: loaded.into_iter().collect(),
-            ops: Vec::new(),
-        }
+        Self { current: loaded.into_iter().collect(), ops: Vec::new() }
     }
 
     /// Read a document. It must have been named by `touches`.
-    pub fn get<T: DeserializeOwned>(
-        &self,
-        collection: &str,
-        key: &str,
-    ) -> Result<Option<T>, DomainError> {
+    pub fn get<T: DeserializeOwned>(&self, collection: &str, key: &str) -> Result<Option<T>, DomainError> {
         let address = DocumentKey::new(collection, key);
         match self.current.get(&address) {
-            Some(Some(body)) => serde_json::from_value(body.clone()).map(Some).map_err(|e| {
-                DomainError::Invalid(format!(
-                    "document {collection}/{key} has an unexpected shape: {e}"
-                ))
-            }),
+            Some(Some(body)) => serde_json::from_value(body.clone())
+                .map(Some)
+                .map_err(|e| DomainError::Invalid(format!("document {collection}/{key} has an unexpected shape: {e}"))),
             Some(None) => Ok(None),
             None => Err(DomainError::Invalid(format!(
                 "document {collection}/{key} was not loaded: return it from `touches`"
@@ -97,18 +81,11 @@ impl Documents {
     }
 
     /// Create or replace a document.
-    pub fn upsert<T: Serialize>(
-        &mut self,
-        collection: &str,
-        key: &str,
-        body: &T,
-    ) -> Result<(), DomainError> {
-        let body = serde_json::to_value(body).map_err(|e| {
-            DomainError::Invalid(format!("cannot serialize document {collection}/{key}: {e}"))
-        })?;
+    pub fn upsert<T: Serialize>(&mut self, collection: &str, key: &str, body: &T) -> Result<(), DomainError> {
+        let body = serde_json::to_value(body)
+            .map_err(|e| DomainError::Invalid(format!("cannot serialize document {collection}/{key}: {e}")))?;
         let address = DocumentKey::new(collection, key);
-        self.ops
-            .push(ReadModelOp::Upsert(address.clone(), body.to_string()));
+        self.ops.push(ReadModelOp::Upsert(address.clone(), body.to_string()));
         self.current.insert(address, Some(body));
         Ok(())
     }
@@ -130,11 +107,7 @@ pub(crate) trait ErasedProjection: Send + Sync {
     fn version(&self) -> u32;
     fn event_types(&self) -> Vec<String>;
     fn touches(&self, events: &[RecordedEvent]) -> Result<Vec<DocumentKey>, DomainError>;
-    fn project(
-        &self,
-        events: &[RecordedEvent],
-        documents: &mut Documents,
-    ) -> Result<(), DomainError>;
+    fn project(&self, events: &[RecordedEvent], documents: &mut Documents) -> Result<(), DomainError>;
 }
 
 pub(crate) struct ProjectionAdapter<P> {
@@ -143,9 +116,7 @@ pub(crate) struct ProjectionAdapter<P> {
 
 impl<P: Projection> ProjectionAdapter<P> {
     pub(crate) fn new() -> Self {
-        Self {
-            projection: P::default(),
-        }
+        Self { projection: P::default() }
     }
 }
 
@@ -174,14 +145,9 @@ impl<P: Projection> ErasedProjection for ProjectionAdapter<P> {
         Ok(keys)
     }
 
-    fn project(
-        &self,
-        events: &[RecordedEvent],
-        documents: &mut Documents,
-    ) -> Result<(), DomainError> {
+    fn project(&self, events: &[RecordedEvent], documents: &mut Documents) -> Result<(), DomainError> {
         for event in events {
-            self.projection
-                .project(&Envelope::decode(event)?, documents)?;
+            self.projection.project(&Envelope::decode(event)?, documents)?;
         }
         Ok(())
     }

@@ -26,13 +26,8 @@ pub enum CommandResult {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SagaInput<E> {
     Event(Envelope<E>),
-    Outcome {
-        request_id: String,
-        result: CommandResult,
-    },
-    Timer {
-        name: String,
-    },
+    Outcome { request_id: String, result: CommandResult },
+    Timer { name: String },
 }
 
 /// A command a saga asks the host to send.
@@ -104,23 +99,14 @@ pub trait Saga: Default + Serialize + DeserializeOwned + Send + Sync + 'static {
     fn correlate(event: &Envelope<Self::Event>) -> Option<String>;
 
     /// React to one input.
-    fn react(
-        &mut self,
-        input: SagaInput<Self::Event>,
-        reaction: &mut Reaction,
-    ) -> Result<(), DomainError>;
+    fn react(&mut self, input: SagaInput<Self::Event>, reaction: &mut Reaction) -> Result<(), DomainError>;
 }
 
 /// A saga input before the event inside it is decoded.
 pub(crate) enum RawSagaInput {
     Event(RecordedEvent),
-    Outcome {
-        request_id: String,
-        result: CommandResult,
-    },
-    Timer {
-        name: String,
-    },
+    Outcome { request_id: String, result: CommandResult },
+    Timer { name: String },
 }
 
 pub(crate) trait ErasedSaga: Send + Sync {
@@ -145,10 +131,7 @@ impl<S: Saga> ErasedSaga for SagaAdapter<S> {
     }
 
     fn starting_event_types(&self) -> Vec<String> {
-        S::STARTED_BY
-            .iter()
-            .map(|name| (*name).to_owned())
-            .collect()
+        S::STARTED_BY.iter().map(|name| (*name).to_owned()).collect()
     }
 
     fn event_types(&self) -> Vec<String> {
@@ -163,9 +146,7 @@ impl<S: Saga> ErasedSaga for SagaAdapter<S> {
         let mut saga: S = codec::decode_state(state)?;
         let input = match input {
             RawSagaInput::Event(event) => SagaInput::Event(Envelope::decode(&event)?),
-            RawSagaInput::Outcome { request_id, result } => {
-                SagaInput::Outcome { request_id, result }
-            }
+            RawSagaInput::Outcome { request_id, result } => SagaInput::Outcome { request_id, result },
             RawSagaInput::Timer { name } => SagaInput::Timer { name },
         };
         let mut reaction = Reaction::default();

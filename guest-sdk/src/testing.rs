@@ -75,9 +75,7 @@ pub fn envelope<E>(aggregate_type: &str, aggregate_id: &str, event: E) -> Envelo
 
 /// Start an aggregate test from its history.
 pub fn given<A: Aggregate>(history: impl IntoIterator<Item = A::Event>) -> AggregateFixture<A> {
-    AggregateFixture {
-        history: history.into_iter().collect(),
-    }
+    AggregateFixture { history: history.into_iter().collect() }
 }
 
 /// An aggregate with a known history.
@@ -110,9 +108,7 @@ impl<A: Aggregate> AggregateFixture<A> {
         let result = adapter.handle(&state, command_type, payload).map(|events| {
             events
                 .iter()
-                .map(|e| {
-                    codec::decode(&e.event_type, &e.payload).expect("produced events must decode")
-                })
+                .map(|e| codec::decode(&e.event_type, &e.payload).expect("produced events must decode"))
                 .collect()
         });
         AggregateOutcome { result }
@@ -121,9 +117,7 @@ impl<A: Aggregate> AggregateFixture<A> {
     /// The state the history folds to, as the module renders it.
     pub fn state_json(&self) -> Value {
         let adapter = AggregateAdapter::<A>::new();
-        let text = adapter
-            .describe_state(&self.folded_state())
-            .expect("state must render");
+        let text = adapter.describe_state(&self.folded_state()).expect("state must render");
         serde_json::from_str(&text).expect("state renders as JSON")
     }
 }
@@ -150,10 +144,7 @@ where
     pub fn then_expect_rejection(self, reason: &str) {
         match self.result {
             Err(DomainError::Rejected(actual)) => {
-                assert!(
-                    actual.contains(reason),
-                    "rejection `{actual}` does not mention `{reason}`"
-                )
+                assert!(actual.contains(reason), "rejection `{actual}` does not mention `{reason}`")
             }
             other => panic!("expected a rejection mentioning `{reason}`, got {other:?}"),
         }
@@ -163,10 +154,7 @@ where
     pub fn then_expect_invalid(self, reason: &str) {
         match self.result {
             Err(DomainError::Invalid(actual)) => {
-                assert!(
-                    actual.contains(reason),
-                    "invalid-input error `{actual}` does not mention `{reason}`"
-                )
+                assert!(actual.contains(reason), "invalid-input error `{actual}` does not mention `{reason}`")
             }
             other => panic!("expected an invalid-input error mentioning `{reason}`, got {other:?}"),
         }
@@ -183,11 +171,7 @@ pub fn projection<P: Projection>() -> ProjectionFixture<P>
 where
     P::Event: Serialize,
 {
-    ProjectionFixture {
-        adapter: ProjectionAdapter::new(),
-        documents: BTreeMap::new(),
-        position: 0,
-    }
+    ProjectionFixture { adapter: ProjectionAdapter::new(), documents: BTreeMap::new(), position: 0 }
 }
 
 /// A projection and the documents it has written so far.
@@ -213,35 +197,17 @@ where
             .enumerate()
             .map(|(i, e)| {
                 self.position += 1;
-                record(
-                    aggregate_type,
-                    aggregate_id,
-                    i as u64 + 1,
-                    self.position,
-                    &e,
-                )
+                record(aggregate_type, aggregate_id, i as u64 + 1, self.position, &e)
             })
             .collect();
-        self.run(&batch)
-            .unwrap_or_else(|e| panic!("projection `{}` failed: {e}", P::NAME));
+        self.run(&batch).unwrap_or_else(|e| panic!("projection `{}` failed: {e}", P::NAME));
         self
     }
 
     /// Project events and expect the projection to fail.
-    pub fn given_failing(
-        mut self,
-        aggregate_type: &str,
-        aggregate_id: &str,
-        event: P::Event,
-    ) -> DomainError {
+    pub fn given_failing(mut self, aggregate_type: &str, aggregate_id: &str, event: P::Event) -> DomainError {
         self.position += 1;
-        let batch = [record(
-            aggregate_type,
-            aggregate_id,
-            1,
-            self.position,
-            &event,
-        )];
+        let batch = [record(aggregate_type, aggregate_id, 1, self.position, &event)];
         match self.run(&batch) {
             Err(error) => error,
             Ok(()) => panic!("expected projection `{}` to fail", P::NAME),
@@ -260,8 +226,7 @@ where
         for op in ops {
             match op {
                 ReadModelOp::Upsert(key, body) => {
-                    self.documents
-                        .insert(key, serde_json::from_str(&body).expect("upserted JSON"));
+                    self.documents.insert(key, serde_json::from_str(&body).expect("upserted JSON"));
                 }
                 ReadModelOp::Delete(key) => {
                     self.documents.remove(&key);
@@ -291,10 +256,7 @@ pub fn saga<S: Saga>() -> SagaFixture<S>
 where
     S::Event: Serialize,
 {
-    SagaFixture {
-        adapter: SagaAdapter::new(),
-        state: Vec::new(),
-    }
+    SagaFixture { adapter: SagaAdapter::new(), state: Vec::new() }
 }
 
 /// A saga instance and its state.
@@ -310,32 +272,20 @@ where
     fn raw(input: SagaInput<S::Event>) -> RawSagaInput {
         match input {
             SagaInput::Event(e) => {
-                let mut recorded = record(
-                    &e.aggregate_type,
-                    &e.aggregate_id,
-                    e.stream_version,
-                    e.position,
-                    &e.event,
-                );
+                let mut recorded = record(&e.aggregate_type, &e.aggregate_id, e.stream_version, e.position, &e.event);
                 recorded.id = e.id;
                 recorded.time = e.time;
                 RawSagaInput::Event(recorded)
             }
-            SagaInput::Outcome { request_id, result } => {
-                RawSagaInput::Outcome { request_id, result }
-            }
+            SagaInput::Outcome { request_id, result } => RawSagaInput::Outcome { request_id, result },
             SagaInput::Timer { name } => RawSagaInput::Timer { name },
         }
     }
 
     /// Which instance an event correlates to.
     pub fn correlate(&self, event: Envelope<S::Event>) -> Option<String> {
-        let RawSagaInput::Event(recorded) = Self::raw(SagaInput::Event(event)) else {
-            unreachable!()
-        };
-        self.adapter
-            .correlate(&recorded)
-            .expect("correlate must succeed")
+        let RawSagaInput::Event(recorded) = Self::raw(SagaInput::Event(event)) else { unreachable!() };
+        self.adapter.correlate(&recorded).expect("correlate must succeed")
     }
 
     /// Feed inputs the instance has already seen.
@@ -352,8 +302,6 @@ where
 
     /// React to one input and return the reaction (or the error).
     pub fn when(self, input: SagaInput<S::Event>) -> Result<Reaction, DomainError> {
-        self.adapter
-            .react(&self.state, Self::raw(input))
-            .map(|(_, reaction)| reaction)
+        self.adapter.react(&self.state, Self::raw(input)).map(|(_, reaction)| reaction)
     }
 }

@@ -12,33 +12,19 @@ pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 
 /// The CloudEvents `type` of an event: `<module>.<aggregate type>.<event type>`.
 pub fn event_type(event: &StoredEvent) -> String {
-    format!(
-        "{}.{}.{}",
-        event.module, event.stream.aggregate_type, event.event_type
-    )
+    format!("{}.{}.{}", event.module, event.stream.aggregate_type, event.event_type)
 }
 
 /// Render one stored event as a structured-mode CloudEvent.
 pub fn to_cloudevent(event: &StoredEvent) -> Value {
-    let data =
-        serde_json::from_str(&event.data).unwrap_or_else(|_| Value::String(event.data.clone()));
+    let data = serde_json::from_str(&event.data).unwrap_or_else(|_| Value::String(event.data.clone()));
     let mut object = Map::new();
     object.insert("specversion".into(), json!("1.0"));
     object.insert("id".into(), json!(event.id.to_string()));
-    object.insert(
-        "source".into(),
-        json!(format!("/orchestrix/modules/{}", event.module)),
-    );
+    object.insert("source".into(), json!(format!("/orchestrix/modules/{}", event.module)));
     object.insert("type".into(), json!(event_type(event)));
     object.insert("subject".into(), json!(event.stream.to_string()));
-    object.insert(
-        "time".into(),
-        json!(
-            event
-                .time
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-        ),
-    );
+    object.insert("time".into(), json!(event.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)));
     object.insert("datacontenttype".into(), json!("application/json"));
     object.insert("data".into(), data);
     object.insert("stream".into(), json!(event.stream.to_string()));
@@ -94,11 +80,7 @@ mod tests {
         assert_eq!(rendered["correlationid"], "corr");
         assert!(rendered.get("causationid").is_none());
         for key in rendered.as_object().unwrap().keys() {
-            assert!(
-                key.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
-                "attribute `{key}`"
-            );
+            assert!(key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()), "attribute `{key}`");
         }
     }
 }

@@ -34,18 +34,9 @@ const MAX_PAGE: usize = 10_000;
 /// The router with every route, limited to `max_body_bytes` per request body.
 pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
     Router::new()
-        .route(
-            "/v1/aggregates/{aggregate_type}/{aggregate_id}/commands/{command}",
-            post(send_command),
-        )
-        .route(
-            "/v1/aggregates/{aggregate_type}/{aggregate_id}",
-            get(aggregate_state),
-        )
-        .route(
-            "/v1/aggregates/{aggregate_type}/{aggregate_id}/events",
-            get(stream_events),
-        )
+        .route("/v1/aggregates/{aggregate_type}/{aggregate_id}/commands/{command}", post(send_command))
+        .route("/v1/aggregates/{aggregate_type}/{aggregate_id}", get(aggregate_state))
+        .route("/v1/aggregates/{aggregate_type}/{aggregate_id}/events", get(stream_events))
         .route("/v1/events", get(global_events))
         .route("/v1/modules", get(modules))
         .route("/healthz", get(health))
@@ -64,21 +55,13 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
+        Self { status, code, message: message.into() }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
+        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
     }
 }
 
@@ -93,10 +76,7 @@ impl From<CommandError> for ApiError {
             CommandError::Rejected(_) => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
             CommandError::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
             CommandError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "module_failure"),
-            CommandError::Contract { .. } => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "module_contract_violation",
-            ),
+            CommandError::Contract { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "module_contract_violation"),
             CommandError::Store(store) => store_status(store),
         };
         ApiError::new(status, code, message)
@@ -114,12 +94,8 @@ fn store_status(error: &StoreError) -> (StatusCode, &'static str) {
     match error {
         StoreError::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
         StoreError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-        StoreError::CommandIdReused(_) => {
-            (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
-        }
-        StoreError::Unavailable(_) | StoreError::ShuttingDown => {
-            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
-        }
+        StoreError::CommandIdReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+        StoreError::Unavailable(_) | StoreError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
     }
 }
 
@@ -129,13 +105,7 @@ fn header_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiErr
         Some(value) => value
             .to_str()
             .map(|v| Some(v.trim().to_owned()))
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_header",
-                    format!("`{name}` is not text"),
-                )
-            }),
+            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_header", format!("`{name}` is not text"))),
     }
 }
 
@@ -161,20 +131,12 @@ async fn send_command(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
-        let code = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            "payload_too_large"
-        } else {
-            "invalid_body"
-        };
+        let code =
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_body" };
         ApiError::new(rejection.status(), code, rejection.body_text())
     })?;
-    let text = std::str::from_utf8(&body).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            "body is not UTF-8",
-        )
-    })?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "body is not UTF-8"))?;
     let text = if text.trim().is_empty() { "{}" } else { text };
     if let Err(error) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
         return Err(ApiError::new(
@@ -210,10 +172,7 @@ async fn aggregate_state(
     State(state): State<Arc<ApiState>>,
     Path((aggregate_type, aggregate_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let (version, body) = state
-        .commands
-        .state(&StreamId::new(aggregate_type, aggregate_id))
-        .await?;
+    let (version, body) = state.commands.state(&StreamId::new(aggregate_type, aggregate_id)).await?;
     let mut response = Json(json!({"version": version, "state": body})).into_response();
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {
         response.headers_mut().insert(header::ETAG, etag);
@@ -229,11 +188,7 @@ struct StreamQuery {
 }
 
 fn batch_response(events: Value) -> Response {
-    (
-        [(header::CONTENT_TYPE, BATCH_CONTENT_TYPE)],
-        events.to_string(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, BATCH_CONTENT_TYPE)], events.to_string()).into_response()
 }
 
 async fn stream_events(
@@ -244,16 +199,8 @@ async fn stream_events(
     if state.commands.modules().route(&aggregate_type).is_none() {
         return Err(CommandError::UnknownAggregate(aggregate_type).into());
     }
-    let range = StreamRange {
-        from_version: query.from.unwrap_or(1),
-        to_version: query.to,
-        until: query.until,
-    };
-    let events = state
-        .commands
-        .store()
-        .read_stream(&StreamId::new(aggregate_type, aggregate_id), range)
-        .await?;
+    let range = StreamRange { from_version: query.from.unwrap_or(1), to_version: query.to, until: query.until };
+    let events = state.commands.store().read_stream(&StreamId::new(aggregate_type, aggregate_id), range).await?;
     Ok(batch_response(cloudevents::to_batch(&events)))
 }
 
@@ -314,9 +261,5 @@ async fn health(State(state): State<Arc<ApiState>>) -> Json<Value> {
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }

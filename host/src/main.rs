@@ -14,11 +14,7 @@ use orchestrix_host::runtime::{Runtime, RuntimeConfig};
 use orchestrix_host::sandbox::SandboxLimits;
 
 #[derive(Parser)]
-#[command(
-    name = "orchestrix",
-    version,
-    about = "Event-sourced domain modules in WebAssembly, hosted durably"
-)]
+#[command(name = "orchestrix", version, about = "Event-sourced domain modules in WebAssembly, hosted durably")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,11 +41,7 @@ pub struct HostArgs {
     #[arg(long, env = "ORCHESTRIX_PLUGINS", default_value = "plugins")]
     plugins: PathBuf,
     /// Event store URL: `sqlite://PATH`.
-    #[arg(
-        long,
-        env = "ORCHESTRIX_STORE",
-        default_value = "sqlite://orchestrix.db"
-    )]
+    #[arg(long, env = "ORCHESTRIX_STORE", default_value = "sqlite://orchestrix.db")]
     store: String,
     /// Directory for precompiled modules [default: PLUGINS/.orchestrix-cache].
     #[arg(long, env = "ORCHESTRIX_CACHE_DIR")]
@@ -97,11 +89,7 @@ struct ServeArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve(_)) {
-        "info"
-    } else {
-        "warn"
-    };
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ORCHESTRIX_LOG")
@@ -109,9 +97,7 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
@@ -125,29 +111,19 @@ fn main() -> Result<()> {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = args.host.config();
-    let runtime = Runtime::start(config.clone())
-        .await
-        .context("starting the host")?;
+    let runtime = Runtime::start(config.clone()).await.context("starting the host")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
-    let names: Vec<String> = runtime
-        .commands
-        .modules()
-        .modules()
-        .map(|m| format!("{}@{}", m.name, m.version))
-        .collect();
+    let names: Vec<String> =
+        runtime.commands.modules().modules().map(|m| format!("{}@{}", m.name, m.version)).collect();
     println!("orchestrix listening on http://{address}");
     println!("  store:   {}", config.store_url);
     println!(
         "  plugins: {} ({})",
         config.plugins_dir.display(),
-        if names.is_empty() {
-            "none loaded".into()
-        } else {
-            names.join(", ")
-        }
+        if names.is_empty() { "none loaded".into() } else { names.join(", ") }
     );
     for failure in &runtime.load_failures {
         println!("  refused: {} — {}", failure.file.display(), failure.reason);
@@ -173,8 +149,7 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}
@@ -198,11 +173,8 @@ mod tests {
 
     #[test]
     fn serve_flags_have_documented_defaults() {
-        let cli = <Cli as clap::Parser>::try_parse_from(["orchestrix", "serve"])
-            .expect("defaults suffice");
-        let super::Command::Serve(args) = cli.command else {
-            panic!("serve")
-        };
+        let cli = <Cli as clap::Parser>::try_parse_from(["orchestrix", "serve"]).expect("defaults suffice");
+        let super::Command::Serve(args) = cli.command else { panic!("serve") };
         assert_eq!(args.listen.to_string(), "127.0.0.1:7070");
         assert_eq!(args.host.store, "sqlite://orchestrix.db");
         assert_eq!(args.host.config().sandbox.max_memory_bytes, 64 << 20);

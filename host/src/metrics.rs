@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -25,63 +23,43 @@ struct Inner {
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0,
 ];
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let commands = IntCounterVec::new(
-            Opts::new(
-                "orchestrix_commands_total",
-                "Commands handled, by module, command type and outcome",
-            ),
+            Opts::new("orchestrix_commands_total", "Commands handled, by module, command type and outcome"),
             &["module", "command", "outcome"],
         )
         .expect("valid metric");
         let command_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "orchestrix_command_duration_seconds",
-                "End-to-end command latency in the host",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("orchestrix_command_duration_seconds", "End-to-end command latency in the host")
+                .buckets(LATENCY_BUCKETS.to_vec()),
             &["module"],
         )
         .expect("valid metric");
         let events_appended = IntCounterVec::new(
-            Opts::new(
-                "orchestrix_events_appended_total",
-                "Events durably appended, by module",
-            ),
+            Opts::new("orchestrix_events_appended_total", "Events durably appended, by module"),
             &["module"],
         )
         .expect("valid metric");
         let wasm_call_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "orchestrix_wasm_call_duration_seconds",
-                "Duration of guest calls",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("orchestrix_wasm_call_duration_seconds", "Duration of guest calls")
+                .buckets(LATENCY_BUCKETS.to_vec()),
             &["module", "function"],
         )
         .expect("valid metric");
         let append_batch_size = Histogram::with_opts(
-            HistogramOpts::new(
-                "orchestrix_append_batch_size",
-                "Appends committed per group-commit transaction",
-            )
-            .buckets(vec![
-                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
-            ]),
+            HistogramOpts::new("orchestrix_append_batch_size", "Appends committed per group-commit transaction")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
         )
         .expect("valid metric");
         let commit_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "orchestrix_append_commit_duration_seconds",
-                "Duration of one group-commit transaction",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("orchestrix_append_commit_duration_seconds", "Duration of one group-commit transaction")
+                .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
         for collector in [
@@ -92,9 +70,7 @@ impl Metrics {
             Box::new(append_batch_size.clone()),
             Box::new(commit_seconds.clone()),
         ] {
-            registry
-                .register(collector)
-                .expect("metric names are unique");
+            registry.register(collector).expect("metric names are unique");
         }
         Self {
             inner: Arc::new(Inner {
@@ -110,28 +86,16 @@ impl Metrics {
     }
 
     pub fn observe_command(&self, module: &str, command: &str, outcome: &str, elapsed: Duration) {
-        self.inner
-            .commands
-            .with_label_values(&[module, command, outcome])
-            .inc();
-        self.inner
-            .command_seconds
-            .with_label_values(&[module])
-            .observe(elapsed.as_secs_f64());
+        self.inner.commands.with_label_values(&[module, command, outcome]).inc();
+        self.inner.command_seconds.with_label_values(&[module]).observe(elapsed.as_secs_f64());
     }
 
     pub fn observe_appended(&self, module: &str, events: usize) {
-        self.inner
-            .events_appended
-            .with_label_values(&[module])
-            .inc_by(events as u64);
+        self.inner.events_appended.with_label_values(&[module]).inc_by(events as u64);
     }
 
     pub fn observe_wasm_call(&self, module: &str, function: &str, elapsed: Duration) {
-        self.inner
-            .wasm_call_seconds
-            .with_label_values(&[module, function])
-            .observe(elapsed.as_secs_f64());
+        self.inner.wasm_call_seconds.with_label_values(&[module, function]).observe(elapsed.as_secs_f64());
     }
 
     pub fn observe_batch(&self, appends: usize, commit: Duration) {
@@ -146,17 +110,14 @@ impl Metrics {
             return (0, 0.0, Duration::ZERO);
         }
         let mean_size = self.inner.append_batch_size.get_sample_sum() / count as f64;
-        let mean_commit =
-            Duration::from_secs_f64(self.inner.commit_seconds.get_sample_sum() / count as f64);
+        let mean_commit = Duration::from_secs_f64(self.inner.commit_seconds.get_sample_sum() / count as f64);
         (count, mean_size, mean_commit)
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
-        TextEncoder::new()
-            .encode(&self.inner.registry.gather(), &mut buffer)
-            .expect("text encoding cannot fail");
+        TextEncoder::new().encode(&self.inner.registry.gather(), &mut buffer).expect("text encoding cannot fail");
         String::from_utf8(buffer).expect("prometheus text is UTF-8")
     }
 }

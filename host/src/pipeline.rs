@@ -18,8 +18,8 @@ use uuid::Uuid;
 use crate::metrics::Metrics;
 use crate::sandbox::{Command, DomainError, GuestFailure, GuestModule, ModuleSet, RecordedEvent};
 use crate::store::{
-    AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion,
-    StoreError, StoredEvent, StreamId, StreamRange,
+    AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, StoreError, StoredEvent,
+    StreamId, StreamRange,
 };
 
 /// A command as received from a client.
@@ -55,10 +55,7 @@ pub enum CommandError {
     #[error("unknown aggregate type `{0}`")]
     UnknownAggregate(String),
     #[error("aggregate type `{aggregate_type}` has no command `{command_type}`")]
-    UnknownCommand {
-        aggregate_type: String,
-        command_type: String,
-    },
+    UnknownCommand { aggregate_type: String, command_type: String },
     #[error("{0} does not exist")]
     NotFound(StreamId),
     #[error("{0}")]
@@ -66,11 +63,7 @@ pub enum CommandError {
     #[error("{0}")]
     Rejected(String),
     #[error("version conflict on {stream}: expected {expected}, aggregate is at {actual}")]
-    Conflict {
-        stream: StreamId,
-        expected: u64,
-        actual: u64,
-    },
+    Conflict { stream: StreamId, expected: u64, actual: u64 },
     #[error(transparent)]
     Guest(#[from] GuestFailure),
     #[error("module `{module}` broke the contract: {reason}")]
@@ -82,20 +75,12 @@ pub enum CommandError {
 impl From<StoreError> for CommandError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Conflict {
-                stream,
-                expected,
-                actual,
-            } => {
+            StoreError::Conflict { stream, expected, actual } => {
                 let expected = match expected {
                     ExpectedVersion::Exact(v) => v,
                     ExpectedVersion::NoStream | ExpectedVersion::Any => 0,
                 };
-                CommandError::Conflict {
-                    stream,
-                    expected,
-                    actual,
-                }
+                CommandError::Conflict { stream, expected, actual }
             }
             other => CommandError::Store(other),
         }
@@ -115,9 +100,9 @@ impl CommandError {
     /// Short label for metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
-            CommandError::UnknownAggregate(_)
-            | CommandError::UnknownCommand { .. }
-            | CommandError::NotFound(_) => "not_found",
+            CommandError::UnknownAggregate(_) | CommandError::UnknownCommand { .. } | CommandError::NotFound(_) => {
+                "not_found"
+            }
             CommandError::Invalid(_) => "invalid",
             CommandError::Rejected(_) => "rejected",
             CommandError::Conflict { .. } => "conflict",
@@ -154,8 +139,7 @@ impl AggregateCache {
     fn slot(&self, stream: &StreamId) -> Slot {
         use std::hash::{BuildHasher, RandomState};
         static SHARDING: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
-        let index =
-            SHARDING.get_or_init(RandomState::new).hash_one(stream) as usize % self.shards.len();
+        let index = SHARDING.get_or_init(RandomState::new).hash_one(stream) as usize % self.shards.len();
         let mut shard = self.shards[index].lock();
         if let Some(slot) = shard.get(stream) {
             return slot.clone();
@@ -190,18 +174,8 @@ pub struct CommandService {
 }
 
 impl CommandService {
-    pub fn new(
-        modules: Arc<ModuleSet>,
-        store: Arc<dyn EventStore>,
-        metrics: Metrics,
-        cache_capacity: usize,
-    ) -> Self {
-        Self {
-            modules,
-            store,
-            cache: AggregateCache::new(cache_capacity),
-            metrics,
-        }
+    pub fn new(modules: Arc<ModuleSet>, store: Arc<dyn EventStore>, metrics: Metrics, cache_capacity: usize) -> Self {
+        Self { modules, store, cache: AggregateCache::new(cache_capacity), metrics }
     }
 
     pub fn modules(&self) -> &ModuleSet {
@@ -213,19 +187,14 @@ impl CommandService {
     }
 
     fn route(&self, aggregate_type: &str) -> Result<&Arc<GuestModule>, CommandError> {
-        self.modules
-            .route(aggregate_type)
-            .ok_or_else(|| CommandError::UnknownAggregate(aggregate_type.to_owned()))
+        self.modules.route(aggregate_type).ok_or_else(|| CommandError::UnknownAggregate(aggregate_type.to_owned()))
     }
 
     /// Execute one command end to end.
     pub async fn execute(&self, request: CommandRequest) -> Result<CommandReply, CommandError> {
         let started = Instant::now();
         let module = self.route(&request.stream.aggregate_type)?.clone();
-        let correlation_id = request
-            .correlation_id
-            .clone()
-            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let correlation_id = request.correlation_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string());
         let span = tracing::info_span!(
             "command",
             module = %module.name,
@@ -234,22 +203,14 @@ impl CommandService {
             correlation_id = %correlation_id,
         );
         let command_type = request.command_type.clone();
-        let result = self
-            .execute_routed(&module, request, correlation_id)
-            .instrument(span)
-            .await;
+        let result = self.execute_routed(&module, request, correlation_id).instrument(span).await;
         let outcome = match &result {
             Ok(reply) if reply.duplicate => "duplicate",
             Ok(_) => "accepted",
             Err(error) => error.outcome(),
         };
-        self.metrics
-            .observe_command(&module.name, &command_type, outcome, started.elapsed());
-        if let Err(
-            error @ (CommandError::Guest(_)
-            | CommandError::Contract { .. }
-            | CommandError::Store(_)),
-        ) = &result
+        self.metrics.observe_command(&module.name, &command_type, outcome, started.elapsed());
+        if let Err(error @ (CommandError::Guest(_) | CommandError::Contract { .. } | CommandError::Store(_))) = &result
         {
             tracing::error!(module = %module.name, %error, "command failed");
         }
@@ -262,9 +223,7 @@ impl CommandService {
         request: CommandRequest,
         correlation_id: String,
     ) -> Result<CommandReply, CommandError> {
-        let aggregate = module
-            .aggregate(&request.stream.aggregate_type)
-            .expect("routed by aggregate type");
+        let aggregate = module.aggregate(&request.stream.aggregate_type).expect("routed by aggregate type");
         if !aggregate.command_types.contains(&request.command_type) {
             return Err(CommandError::UnknownCommand {
                 aggregate_type: request.stream.aggregate_type.clone(),
@@ -279,17 +238,11 @@ impl CommandService {
 
         let slot = self.cache.slot(&request.stream);
         let mut guard = slot.lock().await;
-        let folded = self
-            .ensure_folded(module, &request.stream, &mut guard)
-            .await?;
+        let folded = self.ensure_folded(module, &request.stream, &mut guard).await?;
         if let Some(expected) = request.expected_version
             && expected != folded.version
         {
-            return Err(CommandError::Conflict {
-                stream: request.stream,
-                expected,
-                actual: folded.version,
-            });
+            return Err(CommandError::Conflict { stream: request.stream, expected, actual: folded.version });
         }
 
         let command = Command {
@@ -297,8 +250,7 @@ impl CommandService {
             command_type: request.command_type.clone(),
             payload: request.payload,
         };
-        let new_events =
-            module.handle(&request.stream.aggregate_type, &folded.state, &command)??;
+        let new_events = module.handle(&request.stream.aggregate_type, &folded.state, &command)??;
         for event in &new_events {
             if !aggregate.event_types.contains(&event.event_type) {
                 return Err(CommandError::Contract {
@@ -309,10 +261,7 @@ impl CommandService {
             if serde_json::from_str::<serde::de::IgnoredAny>(&event.payload).is_err() {
                 return Err(CommandError::Contract {
                     module: module.name.clone(),
-                    reason: format!(
-                        "emitted `{}` with a payload that is not JSON",
-                        event.event_type
-                    ),
+                    reason: format!("emitted `{}` with a payload that is not JSON", event.event_type),
                 });
             }
         }
@@ -342,12 +291,7 @@ impl CommandService {
                 .collect(),
             metadata: EventMetadata {
                 correlation_id: Some(correlation_id),
-                causation_id: Some(
-                    request
-                        .command_id
-                        .clone()
-                        .unwrap_or_else(|| Uuid::now_v7().to_string()),
-                ),
+                causation_id: Some(request.command_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string())),
                 module: module.name.clone(),
                 module_version: module.version.clone(),
             },
@@ -361,11 +305,7 @@ impl CommandService {
                 return self
                     .replay_duplicate(id, &request.stream)
                     .await?
-                    .ok_or_else(|| {
-                        CommandError::Store(StoreError::Unavailable(
-                            "idempotency record vanished".into(),
-                        ))
-                    });
+                    .ok_or_else(|| CommandError::Store(StoreError::Unavailable("idempotency record vanished".into())));
             }
             Err(error) => {
                 // Whatever the store says, re-read the stream next time.
@@ -378,25 +318,14 @@ impl CommandService {
         let version = stored.last().map_or(folded.version, |e| e.version);
         let recorded: Vec<RecordedEvent> = stored.iter().map(to_recorded).collect();
         match module.apply(&request.stream.aggregate_type, &folded.state, &recorded) {
-            Ok(Ok(state)) => {
-                *guard = Some(Folded {
-                    module_hash: folded.module_hash,
-                    version,
-                    state,
-                })
-            }
+            Ok(Ok(state)) => *guard = Some(Folded { module_hash: folded.module_hash, version, state }),
             outcome => {
                 // The events are durable; only the cached state is lost.
                 tracing::error!(module = %module.name, stream = %request.stream, ?outcome, "apply failed after append");
                 *guard = None;
             }
         }
-        Ok(CommandReply {
-            stream: request.stream,
-            version,
-            events: stored,
-            duplicate: false,
-        })
+        Ok(CommandReply { stream: request.stream, version, events: stored, duplicate: false })
     }
 
     /// Make sure the slot holds state folded by this very module build,
@@ -421,12 +350,10 @@ impl CommandService {
         let mut state = Vec::new();
         for chunk in events.chunks(FOLD_CHUNK) {
             let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
-            state = module
-                .apply(&stream.aggregate_type, &state, &recorded)?
-                .map_err(|e| CommandError::Contract {
-                    module: module.name.clone(),
-                    reason: format!("cannot fold stored history of {stream}: {e:?}"),
-                })?;
+            state = module.apply(&stream.aggregate_type, &state, &recorded)?.map_err(|e| CommandError::Contract {
+                module: module.name.clone(),
+                reason: format!("cannot fold stored history of {stream}: {e:?}"),
+            })?;
         }
         let folded = Folded {
             module_hash: Arc::from(module.content_hash.as_str()),
@@ -450,21 +377,11 @@ impl CommandService {
             return Ok(None);
         };
         if record.stream != *stream {
-            return Err(CommandError::Store(StoreError::CommandIdReused(
-                command_id.to_owned(),
-            )));
+            return Err(CommandError::Store(StoreError::CommandIdReused(command_id.to_owned())));
         }
         let count = (record.last_position - record.first_position + 1) as usize;
-        let events = self
-            .store
-            .read_all(record.first_position - 1, count)
-            .await?;
-        Ok(Some(CommandReply {
-            stream: record.stream,
-            version: record.version,
-            events,
-            duplicate: true,
-        }))
+        let events = self.store.read_all(record.first_position - 1, count).await?;
+        Ok(Some(CommandReply { stream: record.stream, version: record.version, events, duplicate: true }))
     }
 
     /// The current version and state (rendered as JSON by the module) of an aggregate.
@@ -495,9 +412,7 @@ fn to_recorded(event: &StoredEvent) -> RecordedEvent {
         position: event.position,
         event_type: event.event_type.clone(),
         schema_version: event.schema_version,
-        time: event
-            .time
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        time: event.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         payload: event.data.clone(),
     }
 }

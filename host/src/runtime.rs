@@ -47,10 +47,7 @@ impl RuntimeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot read plugins directory {dir}: {source}")]
-    PluginsDir {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    PluginsDir { dir: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("unsupported store URL `{0}`: use sqlite://PATH")]
@@ -76,40 +73,20 @@ impl Runtime {
         let sandbox = Arc::new(Sandbox::new(config.sandbox.clone())?);
         let (modules, load_failures) = {
             let sandbox = sandbox.clone();
-            let (dir, cache, metrics) = (
-                config.plugins_dir.clone(),
-                config.cache_dir.clone(),
-                metrics.clone(),
-            );
+            let (dir, cache, metrics) = (config.plugins_dir.clone(), config.cache_dir.clone(), metrics.clone());
             tokio::task::spawn_blocking(move || load_plugins_dir(&sandbox, &dir, &cache, &metrics))
                 .await
                 .expect("plugin loading does not panic")
-                .map_err(|source| StartError::PluginsDir {
-                    dir: config.plugins_dir.clone(),
-                    source,
-                })?
+                .map_err(|source| StartError::PluginsDir { dir: config.plugins_dir.clone(), source })?
         };
         let store: Arc<dyn EventStore> = if config.store_url.starts_with("sqlite:") {
-            Arc::new(
-                SqliteStore::open(&config.store_url, config.sqlite.clone(), metrics.clone())
-                    .await?,
-            )
+            Arc::new(SqliteStore::open(&config.store_url, config.sqlite.clone(), metrics.clone()).await?)
         } else {
             return Err(StartError::UnsupportedStore(config.store_url.clone()));
         };
-        let commands = Arc::new(CommandService::new(
-            Arc::new(modules),
-            store,
-            metrics.clone(),
-            config.state_cache_capacity,
-        ));
-        Ok(Self {
-            commands,
-            metrics,
-            load_failures,
-            config,
-            _sandbox: sandbox,
-        })
+        let commands =
+            Arc::new(CommandService::new(Arc::new(modules), store, metrics.clone(), config.state_cache_capacity));
+        Ok(Self { commands, metrics, load_failures, config, _sandbox: sandbox })
     }
 
     /// The HTTP API of this host.
@@ -129,9 +106,7 @@ impl Runtime {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let served = axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await;
         self.close().await;
         served
     }

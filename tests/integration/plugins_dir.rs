@@ -11,11 +11,7 @@ fn failure_for<'a>(modules: &'a Value, file_name: &str) -> &'a str {
         .as_array()
         .expect("failures list")
         .iter()
-        .find(|f| {
-            f["file"]
-                .as_str()
-                .is_some_and(|path| path.ends_with(file_name))
-        })
+        .find(|f| f["file"].as_str().is_some_and(|path| path.ends_with(file_name)))
         .and_then(|f| f["reason"].as_str())
         .unwrap_or_else(|| panic!("{file_name} should have been refused: {modules}"))
 }
@@ -26,52 +22,26 @@ async fn bad_files_are_refused_while_bank_keeps_working() {
     sandbox.add_plugin("garbage.wasm", b"this is not wasm at all");
     // The smallest valid core module: magic number and version 1.
     sandbox.add_plugin("core-module.wasm", b"\0asm\x01\0\0\0");
-    sandbox.add_plugin(
-        "other-world.wasm",
-        &std::fs::read(wasm("fixture_other_world")).expect("fixture built"),
-    );
+    sandbox.add_plugin("other-world.wasm", &std::fs::read(wasm("fixture_other_world")).expect("fixture built"));
     sandbox.add_plugin("notes.txt", b"ignored: not a .wasm file");
 
     let host = sandbox.start().await;
     let modules = &host.modules;
     assert!(failure_for(modules, "garbage.wasm").contains("not a WebAssembly file"));
-    assert!(
-        failure_for(modules, "core-module.wasm")
-            .contains("core WebAssembly module, not a component")
-    );
+    assert!(failure_for(modules, "core-module.wasm").contains("core WebAssembly module, not a component"));
     let other = failure_for(modules, "other-world.wasm");
     assert!(other.contains("orchestrix:domain"), "{other}");
-    assert_eq!(
-        modules["failures"].as_array().unwrap().len(),
-        3,
-        "{modules}"
-    );
+    assert_eq!(modules["failures"].as_array().unwrap().len(), 3, "{modules}");
 
-    let loaded: Vec<&str> = modules["modules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
+    let loaded: Vec<&str> =
+        modules["modules"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert_eq!(loaded, ["bank"]);
     let bank = &modules["modules"][0];
     assert_eq!(bank["content_hash"].as_str().unwrap().len(), 64);
     assert_eq!(bank["manifest"]["aggregates"][0]["name"], "account");
-    assert!(
-        bank["manifest"]["aggregates"][0]["command_types"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c == "DepositMoney")
-    );
+    assert!(bank["manifest"]["aggregates"][0]["command_types"].as_array().unwrap().iter().any(|c| c == "DepositMoney"));
 
-    let (status, body) = host
-        .account(
-            "ok",
-            "OpenAccount",
-            r#"{"owner":"Ada","initial_balance":1}"#,
-        )
-        .await;
+    let (status, body) = host.account("ok", "OpenAccount", r#"{"owner":"Ada","initial_balance":1}"#).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     host.stop().await;
 }
@@ -82,17 +52,8 @@ async fn a_module_name_is_its_identity_not_its_file_name() {
     sandbox.add_plugin("zz-bank-copy.wasm", &std::fs::read(wasm("bank")).unwrap());
     let host = sandbox.start().await;
     let reason = failure_for(&host.modules, "zz-bank-copy.wasm");
-    assert!(
-        reason.contains("module name `bank`") && reason.contains("already loaded"),
-        "{reason}"
-    );
-    let (status, _) = host
-        .account(
-            "id",
-            "OpenAccount",
-            r#"{"owner":"Ada","initial_balance":1}"#,
-        )
-        .await;
+    assert!(reason.contains("module name `bank`") && reason.contains("already loaded"), "{reason}");
+    let (status, _) = host.account("id", "OpenAccount", r#"{"owner":"Ada","initial_balance":1}"#).await;
     assert_eq!(status, StatusCode::OK);
     host.stop().await;
 }
@@ -104,40 +65,23 @@ async fn precompiled_artifacts_are_cached_and_reused() {
     config.cache_dir = sandbox.dir.path().join("precompiled");
     let host = crate::support::TestHost::start(config.clone()).await;
     host.stop().await;
-    let artifacts: Vec<_> = std::fs::read_dir(&config.cache_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let artifacts: Vec<_> = std::fs::read_dir(&config.cache_dir).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(artifacts.len(), 1, "{artifacts:?}");
     let hash = host_hash(&sandbox).await;
-    assert!(
-        artifacts[0]
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with(&hash)
-    );
+    assert!(artifacts[0].file_name().unwrap().to_string_lossy().starts_with(&hash));
 
     // A corrupt artifact is discarded and rebuilt, never trusted.
     std::fs::write(&artifacts[0], b"corrupt").unwrap();
     let host = crate::support::TestHost::start(config.clone()).await;
-    let (status, _) = host
-        .account("c", "OpenAccount", r#"{"owner":"Ada","initial_balance":1}"#)
-        .await;
+    let (status, _) = host.account("c", "OpenAccount", r#"{"owner":"Ada","initial_balance":1}"#).await;
     assert_eq!(status, StatusCode::OK);
     host.stop().await;
-    assert!(
-        std::fs::metadata(&artifacts[0]).unwrap().len() > 1000,
-        "artifact rewritten"
-    );
+    assert!(std::fs::metadata(&artifacts[0]).unwrap().len() > 1000, "artifact rewritten");
 }
 
 async fn host_hash(sandbox: &Sandbox) -> String {
     let host = sandbox.start().await;
-    let hash = host.modules["modules"][0]["content_hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let hash = host.modules["modules"][0]["content_hash"].as_str().unwrap().to_owned();
     host.stop().await;
     hash
 }

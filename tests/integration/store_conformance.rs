@@ -6,8 +6,8 @@ use std::sync::Arc;
 use futures::future::join_all;
 use orchestrix_host::metrics::Metrics;
 use orchestrix_host::store::{
-    AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion,
-    SqliteOptions, SqliteStore, StoreError, StoredEvent, StreamId, StreamRange,
+    AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, SqliteOptions, SqliteStore,
+    StoreError, StoredEvent, StreamId, StreamRange,
 };
 
 const LIMIT: usize = 16 * 1024;
@@ -16,13 +16,8 @@ const LIMIT: usize = 16 * 1024;
 async fn backends() -> Vec<(&'static str, Arc<dyn EventStore>, tempfile::TempDir)> {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("conformance.db").display());
-    let options = SqliteOptions {
-        max_event_bytes: LIMIT,
-        ..SqliteOptions::default()
-    };
-    let sqlite = SqliteStore::open(&url, options, Metrics::new())
-        .await
-        .expect("sqlite opens");
+    let options = SqliteOptions { max_event_bytes: LIMIT, ..SqliteOptions::default() };
+    let sqlite = SqliteStore::open(&url, options, Metrics::new()).await.expect("sqlite opens");
     vec![("sqlite", Arc::new(sqlite), dir)]
 }
 
@@ -32,17 +27,9 @@ fn append(stream: &StreamId, expected: ExpectedVersion, types: &[&str]) -> Appen
         expected,
         events: types
             .iter()
-            .map(|t| EventData {
-                event_type: (*t).into(),
-                schema_version: 1,
-                data: format!(r#"{{"kind":"{t}"}}"#),
-            })
+            .map(|t| EventData { event_type: (*t).into(), schema_version: 1, data: format!(r#"{{"kind":"{t}"}}"#) })
             .collect(),
-        metadata: EventMetadata {
-            module: "test".into(),
-            module_version: "1.0.0".into(),
-            ..EventMetadata::default()
-        },
+        metadata: EventMetadata { module: "test".into(), module_version: "1.0.0".into(), ..EventMetadata::default() },
         command_id: None,
     }
 }
@@ -58,50 +45,28 @@ fn appended(outcome: Result<AppendOutcome, StoreError>) -> Vec<StoredEvent> {
 async fn expected_version_variants() {
     for (name, store, _dir) in backends().await {
         let s = StreamId::new("t", "ev");
-        let first = appended(
-            store
-                .append(append(&s, ExpectedVersion::NoStream, &["A", "B"]))
-                .await,
-        );
-        assert_eq!(
-            first.iter().map(|e| e.version).collect::<Vec<_>>(),
-            [1, 2],
-            "{name}"
-        );
+        let first = appended(store.append(append(&s, ExpectedVersion::NoStream, &["A", "B"])).await);
+        assert_eq!(first.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2], "{name}");
         assert!(
             matches!(
-                store
-                    .append(append(&s, ExpectedVersion::NoStream, &["C"]))
-                    .await,
+                store.append(append(&s, ExpectedVersion::NoStream, &["C"])).await,
                 Err(StoreError::Conflict { actual: 2, .. })
             ),
             "{name}: NoStream on an existing stream"
         );
         assert!(
             matches!(
-                store
-                    .append(append(&s, ExpectedVersion::Exact(1), &["C"]))
-                    .await,
+                store.append(append(&s, ExpectedVersion::Exact(1), &["C"])).await,
                 Err(StoreError::Conflict { actual: 2, .. })
             ),
             "{name}: stale exact version"
         );
-        appended(
-            store
-                .append(append(&s, ExpectedVersion::Exact(2), &["C"]))
-                .await,
-        );
+        appended(store.append(append(&s, ExpectedVersion::Exact(2), &["C"])).await);
         let any = appended(store.append(append(&s, ExpectedVersion::Any, &["D"])).await);
         assert_eq!(any[0].version, 4, "{name}");
         assert!(
             matches!(
-                store
-                    .append(append(
-                        &StreamId::new("t", "new"),
-                        ExpectedVersion::Exact(3),
-                        &["A"]
-                    ))
-                    .await,
+                store.append(append(&StreamId::new("t", "new"), ExpectedVersion::Exact(3), &["A"])).await,
                 Err(StoreError::Conflict { actual: 0, .. })
             ),
             "{name}: exact version on a missing stream"
@@ -127,26 +92,12 @@ async fn idempotent_command_ids() {
             }
             other => panic!("{name}: expected a duplicate, got {other:?}"),
         }
-        assert_eq!(
-            store.read_all(0, 100).await.unwrap().len(),
-            2,
-            "{name}: nothing appended twice"
-        );
-        let found = store
-            .find_command("cmd-1")
-            .await
-            .unwrap()
-            .expect("recorded");
+        assert_eq!(store.read_all(0, 100).await.unwrap().len(), 2, "{name}: nothing appended twice");
+        let found = store.find_command("cmd-1").await.unwrap().expect("recorded");
         assert_eq!(found.stream, s);
         let mut elsewhere = append(&StreamId::new("t", "other"), ExpectedVersion::Any, &["A"]);
         elsewhere.command_id = Some("cmd-1".into());
-        assert!(
-            matches!(
-                store.append(elsewhere).await,
-                Err(StoreError::CommandIdReused(_))
-            ),
-            "{name}"
-        );
+        assert!(matches!(store.append(elsewhere).await, Err(StoreError::CommandIdReused(_))), "{name}");
         assert!(store.find_command("never").await.unwrap().is_none());
         store.close().await;
     }
@@ -156,56 +107,17 @@ async fn idempotent_command_ids() {
 async fn stream_reads_by_version_range_and_time() {
     for (name, store, _dir) in backends().await {
         let s = StreamId::new("t", "range");
-        let early = appended(
-            store
-                .append(append(&s, ExpectedVersion::Any, &["A", "B", "C"]))
-                .await,
-        );
+        let early = appended(store.append(append(&s, ExpectedVersion::Any, &["A", "B", "C"])).await);
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        appended(
-            store
-                .append(append(&s, ExpectedVersion::Any, &["D", "E"]))
-                .await,
-        );
-        let versions =
-            |events: Vec<StoredEvent>| events.iter().map(|e| e.version).collect::<Vec<_>>();
-        assert_eq!(
-            versions(store.read_stream(&s, StreamRange::all()).await.unwrap()),
-            [1, 2, 3, 4, 5],
-            "{name}"
-        );
-        assert_eq!(
-            versions(store.read_stream(&s, StreamRange::after(3)).await.unwrap()),
-            [4, 5],
-            "{name}"
-        );
-        let middle = StreamRange {
-            from_version: 2,
-            to_version: Some(4),
-            until: None,
-        };
-        assert_eq!(
-            versions(store.read_stream(&s, middle).await.unwrap()),
-            [2, 3, 4],
-            "{name}"
-        );
-        let until = StreamRange {
-            from_version: 1,
-            to_version: None,
-            until: Some(early[0].time),
-        };
-        assert_eq!(
-            versions(store.read_stream(&s, until).await.unwrap()),
-            [1, 2, 3],
-            "{name}"
-        );
-        assert!(
-            store
-                .read_stream(&StreamId::new("t", "none"), StreamRange::all())
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        appended(store.append(append(&s, ExpectedVersion::Any, &["D", "E"])).await);
+        let versions = |events: Vec<StoredEvent>| events.iter().map(|e| e.version).collect::<Vec<_>>();
+        assert_eq!(versions(store.read_stream(&s, StreamRange::all()).await.unwrap()), [1, 2, 3, 4, 5], "{name}");
+        assert_eq!(versions(store.read_stream(&s, StreamRange::after(3)).await.unwrap()), [4, 5], "{name}");
+        let middle = StreamRange { from_version: 2, to_version: Some(4), until: None };
+        assert_eq!(versions(store.read_stream(&s, middle).await.unwrap()), [2, 3, 4], "{name}");
+        let until = StreamRange { from_version: 1, to_version: None, until: Some(early[0].time) };
+        assert_eq!(versions(store.read_stream(&s, until).await.unwrap()), [1, 2, 3], "{name}");
+        assert!(store.read_stream(&StreamId::new("t", "none"), StreamRange::all()).await.unwrap().is_empty());
         store.close().await;
     }
 }
@@ -214,31 +126,17 @@ async fn stream_reads_by_version_range_and_time() {
 async fn one_stream_under_contention_has_one_winner_per_version() {
     for (name, store, _dir) in backends().await {
         let s = StreamId::new("t", "hot");
-        appended(
-            store
-                .append(append(&s, ExpectedVersion::NoStream, &["Init"]))
-                .await,
-        );
+        appended(store.append(append(&s, ExpectedVersion::NoStream, &["Init"])).await);
         // 10 rounds; in each, 20 writers race for the same next version.
         for round in 1..=10u64 {
-            let attempts =
-                (0..20).map(|_| store.append(append(&s, ExpectedVersion::Exact(round), &["Race"])));
+            let attempts = (0..20).map(|_| store.append(append(&s, ExpectedVersion::Exact(round), &["Race"])));
             let results = join_all(attempts).await;
             let winners = results.iter().filter(|r| r.is_ok()).count();
             assert_eq!(winners, 1, "{name}: round {round}");
-            assert!(
-                results
-                    .iter()
-                    .all(|r| matches!(r, Ok(_) | Err(StoreError::Conflict { .. })))
-            );
+            assert!(results.iter().all(|r| matches!(r, Ok(_) | Err(StoreError::Conflict { .. }))));
         }
-        let versions: Vec<u64> = store
-            .read_stream(&s, StreamRange::all())
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.version)
-            .collect();
+        let versions: Vec<u64> =
+            store.read_stream(&s, StreamRange::all()).await.unwrap().iter().map(|e| e.version).collect();
         assert_eq!(versions, (1..=11).collect::<Vec<_>>(), "{name}");
         store.close().await;
     }
@@ -252,11 +150,7 @@ async fn concurrent_appends_to_many_streams_keep_the_global_log_gap_free() {
             tokio::spawn(async move {
                 let s = StreamId::new("t", format!("s{i}"));
                 for _ in 0..10 {
-                    appended(
-                        store
-                            .append(append(&s, ExpectedVersion::Any, &["X", "Y"]))
-                            .await,
-                    );
+                    appended(store.append(append(&s, ExpectedVersion::Any, &["X", "Y"])).await);
                 }
             })
         });
@@ -264,29 +158,13 @@ async fn concurrent_appends_to_many_streams_keep_the_global_log_gap_free() {
             writer.unwrap();
         }
         let all = store.read_all(0, 10_000).await.unwrap();
-        assert_eq!(
-            all.iter().map(|e| e.position).collect::<Vec<_>>(),
-            (1..=1000).collect::<Vec<_>>(),
-            "{name}"
-        );
+        assert_eq!(all.iter().map(|e| e.position).collect::<Vec<_>>(), (1..=1000).collect::<Vec<_>>(), "{name}");
         let page = store.read_all(990, 5).await.unwrap();
-        assert_eq!(
-            page.iter().map(|e| e.position).collect::<Vec<_>>(),
-            [991, 992, 993, 994, 995]
-        );
+        assert_eq!(page.iter().map(|e| e.position).collect::<Vec<_>>(), [991, 992, 993, 994, 995]);
         for i in 0..50 {
-            let stream = store
-                .read_stream(&StreamId::new("t", format!("s{i}")), StreamRange::all())
-                .await
-                .unwrap();
-            assert_eq!(
-                stream.iter().map(|e| e.version).collect::<Vec<_>>(),
-                (1..=20).collect::<Vec<_>>()
-            );
-            assert!(
-                stream.windows(2).all(|w| w[0].position < w[1].position),
-                "stream order follows global order"
-            );
+            let stream = store.read_stream(&StreamId::new("t", format!("s{i}")), StreamRange::all()).await.unwrap();
+            assert_eq!(stream.iter().map(|e| e.version).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+            assert!(stream.windows(2).all(|w| w[0].position < w[1].position), "stream order follows global order");
         }
         store.close().await;
     }
@@ -300,33 +178,16 @@ async fn payload_limit_and_unicode() {
         let filler = "é".repeat((LIMIT - 20) / 2);
         let body = format!(r#"{{"text":"{filler}"}}"#);
         assert!(body.len() <= LIMIT);
-        at_limit.events.push(EventData {
-            event_type: "Größe".into(),
-            schema_version: 1,
-            data: body.clone(),
-        });
+        at_limit.events.push(EventData { event_type: "Größe".into(), schema_version: 1, data: body.clone() });
         let stored = appended(store.append(at_limit).await);
         assert_eq!(stored[0].data, body, "{name}");
         let mut over = append(&s, ExpectedVersion::Any, &[]);
-        over.events.push(EventData {
-            event_type: "Big".into(),
-            schema_version: 1,
-            data: "x".repeat(LIMIT + 1),
-        });
-        assert!(
-            matches!(
-                store.append(over).await,
-                Err(StoreError::PayloadTooLarge { .. })
-            ),
-            "{name}"
-        );
+        over.events.push(EventData { event_type: "Big".into(), schema_version: 1, data: "x".repeat(LIMIT + 1) });
+        assert!(matches!(store.append(over).await, Err(StoreError::PayloadTooLarge { .. })), "{name}");
         let read = store.read_stream(&s, StreamRange::all()).await.unwrap();
         assert_eq!(read.len(), 1);
         assert_eq!(
-            (
-                read[0].stream.aggregate_type.as_str(),
-                read[0].stream.aggregate_id.as_str()
-            ),
+            (read[0].stream.aggregate_type.as_str(), read[0].stream.aggregate_id.as_str()),
             ("tipo-ñ", "聚合-🦀")
         );
         assert_eq!(read[0].event_type, "Größe");

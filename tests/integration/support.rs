@@ -23,10 +23,7 @@ impl Sandbox {
     /// A plugins directory holding the bank module.
     pub fn with_bank() -> Self {
         let sandbox = Self::empty();
-        sandbox.add_plugin(
-            "bank.wasm",
-            &std::fs::read(wasm("bank")).expect("bank.wasm built by build.rs"),
-        );
+        sandbox.add_plugin("bank.wasm", &std::fs::read(wasm("bank")).expect("bank.wasm built by build.rs"));
         sandbox
     }
 
@@ -45,10 +42,8 @@ impl Sandbox {
     }
 
     pub fn config(&self) -> RuntimeConfig {
-        let mut config = RuntimeConfig::new(
-            self.plugins(),
-            format!("sqlite://{}", self.dir.path().join("events.db").display()),
-        );
+        let mut config =
+            RuntimeConfig::new(self.plugins(), format!("sqlite://{}", self.dir.path().join("events.db").display()));
         // Compile each module once per test run, not once per test.
         config.cache_dir = Path::new(env!("ORCHESTRIX_TEST_WASM_DIR")).join("precompiled");
         config.max_body_bytes = 64 * 1024;
@@ -73,72 +68,40 @@ pub struct TestHost {
 impl TestHost {
     pub async fn start(config: RuntimeConfig) -> Self {
         let runtime = Runtime::start(config).await.expect("host starts");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (shutdown, signal) = oneshot::channel::<()>();
         let server = tokio::spawn(runtime.serve(listener, async {
             let _ = signal.await;
         }));
         let client = reqwest::Client::new();
-        let mut host = Self {
-            url,
-            client,
-            modules: Value::Null,
-            shutdown: Some(shutdown),
-            server: Some(server),
-        };
+        let mut host = Self { url, client, modules: Value::Null, shutdown: Some(shutdown), server: Some(server) };
         host.modules = host.get("/v1/modules").await.1;
         host
     }
 
     /// POST a command; returns the status and JSON body.
-    pub async fn command(
-        &self,
-        path: &str,
-        body: &str,
-        headers: &[(&str, &str)],
-    ) -> (StatusCode, Value) {
-        let mut request = self
-            .client
-            .post(format!("{}{path}", self.url))
-            .body(body.to_owned());
+    pub async fn command(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+        let mut request = self.client.post(format!("{}{path}", self.url)).body(body.to_owned());
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
         let response = request.send().await.expect("request");
         let status = response.status();
         let text = response.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     /// POST to an account command with no headers.
     pub async fn account(&self, id: &str, command: &str, body: &str) -> (StatusCode, Value) {
-        self.command(
-            &format!("/v1/aggregates/account/{id}/commands/{command}"),
-            body,
-            &[],
-        )
-        .await
+        self.command(&format!("/v1/aggregates/account/{id}/commands/{command}"), body, &[]).await
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .expect("request");
+        let response = self.client.get(format!("{}{path}", self.url)).send().await.expect("request");
         let status = response.status();
         let text = response.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     /// Every event in the global log.
@@ -160,10 +123,7 @@ impl TestHost {
             let _ = shutdown.send(());
         }
         if let Some(server) = self.server.take() {
-            server
-                .await
-                .expect("server task")
-                .expect("server stops cleanly");
+            server.await.expect("server task").expect("server stops cleanly");
         }
     }
 }

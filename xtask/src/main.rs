@@ -24,9 +24,7 @@ fn main() -> Result<()> {
         "run" => {
             dist(&root)?;
             let mut serve = Command::new(root.join("target/release/orchestrix"));
-            serve
-                .args(["serve", "--plugins", "target/plugins"])
-                .args(&rest);
+            serve.args(["serve", "--plugins", "target/plugins"]).args(&rest);
             run(&mut serve)
         }
         "test" => test(),
@@ -34,9 +32,7 @@ fn main() -> Result<()> {
         "bench" => {
             dist(&root)?;
             let mut bench = Command::new(root.join("target/release/orchestrix"));
-            bench
-                .args(["bench", "--plugins", "target/plugins"])
-                .args(&rest);
+            bench.args(["bench", "--plugins", "target/plugins"]).args(&rest);
             run(&mut bench)
         }
         _ => {
@@ -48,20 +44,13 @@ fn main() -> Result<()> {
                  dist    build target/release/orchestrix and target/plugins/*.wasm\n  \
                  bench   dist, then `orchestrix bench` (try `cargo xtask bench --help`)"
             );
-            if task.is_empty() || task == "help" || task == "--help" {
-                Ok(())
-            } else {
-                bail!("unknown task `{task}`")
-            }
+            if task.is_empty() || task == "help" || task == "--help" { Ok(()) } else { bail!("unknown task `{task}`") }
         }
     }
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -70,9 +59,7 @@ fn cargo() -> Command {
 
 fn run(command: &mut Command) -> Result<()> {
     eprintln!("$ {}", describe(command));
-    let status = command
-        .status()
-        .with_context(|| format!("cannot start {}", describe(command)))?;
+    let status = command.status().with_context(|| format!("cannot start {}", describe(command)))?;
     if !status.success() {
         bail!("`{}` failed: {status}", describe(command));
     }
@@ -92,10 +79,7 @@ fn ensure_wasm_target() -> Result<()> {
         .args(["target", "list", "--installed"])
         .output()
         .context("rustup is needed to install the wasm32-wasip2 target")?;
-    if !String::from_utf8_lossy(&installed.stdout)
-        .lines()
-        .any(|line| line.trim() == WASM_TARGET)
-    {
+    if !String::from_utf8_lossy(&installed.stdout).lines().any(|line| line.trim() == WASM_TARGET) {
         run(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
     }
     Ok(())
@@ -112,11 +96,7 @@ fn plugin_packages(root: &Path) -> Result<Vec<String>> {
         let text = std::fs::read_to_string(&manifest)?;
         let name = text
             .lines()
-            .find_map(|line| {
-                line.trim()
-                    .strip_prefix("name = ")
-                    .map(|v| v.trim_matches('"').to_owned())
-            })
+            .find_map(|line| line.trim().strip_prefix("name = ").map(|v| v.trim_matches('"').to_owned()))
             .with_context(|| format!("no package name in {}", manifest.display()))?;
         names.push(name);
     }
@@ -127,14 +107,7 @@ fn plugin_packages(root: &Path) -> Result<Vec<String>> {
 fn test() -> Result<()> {
     ensure_wasm_target()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    run(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(cargo().args(["test", "--workspace"]))
 }
 
@@ -142,15 +115,7 @@ fn dist(root: &Path) -> Result<()> {
     ensure_wasm_target()?;
     let plugins = plugin_packages(root)?;
     let mut build = cargo();
-    build.args([
-        "build",
-        "--target",
-        WASM_TARGET,
-        "--profile",
-        "wasm",
-        "--target-dir",
-        "target/wasm-build",
-    ]);
+    build.args(["build", "--target", WASM_TARGET, "--profile", "wasm", "--target-dir", "target/wasm-build"]);
     for name in &plugins {
         build.args(["-p", name]);
     }
@@ -160,17 +125,9 @@ fn dist(root: &Path) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     for name in &plugins {
         let file = format!("{}.wasm", name.replace('-', "_"));
-        let from = root
-            .join("target/wasm-build")
-            .join(WASM_TARGET)
-            .join("wasm")
-            .join(&file);
-        std::fs::copy(&from, out.join(&file))
-            .with_context(|| format!("copying {}", from.display()))?;
+        let from = root.join("target/wasm-build").join(WASM_TARGET).join("wasm").join(&file);
+        std::fs::copy(&from, out.join(&file)).with_context(|| format!("copying {}", from.display()))?;
     }
-    eprintln!(
-        "dist: target/release/orchestrix and {} plugin(s) in target/plugins",
-        plugins.len()
-    );
+    eprintln!("dist: target/release/orchestrix and {} plugin(s) in target/plugins", plugins.len());
     Ok(())
 }

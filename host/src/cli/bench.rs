@@ -62,21 +62,13 @@ impl RunResult {
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
-    let mode = if args.mode == Mode::Http {
-        "http"
-    } else {
-        "pipeline"
-    };
+    let mode = if args.mode == Mode::Http { "http" } else { "pipeline" };
     println!(
         "bench: deposits over {} accounts, {} s per run, {} runs, mode {mode}, store {}",
         args.accounts,
         args.seconds,
         args.runs,
-        if args.host.no_fsync {
-            "sqlite (no fsync)"
-        } else {
-            "sqlite (fsync every commit)"
-        }
+        if args.host.no_fsync { "sqlite (no fsync)" } else { "sqlite (fsync every commit)" }
     );
     for &clients in &args.clients {
         let mut results = Vec::new();
@@ -104,31 +96,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 }
 
 async fn one_run(args: &BenchArgs, clients: usize) -> Result<RunResult> {
-    let dir = std::env::temp_dir().join(format!(
-        "orchestrix-bench-{}-{}",
-        std::process::id(),
-        uuid::Uuid::now_v7()
-    ));
+    let dir = std::env::temp_dir().join(format!("orchestrix-bench-{}-{}", std::process::id(), uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir)?;
     let mut host = args.host.clone();
     host.store = format!("sqlite://{}", dir.join("bench.db").display());
-    let runtime = Runtime::start(host.config())
-        .await
-        .context("starting the host")?;
+    let runtime = Runtime::start(host.config()).await.context("starting the host")?;
     if runtime.commands.modules().route("account").is_none() {
-        bail!(
-            "the bank module is not in {}: build the plugins first (cargo xtask dist)",
-            host.plugins.display()
-        );
+        bail!("the bank module is not in {}: build the plugins first (cargo xtask dist)", host.plugins.display());
     }
     let service = runtime.commands.clone();
     for account in 0..args.accounts {
         service
-            .execute(command(
-                account,
-                "OpenAccount",
-                r#"{"owner":"bench","initial_balance":0}"#.into(),
-            ))
+            .execute(command(account, "OpenAccount", r#"{"owner":"bench","initial_balance":0}"#.into()))
             .await
             .context("opening the bench accounts")?;
     }
@@ -139,9 +118,7 @@ async fn one_run(args: &BenchArgs, clients: usize) -> Result<RunResult> {
             let url = format!("http://{}", listener.local_addr()?);
             let router = runtime.router();
             let server = tokio::spawn(async move { axum::serve(listener, router).await });
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(clients)
-                .build()?;
+            let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
             let result = drive(clients, args, Driver::Http { client, url }).await;
             server.abort();
             result?
@@ -172,35 +149,24 @@ fn command(account: usize, command_type: &str, payload: String) -> CommandReques
 #[derive(Clone)]
 enum Driver {
     Pipeline(Arc<CommandService>),
-    Http {
-        client: reqwest::Client,
-        url: String,
-    },
+    Http { client: reqwest::Client, url: String },
 }
 
 impl Driver {
     async fn deposit(&self, account: usize) -> Result<()> {
         match self {
             Driver::Pipeline(service) => {
-                service
-                    .execute(command(account, "DepositMoney", r#"{"amount":1}"#.into()))
-                    .await?;
+                service.execute(command(account, "DepositMoney", r#"{"amount":1}"#.into())).await?;
             }
             Driver::Http { client, url } => {
                 let response = client
-                    .post(format!(
-                        "{url}/v1/aggregates/account/bench-{account}/commands/DepositMoney"
-                    ))
+                    .post(format!("{url}/v1/aggregates/account/bench-{account}/commands/DepositMoney"))
                     .header("content-type", "application/json")
                     .body(r#"{"amount":1}"#)
                     .send()
                     .await?;
                 if !response.status().is_success() {
-                    bail!(
-                        "deposit failed: {} {}",
-                        response.status(),
-                        response.text().await.unwrap_or_default()
-                    );
+                    bail!("deposit failed: {} {}", response.status(), response.text().await.unwrap_or_default());
                 }
             }
         }
@@ -225,9 +191,7 @@ async fn drive(clients: usize, args: &BenchArgs, driver: Driver) -> Result<RunRe
                 if now >= start + warmup + measured {
                     break;
                 }
-                seed = seed
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
                 let account = ((seed >> 33) as usize) % accounts;
                 driver.deposit(account).await?;
                 if now >= start + warmup {
@@ -245,9 +209,5 @@ async fn drive(clients: usize, args: &BenchArgs, driver: Driver) -> Result<RunRe
     if latencies_us.is_empty() {
         bail!("no command completed in the measured window");
     }
-    Ok(RunResult {
-        commands: latencies_us.len(),
-        elapsed: measured,
-        latencies_us,
-    })
+    Ok(RunResult { commands: latencies_us.len(), elapsed: measured, latencies_us })
 }

@@ -75,6 +75,10 @@ async fn print_response(response: reqwest::Response) -> Result<()> {
     Ok(())
 }
 
+async fn get_and_print(url: &str) -> Result<()> {
+    print_response(client().get(url).send().await.with_context(|| format!("cannot reach {url}"))?).await
+}
+
 pub async fn send(args: SendArgs) -> Result<()> {
     let url = format!(
         "{}/v1/aggregates/{}/{}/commands/{}",
@@ -83,10 +87,7 @@ pub async fn send(args: SendArgs) -> Result<()> {
         args.aggregate_id,
         args.command
     );
-    let mut request = client()
-        .post(&url)
-        .header("content-type", "application/json")
-        .body(args.body);
+    let mut request = client().post(&url).header("content-type", "application/json").body(args.body);
     if let Some(version) = args.expected_version {
         request = request.header("if-match", version.to_string());
     }
@@ -96,13 +97,7 @@ pub async fn send(args: SendArgs) -> Result<()> {
     if let Some(id) = args.correlation_id {
         request = request.header("x-correlation-id", id);
     }
-    print_response(
-        request
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {url}"))?,
-    )
-    .await
+    print_response(request.send().await.with_context(|| format!("cannot reach {url}"))?).await
 }
 
 pub async fn events(args: EventsArgs) -> Result<()> {
@@ -112,24 +107,10 @@ pub async fn events(args: EventsArgs) -> Result<()> {
         (None, None) => format!("{base}/v1/events?after={}&limit={}", args.after, args.limit),
         _ => bail!("give both an aggregate type and an id, or neither for the global log"),
     };
-    print_response(
-        client()
-            .get(&url)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {url}"))?,
-    )
-    .await
+    get_and_print(&url).await
 }
 
 pub async fn modules(args: ModulesArgs) -> Result<()> {
     let url = format!("{}/v1/modules", args.target.url.trim_end_matches('/'));
-    print_response(
-        client()
-            .get(&url)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {url}"))?,
-    )
-    .await
+    get_and_print(&url).await
 }

@@ -57,8 +57,7 @@ impl ModuleSet {
         }
         let module = Arc::new(module);
         for aggregate in &module.manifest.aggregates {
-            self.by_aggregate
-                .insert(aggregate.name.clone(), module.clone());
+            self.by_aggregate.insert(aggregate.name.clone(), module.clone());
         }
         self.by_name.insert(module.name.clone(), module);
         Ok(())
@@ -85,11 +84,7 @@ pub fn load_plugins_dir(
     let mut failures = Vec::new();
     for file in files {
         let result = load_file(sandbox, &file, cache_dir, metrics).and_then(|module| {
-            let summary = (
-                module.name.clone(),
-                module.version.clone(),
-                module.content_hash.clone(),
-            );
+            let summary = (module.name.clone(), module.version.clone(), module.content_hash.clone());
             set.insert(module).map(|()| summary)
         });
         match result {
@@ -105,23 +100,12 @@ pub fn load_plugins_dir(
     Ok((set, failures))
 }
 
-fn load_file(
-    sandbox: &Sandbox,
-    file: &Path,
-    cache_dir: &Path,
-    metrics: &Metrics,
-) -> Result<GuestModule, String> {
+fn load_file(sandbox: &Sandbox, file: &Path, cache_dir: &Path, metrics: &Metrics) -> Result<GuestModule, String> {
     let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
     check_component_header(&bytes)?;
     let content_hash = hex::encode(Sha256::digest(&bytes));
     let component = compile_cached(sandbox, &bytes, &content_hash, cache_dir)?;
-    prepare_module(
-        sandbox,
-        &component,
-        file.to_path_buf(),
-        content_hash,
-        metrics.clone(),
-    )
+    prepare_module(sandbox, &component, file.to_path_buf(), content_hash, metrics.clone())
 }
 
 /// Explain the two most common wrong files before wasmtime does, tersely.
@@ -130,22 +114,14 @@ fn check_component_header(bytes: &[u8]) -> Result<(), String> {
         return Err("not a WebAssembly file (missing the \\0asm header)".into());
     }
     if bytes[4..8] == [1, 0, 0, 0] {
-        return Err(
-            "is a core WebAssembly module, not a component: build it with `--target wasm32-wasip2`"
-                .into(),
-        );
+        return Err("is a core WebAssembly module, not a component: build it with `--target wasm32-wasip2`".into());
     }
     Ok(())
 }
 
 /// Compile a component, or load its precompiled artifact when the cache has
 /// one for this content hash, wasmtime version and engine configuration.
-fn compile_cached(
-    sandbox: &Sandbox,
-    bytes: &[u8],
-    content_hash: &str,
-    cache_dir: &Path,
-) -> Result<Component, String> {
+fn compile_cached(sandbox: &Sandbox, bytes: &[u8], content_hash: &str, cache_dir: &Path) -> Result<Component, String> {
     let artifact = cache_dir.join(format!("{content_hash}-{}.cwasm", sandbox.artifact_key()));
     if artifact.is_file() {
         // SAFETY: the artifact was written by `Component::serialize` of this
@@ -159,13 +135,11 @@ fn compile_cached(
             }
         }
     }
-    let component =
-        Component::new(sandbox.engine(), bytes).map_err(|e| format!("invalid component: {e:#}"))?;
+    let component = Component::new(sandbox.engine(), bytes).map_err(|e| format!("invalid component: {e:#}"))?;
     match component.serialize() {
         Ok(serialized) => {
             let temporary = artifact.with_extension(format!("tmp-{}", uuid::Uuid::now_v7()));
-            let written = std::fs::write(&temporary, serialized)
-                .and_then(|()| std::fs::rename(&temporary, &artifact));
+            let written = std::fs::write(&temporary, serialized).and_then(|()| std::fs::rename(&temporary, &artifact));
             if let Err(error) = written {
                 tracing::warn!(artifact = %artifact.display(), %error, "cannot write precompiled artifact");
                 let _ = std::fs::remove_file(&temporary);

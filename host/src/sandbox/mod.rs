@@ -48,11 +48,7 @@ pub struct SandboxLimits {
 
 impl Default for SandboxLimits {
     fn default() -> Self {
-        Self {
-            call_deadline: Duration::from_millis(100),
-            max_memory_bytes: 64 << 20,
-            idle_instances: 8,
-        }
+        Self { call_deadline: Duration::from_millis(100), max_memory_bytes: 64 << 20, idle_instances: 8 }
     }
 }
 
@@ -86,8 +82,7 @@ impl Sandbox {
         let engine = Engine::new(&config).map_err(|e| SandboxError::Engine(e.to_string()))?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-            .map_err(|e| SandboxError::Engine(e.to_string()))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| SandboxError::Engine(e.to_string()))?;
         bindings::Module::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |state| state)
             .map_err(|e| SandboxError::Engine(e.to_string()))?;
 
@@ -104,12 +99,7 @@ impl Sandbox {
             })
             .map_err(|e| SandboxError::Engine(format!("cannot start the epoch ticker: {e}")))?;
 
-        Ok(Self {
-            engine,
-            linker,
-            limits,
-            ticker_stop,
-        })
+        Ok(Self { engine, linker, limits, ticker_stop })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -122,9 +112,7 @@ impl Sandbox {
     pub fn artifact_key(&self) -> String {
         use std::hash::{DefaultHasher, Hash, Hasher};
         let mut hasher = DefaultHasher::new();
-        self.engine
-            .precompile_compatibility_hash()
-            .hash(&mut hasher);
+        self.engine.precompile_compatibility_hash().hash(&mut hasher);
         format!("engine-{:016x}", hasher.finish())
     }
 
@@ -149,20 +137,12 @@ pub struct GuestState {
 
 impl WasiView for GuestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
 impl bindings::orchestrix::domain::log::Host for GuestState {
-    fn log(
-        &mut self,
-        level: bindings::orchestrix::domain::log::Level,
-        message: String,
-        fields: Vec<(String, String)>,
-    ) {
+    fn log(&mut self, level: bindings::orchestrix::domain::log::Level, message: String, fields: Vec<(String, String)>) {
         use bindings::orchestrix::domain::log::Level;
         let module = &*self.module;
         match level {
@@ -272,8 +252,7 @@ impl GuestModule {
         instance.store.set_epoch_deadline(self.deadline_ticks);
         let started = Instant::now();
         let result = call(&instance.bindings, &mut instance.store);
-        self.metrics
-            .observe_wasm_call(&self.name, function, started.elapsed());
+        self.metrics.observe_wasm_call(&self.name, function, started.elapsed());
         match result {
             Ok(value) => {
                 let mut idle = self.idle.lock();
@@ -282,11 +261,9 @@ impl GuestModule {
                 }
                 Ok(value)
             }
-            Err(error) => Err(GuestFailure {
-                module: self.name.clone(),
-                function,
-                reason: describe_trap(&error, &self.limits),
-            }),
+            Err(error) => {
+                Err(GuestFailure { module: self.name.clone(), function, reason: describe_trap(&error, &self.limits) })
+            }
         }
     }
 
@@ -297,8 +274,7 @@ impl GuestModule {
         command: &Command,
     ) -> Result<Result<Vec<NewEvent>, DomainError>, GuestFailure> {
         self.call("handle", |b, store| {
-            b.orchestrix_domain_aggregate()
-                .call_handle(store, aggregate_type, state, command)
+            b.orchestrix_domain_aggregate().call_handle(store, aggregate_type, state, command)
         })
     }
 
@@ -308,10 +284,7 @@ impl GuestModule {
         state: &[u8],
         events: &[RecordedEvent],
     ) -> Result<Result<Vec<u8>, DomainError>, GuestFailure> {
-        self.call("apply", |b, store| {
-            b.orchestrix_domain_aggregate()
-                .call_apply(store, aggregate_type, state, events)
-        })
+        self.call("apply", |b, store| b.orchestrix_domain_aggregate().call_apply(store, aggregate_type, state, events))
     }
 
     pub fn describe_state(
@@ -320,15 +293,12 @@ impl GuestModule {
         state: &[u8],
     ) -> Result<Result<String, DomainError>, GuestFailure> {
         self.call("describe-state", |b, store| {
-            b.orchestrix_domain_aggregate()
-                .call_describe_state(store, aggregate_type, state)
+            b.orchestrix_domain_aggregate().call_describe_state(store, aggregate_type, state)
         })
     }
 
     fn manifest(&self) -> Result<ModuleManifest, GuestFailure> {
-        self.call("manifest", |b, store| {
-            b.orchestrix_domain_manifest().call_manifest(store)
-        })
+        self.call("manifest", |b, store| b.orchestrix_domain_manifest().call_manifest(store))
     }
 
     /// The manifest entry of an aggregate type this module owns.
@@ -336,29 +306,19 @@ impl GuestModule {
         &self,
         aggregate_type: &str,
     ) -> Option<&bindings::exports::orchestrix::domain::manifest::AggregateInfo> {
-        self.manifest
-            .aggregates
-            .iter()
-            .find(|a| a.name == aggregate_type)
+        self.manifest.aggregates.iter().find(|a| a.name == aggregate_type)
     }
 
     /// Current schema version of an event type (1 unless the manifest says otherwise).
     pub fn schema_version(&self, event_type: &str) -> u32 {
-        self.manifest
-            .event_schemas
-            .iter()
-            .find(|s| s.event_type == event_type)
-            .map_or(1, |s| s.version)
+        self.manifest.event_schemas.iter().find(|s| s.event_type == event_type).map_or(1, |s| s.version)
     }
 }
 
 fn describe_trap(error: &wasmtime::Error, limits: &SandboxLimits) -> String {
     match error.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => {
-            format!(
-                "call exceeded its deadline of {} ms",
-                limits.call_deadline.as_millis()
-            )
+            format!("call exceeded its deadline of {} ms", limits.call_deadline.as_millis())
         }
         Some(wasmtime::Trap::UnreachableCodeReached) => {
             format!("guest panicked or trapped: {error:#}")
@@ -367,10 +327,7 @@ fn describe_trap(error: &wasmtime::Error, limits: &SandboxLimits) -> String {
         None => {
             let text = format!("{error:#}");
             if text.contains("memory") && text.contains("grow") {
-                format!(
-                    "memory cap of {} MiB exceeded: {text}",
-                    limits.max_memory_bytes >> 20
-                )
+                format!("memory cap of {} MiB exceeded: {text}", limits.max_memory_bytes >> 20)
             } else {
                 text
             }
@@ -387,16 +344,13 @@ pub(crate) fn prepare_module(
     content_hash: String,
     metrics: Metrics,
 ) -> Result<GuestModule, String> {
-    let instance_pre: InstancePre<GuestState> = sandbox
-        .linker
-        .instantiate_pre(component)
-        .map_err(|e| format!("imports something the host does not provide (not an orchestrix:domain module?): {e:#}"))?;
+    let instance_pre: InstancePre<GuestState> = sandbox.linker.instantiate_pre(component).map_err(|e| {
+        format!("imports something the host does not provide (not an orchestrix:domain module?): {e:#}")
+    })?;
     let pre = bindings::ModulePre::new(instance_pre)
         .map_err(|e| format!("does not implement the orchestrix:domain/module world: {e:#}"))?;
     // Until the manifest names it, the module logs under its file name.
-    let file_name = file
-        .file_name()
-        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let file_name = file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     let mut module = GuestModule {
         name: file_name,
         version: String::new(),

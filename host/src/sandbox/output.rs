@@ -21,10 +21,7 @@ pub(super) struct GuestOutput {
 
 impl GuestOutput {
     pub(super) fn new(module: &str, stream: &'static str) -> Self {
-        Self {
-            module: Arc::from(module),
-            stream,
-        }
+        Self { module: Arc::from(module), stream }
     }
 
     fn emit(&self, bytes: &[u8]) {
@@ -72,11 +69,7 @@ impl Pollable for GuestOutput {
 }
 
 impl AsyncWrite for GuestOutput {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         self.emit(buf);
         Poll::Ready(Ok(buf.len()))
     }

@@ -28,10 +28,7 @@ pub struct StreamId {
 
 impl StreamId {
     pub fn new(aggregate_type: impl Into<String>, aggregate_id: impl Into<String>) -> Self {
-        Self {
-            aggregate_type: aggregate_type.into(),
-            aggregate_id: aggregate_id.into(),
-        }
+        Self { aggregate_type: aggregate_type.into(), aggregate_id: aggregate_id.into() }
     }
 }
 
@@ -152,31 +149,19 @@ pub struct StreamRange {
 impl StreamRange {
     /// The whole stream.
     pub fn all() -> Self {
-        Self {
-            from_version: 1,
-            to_version: None,
-            until: None,
-        }
+        Self { from_version: 1, to_version: None, until: None }
     }
 
     /// Everything after `version`.
     pub fn after(version: u64) -> Self {
-        Self {
-            from_version: version + 1,
-            to_version: None,
-            until: None,
-        }
+        Self { from_version: version + 1, to_version: None, until: None }
     }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("version conflict on {stream}: expected {expected}, stream is at {actual}")]
-    Conflict {
-        stream: StreamId,
-        expected: ExpectedVersion,
-        actual: u64,
-    },
+    Conflict { stream: StreamId, expected: ExpectedVersion, actual: u64 },
     #[error("event payload of {size} bytes exceeds the limit of {limit} bytes")]
     PayloadTooLarge { size: usize, limit: usize },
     #[error("command id `{0}` was already used for a different stream")]
@@ -195,11 +180,7 @@ pub trait EventStore: Send + Sync + 'static {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError>;
 
     /// Read one stream, in version order.
-    async fn read_stream(
-        &self,
-        stream: &StreamId,
-        range: StreamRange,
-    ) -> Result<Vec<StoredEvent>, StoreError>;
+    async fn read_stream(&self, stream: &StreamId, range: StreamRange) -> Result<Vec<StoredEvent>, StoreError>;
 
     /// Read the global log after `position`, in position order.
     async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;

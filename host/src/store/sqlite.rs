@@ -15,17 +15,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{
-    AppendOutcome, AppendRequest, CommandRecord, EventStore, StoreError, StoredEvent, StreamId,
-    StreamRange,
-};
+use super::{AppendOutcome, AppendRequest, CommandRecord, EventStore, StoreError, StoredEvent, StreamId, StreamRange};
 use crate::metrics::Metrics;
 
 /// Tuning of the SQLite backend.
@@ -56,10 +52,7 @@ impl Default for SqliteOptions {
 }
 
 enum Job {
-    Append(
-        Box<AppendRequest>,
-        oneshot::Sender<Result<AppendOutcome, StoreError>>,
-    ),
+    Append(Box<AppendRequest>, oneshot::Sender<Result<AppendOutcome, StoreError>>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -82,27 +75,17 @@ impl SqliteStore {
     /// Open (creating if needed) the database at `url` (`sqlite://path` or
     /// `sqlite::memory:` is not supported: the log must be durable) and
     /// apply the embedded migrations.
-    pub async fn open(
-        url: &str,
-        options: SqliteOptions,
-        metrics: Metrics,
-    ) -> Result<Self, StoreError> {
+    pub async fn open(url: &str, options: SqliteOptions, metrics: Metrics) -> Result<Self, StoreError> {
         let connect = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("invalid SQLite URL `{url}`: {e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(if options.fsync_every_commit {
-                SqliteSynchronous::Full
-            } else {
-                SqliteSynchronous::Normal
-            })
+            .synchronous(if options.fsync_every_commit { SqliteSynchronous::Full } else { SqliteSynchronous::Normal })
             .busy_timeout(Duration::from_secs(5))
             // Statement journals of multi-row INSERTs stay in memory
             // instead of a temporary file written on every commit.
             .pragma("temp_store", "memory");
-        let mut writer = SqliteConnection::connect_with(&connect)
-            .await
-            .map_err(unavailable)?;
+        let mut writer = SqliteConnection::connect_with(&connect).await.map_err(unavailable)?;
         sqlx::migrate!("./migrations/sqlite")
             .run(&mut writer)
             .await
@@ -126,11 +109,7 @@ impl SqliteStore {
             metrics,
         };
         tokio::spawn(state.run(queue));
-        Ok(Self {
-            jobs,
-            reads,
-            max_event_bytes: options.max_event_bytes,
-        })
+        Ok(Self { jobs, reads, max_event_bytes: options.max_event_bytes })
     }
 }
 
@@ -141,34 +120,17 @@ fn unavailable(error: sqlx::Error) -> StoreError {
 #[async_trait::async_trait]
 impl EventStore for SqliteStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        if let Some(size) = request
-            .events
-            .iter()
-            .map(|e| e.data.len())
-            .find(|size| *size > self.max_event_bytes)
-        {
-            return Err(StoreError::PayloadTooLarge {
-                size,
-                limit: self.max_event_bytes,
-            });
+        if let Some(size) = request.events.iter().map(|e| e.data.len()).find(|size| *size > self.max_event_bytes) {
+            return Err(StoreError::PayloadTooLarge { size, limit: self.max_event_bytes });
         }
         let (reply, outcome) = oneshot::channel();
-        self.jobs
-            .send(Job::Append(Box::new(request), reply))
-            .await
-            .map_err(|_| StoreError::ShuttingDown)?;
+        self.jobs.send(Job::Append(Box::new(request), reply)).await.map_err(|_| StoreError::ShuttingDown)?;
         outcome.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
-    async fn read_stream(
-        &self,
-        stream: &StreamId,
-        range: StreamRange,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn read_stream(&self, stream: &StreamId, range: StreamRange) -> Result<Vec<StoredEvent>, StoreError> {
         let until = range.until.map_or(i64::MAX, |t| t.timestamp_micros());
-        let to = range
-            .to_version
-            .map_or(i64::MAX, |v| v.min(i64::MAX as u64) as i64);
+        let to = range.to_version.map_or(i64::MAX, |v| v.min(i64::MAX as u64) as i64);
         let rows = sqlx::query(concat!(
             "SELECT ",
             columns!(),
@@ -187,16 +149,13 @@ impl EventStore for SqliteStore {
     }
 
     async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM events WHERE position > ? ORDER BY position LIMIT ?"
-        ))
-        .bind(after.min(i64::MAX as u64) as i64)
-        .bind(limit.min(i64::MAX as usize) as i64)
-        .fetch_all(&self.reads)
-        .await
-        .map_err(unavailable)?;
+        let rows =
+            sqlx::query(concat!("SELECT ", columns!(), " FROM events WHERE position > ? ORDER BY position LIMIT ?"))
+                .bind(after.min(i64::MAX as u64) as i64)
+                .bind(limit.min(i64::MAX as usize) as i64)
+                .fetch_all(&self.reads)
+                .await
+                .map_err(unavailable)?;
         rows.iter().map(decode_event).collect()
     }
 
@@ -226,19 +185,12 @@ fn decode_event(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
     let time_us: i64 = row.get("time_us");
     Ok(StoredEvent {
         position: row.get::<i64, _>("position") as u64,
-        stream: StreamId::new(
-            row.get::<String, _>("aggregate_type"),
-            row.get::<String, _>("aggregate_id"),
-        ),
+        stream: StreamId::new(row.get::<String, _>("aggregate_type"), row.get::<String, _>("aggregate_id")),
         version: row.get::<i64, _>("version") as u64,
-        id: Uuid::parse_str(&event_id)
-            .map_err(|e| StoreError::Unavailable(format!("corrupt event id: {e}")))?,
+        id: Uuid::parse_str(&event_id).map_err(|e| StoreError::Unavailable(format!("corrupt event id: {e}")))?,
         event_type: row.get("event_type"),
         schema_version: row.get::<i64, _>("schema_version") as u32,
-        time: Utc
-            .timestamp_micros(time_us)
-            .single()
-            .unwrap_or(DateTime::<Utc>::MIN_UTC),
+        time: Utc.timestamp_micros(time_us).single().unwrap_or(DateTime::<Utc>::MIN_UTC),
         data: row.get("data"),
         correlation_id: row.get("correlation_id"),
         causation_id: row.get("causation_id"),
@@ -250,10 +202,7 @@ fn decode_event(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
 fn decode_command(row: &SqliteRow) -> CommandRecord {
     CommandRecord {
         command_id: row.get("command_id"),
-        stream: StreamId::new(
-            row.get::<String, _>("aggregate_type"),
-            row.get::<String, _>("aggregate_id"),
-        ),
+        stream: StreamId::new(row.get::<String, _>("aggregate_type"), row.get::<String, _>("aggregate_id")),
         first_position: row.get::<i64, _>("first_position") as u64,
         last_position: row.get::<i64, _>("last_position") as u64,
         version: row.get::<i64, _>("version") as u64,
@@ -308,9 +257,7 @@ impl Writer {
                         let _ = reply.send(Err(StoreError::ShuttingDown));
                     }
                 }
-                let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                    .execute(&mut self.connection)
-                    .await;
+                let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut self.connection).await;
                 let _ = self.connection.close().await;
                 let _ = done.send(());
                 return;
@@ -336,10 +283,7 @@ impl Writer {
         Ok(version as u64)
     }
 
-    async fn existing_command(
-        &mut self,
-        command_id: &str,
-    ) -> Result<Option<CommandRecord>, sqlx::Error> {
+    async fn existing_command(&mut self, command_id: &str) -> Result<Option<CommandRecord>, sqlx::Error> {
         let row = sqlx::query(
             "SELECT command_id, aggregate_type, aggregate_id, first_position, last_position, version \
              FROM commands WHERE command_id = ?",
@@ -350,18 +294,9 @@ impl Writer {
         Ok(row.map(|row| decode_command(&row)))
     }
 
-    async fn commit_batch(
-        &mut self,
-        batch: Vec<(
-            AppendRequest,
-            oneshot::Sender<Result<AppendOutcome, StoreError>>,
-        )>,
-    ) {
+    async fn commit_batch(&mut self, batch: Vec<(AppendRequest, oneshot::Sender<Result<AppendOutcome, StoreError>>)>) {
         let time = Utc::now();
-        let time = Utc
-            .timestamp_micros(time.timestamp_micros())
-            .single()
-            .unwrap_or(time);
+        let time = Utc.timestamp_micros(time.timestamp_micros()).single().unwrap_or(time);
         let mut accepted: Vec<Accepted> = Vec::with_capacity(batch.len());
         // Versions as this batch leaves them, before they are committed.
         let mut pending: HashMap<StreamId, u64> = HashMap::new();
@@ -409,11 +344,7 @@ impl Writer {
             if let Some(id) = &request.command_id {
                 batch_command_ids.insert(id.clone());
             }
-            accepted.push(Accepted {
-                events,
-                command_id: request.command_id,
-                reply,
-            });
+            accepted.push(Accepted { events, command_id: request.command_id, reply });
         }
         if accepted.is_empty() {
             return;
@@ -427,22 +358,18 @@ impl Writer {
                     self.versions.clear();
                 }
                 self.versions.extend(pending);
-                self.metrics
-                    .observe_batch(accepted.len(), commit_started.elapsed());
+                self.metrics.observe_batch(accepted.len(), commit_started.elapsed());
                 for append in accepted {
-                    let _ = append
-                        .reply
-                        .send(Ok(AppendOutcome::Appended(append.events)));
+                    let _ = append.reply.send(Ok(AppendOutcome::Appended(append.events)));
                 }
             }
             Err(error) => {
                 tracing::error!(%error, "group commit failed; no append of the batch was written");
                 // Positions and versions are re-read from the database next time.
                 self.versions.clear();
-                if let Ok(head) =
-                    sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(position), 0) FROM events")
-                        .fetch_one(&mut self.connection)
-                        .await
+                if let Ok(head) = sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(position), 0) FROM events")
+                    .fetch_one(&mut self.connection)
+                    .await
                 {
                     self.head = head as u64;
                 }
@@ -473,10 +400,7 @@ impl Writer {
         }
         let current = match pending.get(&request.stream) {
             Some(version) => *version,
-            None => self
-                .current_version(&request.stream)
-                .await
-                .map_err(unavailable)?,
+            None => self.current_version(&request.stream).await.map_err(unavailable)?,
         };
         if !request.expected.admits(current) {
             return Err(StoreError::Conflict {
@@ -532,11 +456,7 @@ impl Writer {
             script.push("; ");
         }
         script.push("COMMIT");
-        let result = script
-            .build()
-            .persistent(true)
-            .execute(&mut self.connection)
-            .await;
+        let result = script.build().persistent(true).execute(&mut self.connection).await;
         if result.is_err() {
             // The script stops at the failing statement; undo what it began.
             let _ = sqlx::query("ROLLBACK").execute(&mut self.connection).await;

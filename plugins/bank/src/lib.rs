@@ -66,9 +66,7 @@ fn positive(amount: i64) -> Result<(), DomainError> {
     if amount > 0 {
         Ok(())
     } else {
-        Err(DomainError::invalid(format!(
-            "amount must be greater than zero, got {amount}"
-        )))
+        Err(DomainError::invalid(format!("amount must be greater than zero, got {amount}")))
     }
 }
 
@@ -95,10 +93,7 @@ impl Aggregate for Account {
         use AccountCommand::*;
         use AccountEvent::*;
         let event = match command {
-            OpenAccount {
-                owner,
-                initial_balance,
-            } => {
+            OpenAccount { owner, initial_balance } => {
                 if self.status != Status::New {
                     return Err(DomainError::rejected("account already exists"));
                 }
@@ -110,10 +105,7 @@ impl Aggregate for Account {
                         "initial balance must not be negative, got {initial_balance}"
                     )));
                 }
-                AccountOpened {
-                    owner,
-                    initial_balance,
-                }
+                AccountOpened { owner, initial_balance }
             }
             DepositMoney { amount } => {
                 self.require(Status::Active, "deposit")?;
@@ -158,10 +150,7 @@ impl Aggregate for Account {
 
     fn apply(&mut self, event: AccountEvent) {
         match event {
-            AccountEvent::AccountOpened {
-                owner,
-                initial_balance,
-            } => {
+            AccountEvent::AccountOpened { owner, initial_balance } => {
                 self.status = Status::Active;
                 self.owner = owner;
                 self.balance = initial_balance;
@@ -197,41 +186,26 @@ mod tests {
     use orchestrix_guest::testing::given;
 
     fn opened(balance: i64) -> AccountEvent {
-        AccountOpened {
-            owner: "Ada".into(),
-            initial_balance: balance,
-        }
+        AccountOpened { owner: "Ada".into(), initial_balance: balance }
     }
 
     #[test]
     fn opens_with_zero_or_positive_balance() {
         given::<Account>([])
-            .when(OpenAccount {
-                owner: "Ada".into(),
-                initial_balance: 0,
-            })
+            .when(OpenAccount { owner: "Ada".into(), initial_balance: 0 })
             .then_expect_events([opened(0)]);
         given::<Account>([])
-            .when(OpenAccount {
-                owner: "Ada".into(),
-                initial_balance: 500,
-            })
+            .when(OpenAccount { owner: "Ada".into(), initial_balance: 500 })
             .then_expect_events([opened(500)]);
     }
 
     #[test]
     fn refuses_negative_initial_balance_and_second_open() {
         given::<Account>([])
-            .when(OpenAccount {
-                owner: "Ada".into(),
-                initial_balance: -1,
-            })
+            .when(OpenAccount { owner: "Ada".into(), initial_balance: -1 })
             .then_expect_rejection("negative");
         given::<Account>([opened(0)])
-            .when(OpenAccount {
-                owner: "Bob".into(),
-                initial_balance: 0,
-            })
+            .when(OpenAccount { owner: "Bob".into(), initial_balance: 0 })
             .then_expect_rejection("already exists");
     }
 
@@ -248,12 +222,8 @@ mod tests {
     #[test]
     fn amounts_must_be_positive() {
         for amount in [0, -5] {
-            given::<Account>([opened(100)])
-                .when(DepositMoney { amount })
-                .then_expect_invalid("greater than zero");
-            given::<Account>([opened(100)])
-                .when(WithdrawMoney { amount })
-                .then_expect_invalid("greater than zero");
+            given::<Account>([opened(100)]).when(DepositMoney { amount }).then_expect_invalid("greater than zero");
+            given::<Account>([opened(100)]).when(WithdrawMoney { amount }).then_expect_invalid("greater than zero");
         }
     }
 
@@ -266,63 +236,32 @@ mod tests {
 
     #[test]
     fn money_moves_only_while_active() {
-        let suspended = [
-            opened(100),
-            AccountSuspended {
-                reason: "audit".into(),
-            },
-        ];
-        given::<Account>(suspended.clone())
-            .when(DepositMoney { amount: 1 })
-            .then_expect_rejection("SUSPENDED");
-        given::<Account>(suspended)
-            .when(WithdrawMoney { amount: 1 })
-            .then_expect_rejection("SUSPENDED");
+        let suspended = [opened(100), AccountSuspended { reason: "audit".into() }];
+        given::<Account>(suspended.clone()).when(DepositMoney { amount: 1 }).then_expect_rejection("SUSPENDED");
+        given::<Account>(suspended).when(WithdrawMoney { amount: 1 }).then_expect_rejection("SUSPENDED");
     }
 
     #[test]
     fn suspends_only_active_and_reactivates_only_suspended() {
         given::<Account>([opened(0)])
-            .when(SuspendAccount {
-                reason: "audit".into(),
-            })
-            .then_expect_events([AccountSuspended {
-                reason: "audit".into(),
-            }]);
-        given::<Account>([
-            opened(0),
-            AccountSuspended {
-                reason: "audit".into(),
-            },
-        ])
-        .when(SuspendAccount {
-            reason: "again".into(),
-        })
-        .then_expect_rejection("must be ACTIVE");
-        given::<Account>([opened(0)])
+            .when(SuspendAccount { reason: "audit".into() })
+            .then_expect_events([AccountSuspended { reason: "audit".into() }]);
+        given::<Account>([opened(0), AccountSuspended { reason: "audit".into() }])
+            .when(SuspendAccount { reason: "again".into() })
+            .then_expect_rejection("must be ACTIVE");
+        given::<Account>([opened(0)]).when(ReactivateAccount {}).then_expect_rejection("must be SUSPENDED");
+        given::<Account>([opened(0), AccountSuspended { reason: "audit".into() }])
             .when(ReactivateAccount {})
-            .then_expect_rejection("must be SUSPENDED");
-        given::<Account>([
-            opened(0),
-            AccountSuspended {
-                reason: "audit".into(),
-            },
-        ])
-        .when(ReactivateAccount {})
-        .then_expect_events([AccountReactivated {}]);
+            .then_expect_events([AccountReactivated {}]);
     }
 
     #[test]
     fn closes_only_active_with_zero_balance_and_stays_closed() {
-        given::<Account>([opened(10)])
-            .when(CloseAccount {})
-            .then_expect_rejection("must be zero");
+        given::<Account>([opened(10)]).when(CloseAccount {}).then_expect_rejection("must be zero");
         given::<Account>([opened(0), AccountSuspended { reason: "x".into() }])
             .when(CloseAccount {})
             .then_expect_rejection("must be ACTIVE");
-        given::<Account>([opened(0)])
-            .when(CloseAccount {})
-            .then_expect_events([AccountClosed {}]);
+        given::<Account>([opened(0)]).when(CloseAccount {}).then_expect_events([AccountClosed {}]);
         let closed = [opened(0), AccountClosed {}];
         for command in [
             DepositMoney { amount: 1 },
@@ -330,17 +269,9 @@ mod tests {
             SuspendAccount { reason: "x".into() },
             ReactivateAccount {},
             CloseAccount {},
-            OpenAccount {
-                owner: "Ada".into(),
-                initial_balance: 0,
-            },
+            OpenAccount { owner: "Ada".into(), initial_balance: 0 },
         ] {
-            assert!(
-                given::<Account>(closed.clone())
-                    .when(command)
-                    .result()
-                    .is_err()
-            );
+            assert!(given::<Account>(closed.clone()).when(command).result().is_err());
         }
     }
 
@@ -353,9 +284,7 @@ mod tests {
             ReactivateAccount {},
             CloseAccount {},
         ] {
-            given::<Account>([])
-                .when(command)
-                .then_expect_rejection("does not exist");
+            given::<Account>([]).when(command).then_expect_rejection("does not exist");
         }
     }
 
@@ -367,9 +296,7 @@ mod tests {
         given::<Account>([opened(0)])
             .when_raw("DepositMoney", r#"{"amount": "ten"}"#)
             .then_expect_invalid("DepositMoney");
-        given::<Account>([opened(0)])
-            .when_raw("ReactivateAccount", "{}")
-            .then_expect_rejection("must be SUSPENDED");
+        given::<Account>([opened(0)]).when_raw("ReactivateAccount", "{}").then_expect_rejection("must be SUSPENDED");
         assert_eq!(
             given::<Account>([opened(7), MoneyDeposited { amount: 3 }]).state_json(),
             serde_json::json!({"status": "ACTIVE", "owner": "Ada", "balance": 10})

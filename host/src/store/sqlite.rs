@@ -84,7 +84,10 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5))
             // Statement journals of multi-row INSERTs stay in memory
             // instead of a temporary file written on every commit.
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // The writer checkpoints the WAL inside a commit; doing it every
+            // 10,000 pages (~40 MB) instead of 1,000 makes the stall rarer.
+            .pragma("wal_autocheckpoint", "10000");
         let mut writer = SqliteConnection::connect_with(&connect).await.map_err(unavailable)?;
         sqlx::migrate!("./migrations/sqlite")
             .run(&mut writer)

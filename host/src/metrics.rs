@@ -103,6 +103,16 @@ impl Metrics {
         self.inner.commit_seconds.observe(commit.as_secs_f64());
     }
 
+    /// Mean duration of one guest call of `function` in `module` so far.
+    pub fn mean_wasm_call(&self, module: &str, function: &str) -> Duration {
+        let histogram = self.inner.wasm_call_seconds.with_label_values(&[module, function]);
+        let count = histogram.get_sample_count();
+        if count == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(histogram.get_sample_sum() / count as f64)
+    }
+
     /// Group commits so far: how many, mean appends per commit, mean commit time.
     pub fn batch_summary(&self) -> (u64, f64, Duration) {
         let count = self.inner.append_batch_size.get_sample_count();

@@ -127,8 +127,11 @@ async fn one_run(args: &BenchArgs, clients: usize) -> Result<RunResult> {
     runtime.close().await;
     let (commits, mean_size, mean_commit) = runtime.metrics.batch_summary();
     println!(
-        "    group commits: {commits}, mean {mean_size:.1} appends per commit, mean commit {:.3} ms",
-        mean_commit.as_secs_f64() * 1000.0
+        "    group commits: {commits}, mean {mean_size:.1} appends per commit, mean commit {:.3} ms; \
+         mean wasm handle {:.1} µs, apply {:.1} µs",
+        mean_commit.as_secs_f64() * 1000.0,
+        runtime.metrics.mean_wasm_call("bank", "handle").as_secs_f64() * 1e6,
+        runtime.metrics.mean_wasm_call("bank", "apply").as_secs_f64() * 1e6,
     );
     drop(runtime);
     let _ = std::fs::remove_dir_all(PathBuf::from(&dir));

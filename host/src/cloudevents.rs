@@ -5,8 +5,6 @@ use serde_json::{Map, Value, json};
 
 use crate::store::StoredEvent;
 
-/// Media type of a single structured CloudEvent.
-pub const EVENT_CONTENT_TYPE: &str = "application/cloudevents+json";
 /// Media type of a JSON batch of CloudEvents.
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 

@@ -14,13 +14,12 @@ mod sqlite;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use uuid::Uuid;
 
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// Identity of one stream: an aggregate instance.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamId {
     pub aggregate_type: String,
     pub aggregate_id: String,

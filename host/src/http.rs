@@ -8,6 +8,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,13 +20,16 @@ use crate::cloudevents::{self, BATCH_CONTENT_TYPE};
 use crate::metrics::Metrics;
 use crate::pipeline::{CommandError, CommandRequest, CommandService};
 use crate::sandbox::LoadFailure;
-use crate::store::{StoreError, StreamId, StreamRange};
+use crate::store::{EventFilter, StoreError, StreamId, StreamRange, Subscription};
 
 /// What the handlers share.
 pub struct ApiState {
     pub commands: Arc<CommandService>,
     pub metrics: Metrics,
     pub load_failures: Vec<LoadFailure>,
+    /// Turns true when the host shuts down: open event streams end, so a
+    /// graceful shutdown does not wait for clients that never hang up.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Largest page of the global log one request may ask for.
@@ -38,6 +42,7 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .route("/v1/aggregates/{aggregate_type}/{aggregate_id}", get(aggregate_state))
         .route("/v1/aggregates/{aggregate_type}/{aggregate_id}/events", get(stream_events))
         .route("/v1/events", get(global_events))
+        .route("/v1/events/stream", get(live_events))
         .route("/v1/modules", get(modules))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
@@ -96,6 +101,7 @@ fn store_status(error: &StoreError) -> (StatusCode, &'static str) {
         StoreError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
         StoreError::CommandIdReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
         StoreError::Unavailable(_) | StoreError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+        StoreError::UnsupportedUrl(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_misconfigured"),
     }
 }
 
@@ -216,13 +222,98 @@ async fn global_events(
 ) -> Result<Response, ApiError> {
     let after = query.after.unwrap_or(0);
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_PAGE);
-    let events = state.commands.store().read_all(after, limit).await?;
+    let store = state.commands.store();
+    let head = *store.head().borrow();
+    let events = store.read_all(after, limit).await?;
     let next = events.last().map_or(after, |e| e.position);
     let mut response = batch_response(cloudevents::to_batch(&events));
-    if let Ok(value) = HeaderValue::from_str(&next.to_string()) {
-        response.headers_mut().insert("x-next-after", value);
+    for (name, value) in [("x-next-after", next), ("x-head-position", head.max(next))] {
+        response.headers_mut().insert(name, HeaderValue::from(value));
     }
     Ok(response)
+}
+
+#[derive(Deserialize)]
+struct LiveQuery {
+    after: Option<u64>,
+    /// Comma-separated event types.
+    #[serde(rename = "type")]
+    event_types: Option<String>,
+    stream_prefix: Option<String>,
+}
+
+/// What the live stream still has to do.
+enum LiveState {
+    Following(Subscription, std::collections::VecDeque<crate::store::StoredEvent>),
+    Finished,
+}
+
+/// `GET /v1/events/stream`: the global feed as Server-Sent Events, from
+/// `Last-Event-ID` (or `?after=`) on, history first, then live. Each event's
+/// `id` is its global position and its `data` a structured-mode CloudEvent.
+/// A store failure ends the stream with an `error` event; the client
+/// resumes with `Last-Event-ID`.
+async fn live_events(
+    State(state): State<Arc<ApiState>>,
+    Query(query): Query<LiveQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = match header_text(&headers, "last-event-id")?.filter(|id| !id.is_empty()) {
+        Some(id) => id.parse().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_header",
+                format!("Last-Event-ID must be a global position, got `{id}`"),
+            )
+        })?,
+        None => query.after.unwrap_or(0),
+    };
+    let filter = EventFilter {
+        event_types: query
+            .event_types
+            .iter()
+            .flat_map(|types| types.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        stream_prefix: query.stream_prefix.filter(|p| !p.is_empty()),
+    };
+    let subscription = Subscription::new(state.commands.store().clone(), after).with_filter(filter);
+    let stopping = state.stopping.clone();
+    let events = futures_util::stream::unfold(LiveState::Following(subscription, Default::default()), move |live| {
+        let mut stopping = stopping.clone();
+        async move {
+            let LiveState::Following(mut subscription, mut pending) = live else {
+                return None;
+            };
+            loop {
+                if let Some(event) = pending.pop_front() {
+                    let message = SseEvent::default()
+                        .id(event.position.to_string())
+                        .data(cloudevents::to_cloudevent(&event).to_string());
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(message),
+                        LiveState::Following(subscription, pending),
+                    ));
+                }
+                let batch = tokio::select! {
+                    batch = subscription.next_batch() => batch,
+                    _ = stopping.wait_for(|stopping| *stopping) => return None,
+                };
+                match batch {
+                    Ok(batch) => pending.extend(batch),
+                    Err(error) => {
+                        let message = SseEvent::default().event("error").data(
+                            json!({"error": {"code": "store_unavailable", "message": error.to_string()}}).to_string(),
+                        );
+                        return Some((Ok(message), LiveState::Finished));
+                    }
+                }
+            }
+        }
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
 }
 
 async fn modules(State(state): State<Arc<ApiState>>) -> Json<Value> {

@@ -4,10 +4,11 @@
 //! Code map (see ARCHITECTURE.md for the invariants):
 //! - [`sandbox`]: wasmtime engine, bindings of the `orchestrix:domain`
 //!   world, plugin loading with the precompile cache, guest calls.
-//! - [`store`]: the [`store::EventStore`] trait and its SQLite backend with
-//!   group commit.
+//! - [`store`]: the [`store::EventStore`] trait, its SQLite and PostgreSQL
+//!   backends with group commit, and feed subscriptions.
 //! - [`pipeline`]: the command path (route, load, handle, append, fold).
-//! - [`http`]: the JSON HTTP API; [`cloudevents`]: the event wire format.
+//! - [`http`]: the JSON HTTP API; [`cloudevents`]: the event wire format;
+//!   [`sse`]: the Server-Sent Events parser of the CLI's `--follow`.
 //! - [`metrics`]: Prometheus metrics; [`runtime`]: wiring it all together.
 
 pub mod cloudevents;
@@ -16,4 +17,5 @@ pub mod metrics;
 pub mod pipeline;
 pub mod runtime;
 pub mod sandbox;
+pub mod sse;
 pub mod store;

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use orchestrix_host::runtime::{Runtime, RuntimeConfig};
 use orchestrix_host::sandbox::SandboxLimits;
+use orchestrix_host::store::StoreOptions;
 
 #[derive(Parser)]
 #[command(name = "orchestrix", version, about = "Event-sourced domain modules in WebAssembly, hosted durably")]
@@ -40,7 +41,7 @@ pub struct HostArgs {
     /// Directory of module `.wasm` files.
     #[arg(long, env = "ORCHESTRIX_PLUGINS", default_value = "plugins")]
     plugins: PathBuf,
-    /// Event store URL: `sqlite://PATH`.
+    /// Event store URL: `sqlite://PATH` or `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`.
     #[arg(long, env = "ORCHESTRIX_STORE", default_value = "sqlite://orchestrix.db")]
     store: String,
     /// Directory for precompiled modules [default: PLUGINS/.orchestrix-cache].
@@ -55,9 +56,21 @@ pub struct HostArgs {
     /// Memory cap of one guest instance, in MiB.
     #[arg(long, env = "ORCHESTRIX_MAX_MEMORY_MIB", default_value_t = 64)]
     max_memory_mib: usize,
-    /// Skip the fsync on each commit (faster; a power loss may drop the last commits).
+    /// SQLite: skip the fsync on each commit (faster; a power loss may drop the last commits).
     #[arg(long, env = "ORCHESTRIX_NO_FSYNC")]
     no_fsync: bool,
+    /// Read connections (PostgreSQL: the pool size, one of which listens for notifications).
+    #[arg(long, env = "ORCHESTRIX_STORE_CONNECTIONS", default_value_t = 8)]
+    store_connections: u32,
+    /// PostgreSQL: longest wait for a connection before a request fails with 503, in milliseconds.
+    #[arg(long, env = "ORCHESTRIX_STORE_ACQUIRE_TIMEOUT_MS", default_value_t = 2000)]
+    store_acquire_timeout_ms: u64,
+    /// PostgreSQL: longest one group commit may take before it is abandoned, in milliseconds.
+    #[arg(long, env = "ORCHESTRIX_STORE_COMMIT_TIMEOUT_MS", default_value_t = 5000)]
+    store_commit_timeout_ms: u64,
+    /// PostgreSQL: schema for the tables, created if missing [default: the search_path, normally `public`].
+    #[arg(long, env = "ORCHESTRIX_STORE_SCHEMA")]
+    store_schema: Option<String>,
 }
 
 impl HostArgs {
@@ -67,8 +80,15 @@ impl HostArgs {
             config.cache_dir = dir.clone();
         }
         config.max_body_bytes = self.max_body_bytes;
-        config.sqlite.max_event_bytes = self.max_body_bytes;
-        config.sqlite.fsync_every_commit = !self.no_fsync;
+        config.store_options = StoreOptions {
+            max_event_bytes: self.max_body_bytes,
+            fsync_every_commit: !self.no_fsync,
+            read_connections: self.store_connections,
+            acquire_timeout: Duration::from_millis(self.store_acquire_timeout_ms),
+            commit_timeout: Duration::from_millis(self.store_commit_timeout_ms),
+            schema: self.store_schema.clone(),
+            ..StoreOptions::default()
+        };
         config.sandbox = SandboxLimits {
             call_deadline: Duration::from_millis(self.call_deadline_ms),
             max_memory_bytes: self.max_memory_mib << 20,

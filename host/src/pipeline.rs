@@ -161,6 +161,10 @@ impl AggregateCache {
     }
 }
 
+/// Tries of a command without an expected version whose append met a
+/// version conflict (its cached state was stale).
+const STALE_STATE_ATTEMPTS: usize = 3;
+
 /// Events folded per `apply` call when loading a stream.
 const FOLD_CHUNK: usize = 256;
 
@@ -203,7 +207,25 @@ impl CommandService {
             correlation_id = %correlation_id,
         );
         let command_type = request.command_type.clone();
-        let result = self.execute_routed(&module, request, correlation_id).instrument(span).await;
+        let result = async {
+            // A conflict the client did not ask for (no expected version)
+            // means the cached state was stale — another host on the same
+            // PostgreSQL database wrote the stream. Refold and try again.
+            let mut attempt = 1;
+            loop {
+                let result = self.execute_routed(&module, request.clone(), correlation_id.clone()).await;
+                match result {
+                    Err(CommandError::Conflict { .. })
+                        if request.expected_version.is_none() && attempt < STALE_STATE_ATTEMPTS =>
+                    {
+                        attempt += 1;
+                    }
+                    result => break result,
+                }
+            }
+        }
+        .instrument(span)
+        .await;
         let outcome = match &result {
             Ok(reply) if reply.duplicate => "duplicate",
             Ok(_) => "accepted",

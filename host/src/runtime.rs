@@ -11,13 +11,13 @@ use crate::http::{ApiState, router};
 use crate::metrics::Metrics;
 use crate::pipeline::CommandService;
 use crate::sandbox::{LoadFailure, Sandbox, SandboxLimits, load_plugins_dir};
-use crate::store::{EventStore, SqliteOptions, SqliteStore, StoreError};
+use crate::store::{self, StoreError, StoreOptions};
 
 /// Everything the host needs to start.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     pub plugins_dir: PathBuf,
-    /// `sqlite://path/to/file.db`.
+    /// `sqlite://path/to/file.db` or `postgres://user@host:port/database`.
     pub store_url: String,
     /// Where precompiled modules are cached.
     pub cache_dir: PathBuf,
@@ -26,7 +26,7 @@ pub struct RuntimeConfig {
     /// Aggregate instances whose folded state is kept in memory.
     pub state_cache_capacity: usize,
     pub sandbox: SandboxLimits,
-    pub sqlite: SqliteOptions,
+    pub store_options: StoreOptions,
 }
 
 impl RuntimeConfig {
@@ -39,7 +39,7 @@ impl RuntimeConfig {
             max_body_bytes: 1 << 20,
             state_cache_capacity: 100_000,
             sandbox: SandboxLimits::default(),
-            sqlite: SqliteOptions::default(),
+            store_options: StoreOptions::default(),
         }
     }
 }
@@ -50,8 +50,6 @@ pub enum StartError {
     PluginsDir { dir: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
-    #[error("unsupported store URL `{0}`: use sqlite://PATH")]
-    UnsupportedStore(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -62,6 +60,7 @@ pub struct Runtime {
     pub metrics: Metrics,
     pub load_failures: Vec<LoadFailure>,
     config: RuntimeConfig,
+    stopping: tokio::sync::watch::Sender<bool>,
     // Drives call deadlines; must live as long as the modules.
     _sandbox: Arc<Sandbox>,
 }
@@ -79,14 +78,11 @@ impl Runtime {
                 .expect("plugin loading does not panic")
                 .map_err(|source| StartError::PluginsDir { dir: config.plugins_dir.clone(), source })?
         };
-        let store: Arc<dyn EventStore> = if config.store_url.starts_with("sqlite:") {
-            Arc::new(SqliteStore::open(&config.store_url, config.sqlite.clone(), metrics.clone()).await?)
-        } else {
-            return Err(StartError::UnsupportedStore(config.store_url.clone()));
-        };
+        let store = store::open(&config.store_url, &config.store_options, metrics.clone()).await?;
         let commands =
             Arc::new(CommandService::new(Arc::new(modules), store, metrics.clone(), config.state_cache_capacity));
-        Ok(Self { commands, metrics, load_failures, config, _sandbox: sandbox })
+        let (stopping, _) = tokio::sync::watch::channel(false);
+        Ok(Self { commands, metrics, load_failures, config, stopping, _sandbox: sandbox })
     }
 
     /// The HTTP API of this host.
@@ -95,6 +91,7 @@ impl Runtime {
             commands: self.commands.clone(),
             metrics: self.metrics.clone(),
             load_failures: self.load_failures.clone(),
+            stopping: self.stopping.subscribe(),
         });
         router(state, self.config.max_body_bytes)
     }
@@ -106,6 +103,11 @@ impl Runtime {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let stopping = self.stopping.clone();
+        let shutdown = async move {
+            shutdown.await;
+            stopping.send_replace(true);
+        };
         let served = axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await;
         self.close().await;
         served

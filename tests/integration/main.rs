@@ -1,8 +1,10 @@
 //! End-to-end tests of the host: real wasm modules built from source by
-//! `build.rs`, real SQLite files in temporary directories, real HTTP.
+//! `build.rs`, real SQLite files in temporary directories, the real
+//! PostgreSQL server at `DATABASE_URL` (one schema per test), real HTTP.
 
 mod bank_rules;
 mod commands;
+mod feed;
 mod plugins_dir;
 mod store_conformance;
 mod support;

@@ -1,24 +1,70 @@
 //! The event store contract, written once against the `EventStore` trait and
-//! run on every backend this build has (SQLite today).
+//! run on every backend: SQLite always, PostgreSQL when `DATABASE_URL` is set.
 
 use std::sync::Arc;
 
 use futures::future::join_all;
 use orchestrix_host::metrics::Metrics;
 use orchestrix_host::store::{
-    AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, SqliteOptions, SqliteStore,
-    StoreError, StoredEvent, StreamId, StreamRange,
+    AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, PostgresStore, SqliteStore,
+    StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
 };
+
+use crate::support::{database_url, drop_schema, fresh_schema};
 
 const LIMIT: usize = 16 * 1024;
 
+/// One backend under test, on fresh, private storage.
+pub struct Backend {
+    pub name: &'static str,
+    pub store: Arc<dyn EventStore>,
+    storage: Storage,
+}
+
+enum Storage {
+    /// Removed on drop.
+    Directory {
+        _dir: tempfile::TempDir,
+    },
+    Schema {
+        url: String,
+        schema: String,
+    },
+}
+
+impl Backend {
+    /// Close the store and remove its storage.
+    pub async fn finish(self) {
+        self.store.close().await;
+        if let Storage::Schema { url, schema } = self.storage {
+            drop_schema(&url, &schema).await;
+        }
+    }
+}
+
+pub fn options() -> StoreOptions {
+    StoreOptions { max_event_bytes: LIMIT, ..StoreOptions::default() }
+}
+
+/// A PostgreSQL store on `schema` of the server at `url`.
+pub async fn open_postgres(url: &str, schema: &str) -> Arc<dyn EventStore> {
+    let options = StoreOptions { schema: Some(schema.to_owned()), ..options() };
+    Arc::new(PostgresStore::open(url, &options, Metrics::new()).await.expect("PostgreSQL store opens"))
+}
+
 /// Every backend under test, each on fresh, private storage.
-async fn backends() -> Vec<(&'static str, Arc<dyn EventStore>, tempfile::TempDir)> {
+pub async fn backends(test: &str) -> Vec<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("conformance.db").display());
-    let options = SqliteOptions { max_event_bytes: LIMIT, ..SqliteOptions::default() };
-    let sqlite = SqliteStore::open(&url, options, Metrics::new()).await.expect("sqlite opens");
-    vec![("sqlite", Arc::new(sqlite), dir)]
+    let sqlite = SqliteStore::open(&url, &options(), Metrics::new()).await.expect("sqlite opens");
+    let mut backends =
+        vec![Backend { name: "sqlite", store: Arc::new(sqlite), storage: Storage::Directory { _dir: dir } }];
+    if let Some(url) = database_url(test) {
+        let schema = fresh_schema(&url).await;
+        let store = open_postgres(&url, &schema).await;
+        backends.push(Backend { name: "postgres", store, storage: Storage::Schema { url, schema } });
+    }
+    backends
 }
 
 fn append(stream: &StreamId, expected: ExpectedVersion, types: &[&str]) -> AppendRequest {
@@ -43,7 +89,8 @@ fn appended(outcome: Result<AppendOutcome, StoreError>) -> Vec<StoredEvent> {
 
 #[tokio::test]
 async fn expected_version_variants() {
-    for (name, store, _dir) in backends().await {
+    for backend in backends("expected_version_variants").await {
+        let (name, store) = (backend.name, backend.store.clone());
         let s = StreamId::new("t", "ev");
         let first = appended(store.append(append(&s, ExpectedVersion::NoStream, &["A", "B"])).await);
         assert_eq!(first.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2], "{name}");
@@ -71,13 +118,14 @@ async fn expected_version_variants() {
             ),
             "{name}: exact version on a missing stream"
         );
-        store.close().await;
+        backend.finish().await;
     }
 }
 
 #[tokio::test]
 async fn idempotent_command_ids() {
-    for (name, store, _dir) in backends().await {
+    for backend in backends("idempotent_command_ids").await {
+        let (name, store) = (backend.name, backend.store.clone());
         let s = StreamId::new("t", "idem");
         let mut request = append(&s, ExpectedVersion::Any, &["A", "B"]);
         request.command_id = Some("cmd-1".into());
@@ -99,13 +147,14 @@ async fn idempotent_command_ids() {
         elsewhere.command_id = Some("cmd-1".into());
         assert!(matches!(store.append(elsewhere).await, Err(StoreError::CommandIdReused(_))), "{name}");
         assert!(store.find_command("never").await.unwrap().is_none());
-        store.close().await;
+        backend.finish().await;
     }
 }
 
 #[tokio::test]
 async fn stream_reads_by_version_range_and_time() {
-    for (name, store, _dir) in backends().await {
+    for backend in backends("stream_reads_by_version_range_and_time").await {
+        let (name, store) = (backend.name, backend.store.clone());
         let s = StreamId::new("t", "range");
         let early = appended(store.append(append(&s, ExpectedVersion::Any, &["A", "B", "C"])).await);
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -118,13 +167,14 @@ async fn stream_reads_by_version_range_and_time() {
         let until = StreamRange { from_version: 1, to_version: None, until: Some(early[0].time) };
         assert_eq!(versions(store.read_stream(&s, until).await.unwrap()), [1, 2, 3], "{name}");
         assert!(store.read_stream(&StreamId::new("t", "none"), StreamRange::all()).await.unwrap().is_empty());
-        store.close().await;
+        backend.finish().await;
     }
 }
 
 #[tokio::test]
 async fn one_stream_under_contention_has_one_winner_per_version() {
-    for (name, store, _dir) in backends().await {
+    for backend in backends("one_stream_under_contention_has_one_winner_per_version").await {
+        let (name, store) = (backend.name, backend.store.clone());
         let s = StreamId::new("t", "hot");
         appended(store.append(append(&s, ExpectedVersion::NoStream, &["Init"])).await);
         // 10 rounds; in each, 20 writers race for the same next version.
@@ -138,13 +188,14 @@ async fn one_stream_under_contention_has_one_winner_per_version() {
         let versions: Vec<u64> =
             store.read_stream(&s, StreamRange::all()).await.unwrap().iter().map(|e| e.version).collect();
         assert_eq!(versions, (1..=11).collect::<Vec<_>>(), "{name}");
-        store.close().await;
+        backend.finish().await;
     }
 }
 
 #[tokio::test]
 async fn concurrent_appends_to_many_streams_keep_the_global_log_gap_free() {
-    for (name, store, _dir) in backends().await {
+    for backend in backends("concurrent_appends_to_many_streams_keep_the_global_log_gap_free").await {
+        let (name, store) = (backend.name, backend.store.clone());
         let writers = (0..50).map(|i| {
             let store = store.clone();
             tokio::spawn(async move {
@@ -166,13 +217,14 @@ async fn concurrent_appends_to_many_streams_keep_the_global_log_gap_free() {
             assert_eq!(stream.iter().map(|e| e.version).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
             assert!(stream.windows(2).all(|w| w[0].position < w[1].position), "stream order follows global order");
         }
-        store.close().await;
+        backend.finish().await;
     }
 }
 
 #[tokio::test]
 async fn payload_limit_and_unicode() {
-    for (name, store, _dir) in backends().await {
+    for backend in backends("payload_limit_and_unicode").await {
+        let (name, store) = (backend.name, backend.store.clone());
         let s = StreamId::new("tipo-ñ", "聚合-🦀");
         let mut at_limit = append(&s, ExpectedVersion::Any, &[]);
         let filler = "é".repeat((LIMIT - 20) / 2);
@@ -192,6 +244,6 @@ async fn payload_limit_and_unicode() {
         );
         assert_eq!(read[0].event_type, "Größe");
         assert_eq!(read[0], stored[0], "{name}: read back exactly as stored");
-        store.close().await;
+        backend.finish().await;
     }
 }

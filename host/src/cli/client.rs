@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use orchestrix_host::sse::SseParser;
 use serde_json::Value;
 
 #[derive(Args)]
@@ -46,9 +47,19 @@ pub struct EventsArgs {
     /// Global log: start after this position.
     #[arg(long, default_value_t = 0)]
     after: u64,
-    /// Global log: at most this many events.
+    /// Global log: at most this many events (without --follow).
     #[arg(long, default_value_t = 100)]
     limit: usize,
+    /// Global log: keep printing new events as they are committed, one
+    /// CloudEvent per line, until interrupted (reconnects by itself).
+    #[arg(long, conflicts_with_all = ["aggregate_type", "aggregate_id"])]
+    follow: bool,
+    /// With --follow: only these event types (comma-separated).
+    #[arg(long = "type", requires = "follow")]
+    event_types: Option<String>,
+    /// With --follow: only streams whose `type/id` starts with this.
+    #[arg(long, requires = "follow")]
+    stream_prefix: Option<String>,
 }
 
 #[derive(Args)]
@@ -101,6 +112,9 @@ pub async fn send(args: SendArgs) -> Result<()> {
 }
 
 pub async fn events(args: EventsArgs) -> Result<()> {
+    if args.follow {
+        return follow(args).await;
+    }
     let base = args.target.url.trim_end_matches('/');
     let url = match (&args.aggregate_type, &args.aggregate_id) {
         (Some(kind), Some(id)) => format!("{base}/v1/aggregates/{kind}/{id}/events"),
@@ -113,4 +127,67 @@ pub async fn events(args: EventsArgs) -> Result<()> {
 pub async fn modules(args: ModulesArgs) -> Result<()> {
     let url = format!("{}/v1/modules", args.target.url.trim_end_matches('/'));
     get_and_print(&url).await
+}
+
+/// `events --follow`: read `GET /v1/events/stream` and print each event's
+/// CloudEvent as one line. When the connection drops, reconnect with
+/// `Last-Event-ID` so nothing is skipped or printed twice.
+async fn follow(args: EventsArgs) -> Result<()> {
+    let mut url = format!("{}/v1/events/stream?", args.target.url.trim_end_matches('/'));
+    if let Some(types) = &args.event_types {
+        url.push_str(&format!("type={}&", encode(types)));
+    }
+    if let Some(prefix) = &args.stream_prefix {
+        url.push_str(&format!("stream_prefix={}&", encode(prefix)));
+    }
+    let mut last_id = args.after.to_string();
+    let mut connected_once = false;
+    loop {
+        let response = client().get(&url).header("last-event-id", &last_id).send().await;
+        let mut response = match response {
+            Ok(response) if response.status().is_success() => response,
+            Ok(response) => return print_response(response).await,
+            Err(error) if !connected_once => return Err(error).with_context(|| format!("cannot reach {url}")),
+            Err(error) => {
+                eprintln!("connection lost ({error}); reconnecting after position {last_id}");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        connected_once = true;
+        let mut parser = SseParser::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    for message in parser.feed(&chunk) {
+                        if message.event.as_deref() == Some("error") {
+                            eprintln!("host reported: {}", message.data);
+                            continue;
+                        }
+                        println!("{}", message.data);
+                        if let Some(id) = message.id {
+                            last_id = id;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    eprintln!("stream interrupted: {error}");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// Percent-encode a query value (everything but unreserved characters).
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -9,14 +9,78 @@
 //!   so a reader that has seen position N never later sees a new event below N;
 //! - a command id appends at most once; a resend gets the original record.
 
+mod feed;
+mod group;
+mod postgres;
 mod sqlite;
 
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::watch;
 use uuid::Uuid;
 
-pub use sqlite::{SqliteOptions, SqliteStore};
+pub use feed::{EventFilter, Subscription};
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use crate::metrics::Metrics;
+
+/// Tuning of the event store. Fields marked with one backend are ignored by
+/// the other.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Largest accepted event payload, in bytes.
+    pub max_event_bytes: usize,
+    /// Most appends committed in one transaction.
+    pub max_batch: usize,
+    /// Appends that may wait for the writer before callers are slowed down.
+    pub queue_depth: usize,
+    /// Connections for reads (SQLite: read-only pool; PostgreSQL: the pool
+    /// size, one of which listens for notifications).
+    pub read_connections: u32,
+    /// SQLite: `synchronous=FULL` (fsync on every commit) when true,
+    /// `NORMAL` otherwise. PostgreSQL follows the server's settings.
+    pub fsync_every_commit: bool,
+    /// PostgreSQL: longest wait for a connection (connecting included)
+    /// before a request fails with "unavailable".
+    pub acquire_timeout: Duration,
+    /// PostgreSQL: longest one group commit may take before it is abandoned
+    /// (its transaction rolls back with the connection).
+    pub commit_timeout: Duration,
+    /// PostgreSQL: schema holding the tables (created if missing)
+    /// [default: the connection's `search_path`, normally `public`].
+    pub schema: Option<String>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 1 << 20,
+            max_batch: 512,
+            queue_depth: 8192,
+            read_connections: 4,
+            fsync_every_commit: true,
+            acquire_timeout: Duration::from_secs(2),
+            commit_timeout: Duration::from_secs(5),
+            schema: None,
+        }
+    }
+}
+
+/// Open the store a URL names: `sqlite://PATH` or `postgres://…`
+/// (`postgresql://…`).
+pub async fn open(url: &str, options: &StoreOptions, metrics: Metrics) -> Result<Arc<dyn EventStore>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(url, options, metrics).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::open(url, options, metrics).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}
 
 /// Identity of one stream: an aggregate instance.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -169,10 +233,12 @@ pub enum StoreError {
     Unavailable(String),
     #[error("event store is shutting down")]
     ShuttingDown,
+    #[error("unsupported store URL `{0}`: use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE")]
+    UnsupportedUrl(String),
 }
 
-/// The durable event log. Implemented by [`SqliteStore`]; PostgreSQL fits
-/// behind the same trait.
+/// The durable event log, implemented by [`SqliteStore`] and
+/// [`PostgresStore`].
 #[async_trait::async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Append events to one stream under an expected-version check.
@@ -183,6 +249,11 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Read the global log after `position`, in position order.
     async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// The highest global position this process knows to be committed. It
+    /// changes after each local commit and, on PostgreSQL, when another
+    /// process commits; [`Subscription`]s wait on it.
+    fn head(&self) -> watch::Receiver<u64>;
 
     /// What an idempotency key appended, if it did.
     async fn find_command(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError>;

@@ -9,7 +9,7 @@
 //! commit order, with no gaps. Reads go through a separate read-only pool
 //! (WAL lets them run beside the writer).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -18,49 +18,20 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use super::{AppendOutcome, AppendRequest, CommandRecord, EventStore, StoreError, StoredEvent, StreamId, StreamRange};
+use super::group::{Facts, Job, Plan, Reply, Submitter, batch_keys, commit_time, next_batch, plan, refuse_remaining};
+use super::{
+    AppendOutcome, AppendRequest, CommandRecord, EventStore, StoreError, StoreOptions, StoredEvent, StreamId,
+    StreamRange,
+};
 use crate::metrics::Metrics;
-
-/// Tuning of the SQLite backend.
-#[derive(Debug, Clone)]
-pub struct SqliteOptions {
-    /// Largest accepted event payload, in bytes.
-    pub max_event_bytes: usize,
-    /// Most appends committed in one transaction.
-    pub max_batch: usize,
-    /// Appends that may wait for the writer before callers are slowed down.
-    pub queue_depth: usize,
-    /// Read connections.
-    pub read_connections: u32,
-    /// `synchronous=FULL` (fsync on every commit) when true, `NORMAL` otherwise.
-    pub fsync_every_commit: bool,
-}
-
-impl Default for SqliteOptions {
-    fn default() -> Self {
-        Self {
-            max_event_bytes: 1 << 20,
-            max_batch: 512,
-            queue_depth: 8192,
-            read_connections: 4,
-            fsync_every_commit: true,
-        }
-    }
-}
-
-enum Job {
-    Append(Box<AppendRequest>, oneshot::Sender<Result<AppendOutcome, StoreError>>),
-    Shutdown(oneshot::Sender<()>),
-}
 
 /// The SQLite event store.
 pub struct SqliteStore {
-    jobs: mpsc::Sender<Job>,
+    submitter: Submitter,
     reads: SqlitePool,
-    max_event_bytes: usize,
 }
 
 /// The columns of `events`, in the order every query selects and inserts them.
@@ -75,7 +46,7 @@ impl SqliteStore {
     /// Open (creating if needed) the database at `url` (`sqlite://path` or
     /// `sqlite::memory:` is not supported: the log must be durable) and
     /// apply the embedded migrations.
-    pub async fn open(url: &str, options: SqliteOptions, metrics: Metrics) -> Result<Self, StoreError> {
+    pub async fn open(url: &str, options: &StoreOptions, metrics: Metrics) -> Result<Self, StoreError> {
         let connect = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("invalid SQLite URL `{url}`: {e}")))?
             .create_if_missing(true)
@@ -103,16 +74,17 @@ impl SqliteStore {
             .await
             .map_err(unavailable)?;
 
-        let (jobs, queue) = mpsc::channel(options.queue_depth);
+        let (submitter, queue, head_sender) = Submitter::new(options.queue_depth, options.max_event_bytes, head as u64);
         let state = Writer {
             connection: writer,
             head: head as u64,
             versions: HashMap::new(),
+            head_sender,
             max_batch: options.max_batch,
             metrics,
         };
         tokio::spawn(state.run(queue));
-        Ok(Self { jobs, reads, max_event_bytes: options.max_event_bytes })
+        Ok(Self { submitter, reads })
     }
 }
 
@@ -123,12 +95,11 @@ fn unavailable(error: sqlx::Error) -> StoreError {
 #[async_trait::async_trait]
 impl EventStore for SqliteStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        if let Some(size) = request.events.iter().map(|e| e.data.len()).find(|size| *size > self.max_event_bytes) {
-            return Err(StoreError::PayloadTooLarge { size, limit: self.max_event_bytes });
-        }
-        let (reply, outcome) = oneshot::channel();
-        self.jobs.send(Job::Append(Box::new(request), reply)).await.map_err(|_| StoreError::ShuttingDown)?;
-        outcome.await.map_err(|_| StoreError::ShuttingDown)?
+        self.submitter.append(request).await
+    }
+
+    fn head(&self) -> watch::Receiver<u64> {
+        self.submitter.head()
     }
 
     async fn read_stream(&self, stream: &StreamId, range: StreamRange) -> Result<Vec<StoredEvent>, StoreError> {
@@ -175,10 +146,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn close(&self) {
-        let (done, finished) = oneshot::channel();
-        if self.jobs.send(Job::Shutdown(done)).await.is_ok() {
-            let _ = finished.await;
-        }
+        self.submitter.shutdown().await;
         self.reads.close().await;
     }
 }
@@ -223,43 +191,19 @@ struct Writer {
     connection: SqliteConnection,
     head: u64,
     versions: HashMap<StreamId, u64>,
+    head_sender: watch::Sender<u64>,
     max_batch: usize,
     metrics: Metrics,
 }
 
-/// An append that passed its checks, waiting for the commit.
-struct Accepted {
-    events: Vec<StoredEvent>,
-    command_id: Option<String>,
-    reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
-}
-
 impl Writer {
     async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
-        let mut batch = Vec::with_capacity(self.max_batch);
-        while let Some(job) = queue.recv().await {
-            let mut shutdown = None;
-            match job {
-                Job::Append(request, reply) => batch.push((*request, reply)),
-                Job::Shutdown(done) => shutdown = Some(done),
+        while let Some(batch) = next_batch(&mut queue, self.max_batch).await {
+            if !batch.appends.is_empty() {
+                self.commit_batch(batch.appends).await;
             }
-            while shutdown.is_none() && batch.len() < self.max_batch {
-                match queue.try_recv() {
-                    Ok(Job::Append(request, reply)) => batch.push((*request, reply)),
-                    Ok(Job::Shutdown(done)) => shutdown = Some(done),
-                    Err(_) => break,
-                }
-            }
-            if !batch.is_empty() {
-                self.commit_batch(std::mem::take(&mut batch)).await;
-            }
-            if let Some(done) = shutdown {
-                queue.close();
-                while let Ok(job) = queue.try_recv() {
-                    if let Job::Append(_, reply) = job {
-                        let _ = reply.send(Err(StoreError::ShuttingDown));
-                    }
-                }
+            if let Some(done) = batch.shutdown {
+                refuse_remaining(&mut queue);
                 let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut self.connection).await;
                 let _ = self.connection.close().await;
                 let _ = done.send(());
@@ -286,85 +230,56 @@ impl Writer {
         Ok(version as u64)
     }
 
-    async fn existing_command(&mut self, command_id: &str) -> Result<Option<CommandRecord>, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT command_id, aggregate_type, aggregate_id, first_position, last_position, version \
-             FROM commands WHERE command_id = ?",
-        )
-        .bind(command_id)
-        .fetch_optional(&mut self.connection)
-        .await?;
-        Ok(row.map(|row| decode_command(&row)))
+    /// The facts a batch is planned against: cached stream versions (read
+    /// once per stream), and the idempotency records of its command ids.
+    async fn facts(&mut self, appends: &[(AppendRequest, Reply)]) -> Result<Facts, sqlx::Error> {
+        let (streams, ids) = batch_keys(appends);
+        let mut versions = HashMap::with_capacity(streams.len());
+        for stream in streams {
+            let version = self.current_version(&stream).await?;
+            versions.insert(stream, version);
+        }
+        let mut commands = HashMap::new();
+        for id in ids {
+            let row = sqlx::query(
+                "SELECT command_id, aggregate_type, aggregate_id, first_position, last_position, version \
+                 FROM commands WHERE command_id = ?",
+            )
+            .bind(&id)
+            .fetch_optional(&mut self.connection)
+            .await?;
+            if let Some(row) = row {
+                commands.insert(id, decode_command(&row));
+            }
+        }
+        Ok(Facts { head: self.head, versions, commands })
     }
 
-    async fn commit_batch(&mut self, batch: Vec<(AppendRequest, oneshot::Sender<Result<AppendOutcome, StoreError>>)>) {
-        let time = Utc::now();
-        let time = Utc.timestamp_micros(time.timestamp_micros()).single().unwrap_or(time);
-        let mut accepted: Vec<Accepted> = Vec::with_capacity(batch.len());
-        // Versions as this batch leaves them, before they are committed.
-        let mut pending: HashMap<StreamId, u64> = HashMap::new();
-        let mut batch_command_ids: HashSet<String> = HashSet::new();
-        let mut next_position = self.head;
-
-        for (request, reply) in batch {
-            let checked = self.check(&request, &pending, &batch_command_ids).await;
-            let current = match checked {
-                Ok(Check::Proceed(current)) => current,
-                Ok(Check::Duplicate(record)) => {
-                    let _ = reply.send(Ok(AppendOutcome::Duplicate(record)));
-                    continue;
+    async fn commit_batch(&mut self, appends: Vec<(AppendRequest, Reply)>) {
+        let facts = match self.facts(&appends).await {
+            Ok(facts) => facts,
+            Err(error) => {
+                for (_, reply) in appends {
+                    let _ = reply.send(Err(unavailable_ref(&error)));
                 }
-                Err(error) => {
-                    let _ = reply.send(Err(error));
-                    continue;
-                }
-            };
-            let events: Vec<StoredEvent> = request
-                .events
-                .into_iter()
-                .enumerate()
-                .map(|(i, event)| {
-                    next_position += 1;
-                    StoredEvent {
-                        position: next_position,
-                        stream: request.stream.clone(),
-                        version: current + i as u64 + 1,
-                        id: Uuid::now_v7(),
-                        event_type: event.event_type,
-                        schema_version: event.schema_version,
-                        time,
-                        data: event.data,
-                        correlation_id: request.metadata.correlation_id.clone(),
-                        causation_id: request.metadata.causation_id.clone(),
-                        module: request.metadata.module.clone(),
-                        module_version: request.metadata.module_version.clone(),
-                    }
-                })
-                .collect();
-            if let Some(last) = events.last() {
-                pending.insert(request.stream.clone(), last.version);
+                return;
             }
-            if let Some(id) = &request.command_id {
-                batch_command_ids.insert(id.clone());
-            }
-            accepted.push(Accepted { events, command_id: request.command_id, reply });
-        }
-        if accepted.is_empty() {
+        };
+        let plan = plan(appends, facts, commit_time());
+        if plan.accepted.is_empty() {
             return;
         }
-
         let commit_started = std::time::Instant::now();
-        match self.write(&accepted).await {
+        match self.write(&plan).await {
             Ok(()) => {
-                self.head = next_position;
-                if self.versions.len() + pending.len() > VERSION_CACHE_LIMIT {
+                self.head = plan.head;
+                if self.versions.len() + plan.versions.len() > VERSION_CACHE_LIMIT {
                     self.versions.clear();
                 }
-                self.versions.extend(pending);
-                self.metrics.observe_batch(accepted.len(), commit_started.elapsed());
-                for append in accepted {
-                    let _ = append.reply.send(Ok(AppendOutcome::Appended(append.events)));
-                }
+                self.versions.extend(plan.versions.iter().map(|(stream, version)| (stream.clone(), *version)));
+                self.metrics.observe_batch(plan.accepted.len(), commit_started.elapsed());
+                plan.acknowledge();
+                self.head_sender.send_replace(self.head);
             }
             Err(error) => {
                 tracing::error!(%error, "group commit failed; no append of the batch was written");
@@ -376,50 +291,16 @@ impl Writer {
                 {
                     self.head = head as u64;
                 }
-                for append in accepted {
-                    let _ = append.reply.send(Err(unavailable_ref(&error)));
-                }
+                plan.fail(&unavailable_ref(&error));
             }
         }
-    }
-
-    async fn check(
-        &mut self,
-        request: &AppendRequest,
-        pending: &HashMap<StreamId, u64>,
-        batch_command_ids: &HashSet<String>,
-    ) -> Result<Check, StoreError> {
-        if let Some(id) = &request.command_id {
-            if batch_command_ids.contains(id) {
-                return Err(StoreError::CommandIdReused(id.clone()));
-            }
-            if let Some(record) = self.existing_command(id).await.map_err(unavailable)? {
-                return if record.stream == request.stream {
-                    Ok(Check::Duplicate(record))
-                } else {
-                    Err(StoreError::CommandIdReused(id.clone()))
-                };
-            }
-        }
-        let current = match pending.get(&request.stream) {
-            Some(version) => *version,
-            None => self.current_version(&request.stream).await.map_err(unavailable)?,
-        };
-        if !request.expected.admits(current) {
-            return Err(StoreError::Conflict {
-                stream: request.stream.clone(),
-                expected: request.expected,
-                actual: current,
-            });
-        }
-        Ok(Check::Proceed(current))
     }
 
     /// Write a batch as one multi-statement script — `BEGIN IMMEDIATE`,
     /// multi-row INSERTs, idempotency records, `COMMIT` — so the whole
     /// transaction costs a single round trip to sqlx's SQLite thread.
-    async fn write(&mut self, accepted: &[Accepted]) -> Result<(), sqlx::Error> {
-        let rows: Vec<&StoredEvent> = accepted.iter().flat_map(|a| a.events.iter()).collect();
+    async fn write(&mut self, plan: &Plan) -> Result<(), sqlx::Error> {
+        let rows: Vec<&StoredEvent> = plan.rows().collect();
         let mut script: QueryBuilder<Sqlite> = QueryBuilder::new("BEGIN IMMEDIATE; ");
         for chunk in rows.chunks(ROWS_PER_INSERT) {
             script.push(concat!("INSERT INTO events (", columns!(), ") "));
@@ -440,10 +321,7 @@ impl Writer {
             });
             script.push("; ");
         }
-        let records: Vec<(&String, &StoredEvent, &StoredEvent)> = accepted
-            .iter()
-            .filter_map(|a| Some((a.command_id.as_ref()?, a.events.first()?, a.events.last()?)))
-            .collect();
+        let records: Vec<(&String, &StoredEvent, &StoredEvent)> = plan.command_records().collect();
         if !records.is_empty() {
             script.push(
                 "INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_position, last_position, version) ",
@@ -466,11 +344,6 @@ impl Writer {
         }
         result.map(|_| ())
     }
-}
-
-enum Check {
-    Proceed(u64),
-    Duplicate(CommandRecord),
 }
 
 fn unavailable_ref(error: &sqlx::Error) -> StoreError {

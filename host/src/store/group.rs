@@ -1,0 +1,228 @@
+//! Group commit, shared by every backend: the queue in front of a backend's
+//! single writer task, the batching loop, and the planning step that turns
+//! a batch of appends into rows with positions and versions — each append
+//! decided on its own (accepted, duplicate or refused) before one
+//! transaction writes every accepted one.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, TimeZone, Utc};
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use super::{AppendOutcome, AppendRequest, CommandRecord, StoreError, StoredEvent, StreamId};
+
+pub(super) type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
+
+pub(super) enum Job {
+    Append(Box<AppendRequest>, Reply),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The caller's side of a writer task: a bounded queue (back-pressure) and
+/// the payload limit, checked before anything is queued.
+pub(super) struct Submitter {
+    jobs: mpsc::Sender<Job>,
+    max_event_bytes: usize,
+    head: watch::Receiver<u64>,
+}
+
+impl Submitter {
+    /// A queue of `depth` appends, the receiving end for the writer task, and
+    /// the head channel the writer publishes committed positions on.
+    pub(super) fn new(
+        depth: usize,
+        max_event_bytes: usize,
+        head: u64,
+    ) -> (Self, mpsc::Receiver<Job>, watch::Sender<u64>) {
+        let (jobs, queue) = mpsc::channel(depth);
+        let (head_sender, head) = watch::channel(head);
+        (Self { jobs, max_event_bytes, head }, queue, head_sender)
+    }
+
+    pub(super) async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        if let Some(size) = request.events.iter().map(|e| e.data.len()).find(|size| *size > self.max_event_bytes) {
+            return Err(StoreError::PayloadTooLarge { size, limit: self.max_event_bytes });
+        }
+        let (reply, outcome) = oneshot::channel();
+        self.jobs.send(Job::Append(Box::new(request), reply)).await.map_err(|_| StoreError::ShuttingDown)?;
+        outcome.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    pub(super) fn head(&self) -> watch::Receiver<u64> {
+        self.head.clone()
+    }
+
+    /// Ask the writer to finish what is queued and stop; wait until it has.
+    pub(super) async fn shutdown(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.jobs.send(Job::Shutdown(done)).await.is_ok() {
+            let _ = finished.await;
+        }
+    }
+}
+
+/// What the writer takes from the queue in one go.
+pub(super) struct Batch {
+    pub appends: Vec<(AppendRequest, Reply)>,
+    /// Set when a shutdown was queued behind these appends.
+    pub shutdown: Option<oneshot::Sender<()>>,
+}
+
+/// Wait for at least one job, then take everything already queued, up to
+/// `max` appends. `None` once every submitter is gone.
+pub(super) async fn next_batch(queue: &mut mpsc::Receiver<Job>, max: usize) -> Option<Batch> {
+    let mut batch = Batch { appends: Vec::new(), shutdown: None };
+    match queue.recv().await? {
+        Job::Append(request, reply) => batch.appends.push((*request, reply)),
+        Job::Shutdown(done) => batch.shutdown = Some(done),
+    }
+    while batch.shutdown.is_none() && batch.appends.len() < max {
+        match queue.try_recv() {
+            Ok(Job::Append(request, reply)) => batch.appends.push((*request, reply)),
+            Ok(Job::Shutdown(done)) => batch.shutdown = Some(done),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// Refuse everything still queued after a shutdown.
+pub(super) fn refuse_remaining(queue: &mut mpsc::Receiver<Job>) {
+    queue.close();
+    while let Ok(job) = queue.try_recv() {
+        if let Job::Append(_, reply) = job {
+            let _ = reply.send(Err(StoreError::ShuttingDown));
+        }
+    }
+}
+
+/// An append that passed its checks, waiting for the commit.
+pub(super) struct Accepted {
+    pub events: Vec<StoredEvent>,
+    pub command_id: Option<String>,
+    pub reply: Reply,
+}
+
+/// What the database says about the streams and command ids of a batch,
+/// read before planning it. Both maps must cover every stream and command
+/// id in the batch (a stream with no events is at version 0).
+pub(super) struct Facts {
+    pub head: u64,
+    pub versions: HashMap<StreamId, u64>,
+    pub commands: HashMap<String, CommandRecord>,
+}
+
+/// A planned batch: the accepted appends with their rows, and the head and
+/// stream versions once it commits.
+pub(super) struct Plan {
+    pub accepted: Vec<Accepted>,
+    pub head: u64,
+    pub versions: HashMap<StreamId, u64>,
+}
+
+impl Plan {
+    /// Every row of the batch, in position order.
+    pub(super) fn rows(&self) -> impl Iterator<Item = &StoredEvent> {
+        self.accepted.iter().flat_map(|a| a.events.iter())
+    }
+
+    /// `(command id, first row, last row)` of every accepted append that
+    /// carries an idempotency key.
+    pub(super) fn command_records(&self) -> impl Iterator<Item = (&String, &StoredEvent, &StoredEvent)> {
+        self.accepted.iter().filter_map(|a| Some((a.command_id.as_ref()?, a.events.first()?, a.events.last()?)))
+    }
+
+    /// Answer every accepted append once the transaction is durable.
+    pub(super) fn acknowledge(self) {
+        for append in self.accepted {
+            let _ = append.reply.send(Ok(AppendOutcome::Appended(append.events)));
+        }
+    }
+
+    /// Answer every accepted append with the failure of the transaction.
+    pub(super) fn fail(self, error: &StoreError) {
+        for append in self.accepted {
+            let _ = append.reply.send(Err(error.clone()));
+        }
+    }
+}
+
+/// The streams and command ids a batch needs facts about.
+pub(super) fn batch_keys(appends: &[(AppendRequest, Reply)]) -> (Vec<StreamId>, Vec<String>) {
+    let streams: HashSet<&StreamId> = appends.iter().map(|(request, _)| &request.stream).collect();
+    let ids: HashSet<&String> = appends.iter().filter_map(|(request, _)| request.command_id.as_ref()).collect();
+    (streams.into_iter().cloned().collect(), ids.into_iter().cloned().collect())
+}
+
+/// The commit time stamped on a batch, at the microsecond precision both
+/// backends store.
+pub(super) fn commit_time() -> DateTime<Utc> {
+    let now = Utc::now();
+    Utc.timestamp_micros(now.timestamp_micros()).single().unwrap_or(now)
+}
+
+/// Decide every append of a batch in queue order against `facts` and the
+/// appends before it. Refusals and duplicates are answered here; accepted
+/// appends get consecutive positions after `facts.head`.
+pub(super) fn plan(appends: Vec<(AppendRequest, Reply)>, facts: Facts, time: DateTime<Utc>) -> Plan {
+    let Facts { head, mut versions, commands } = facts;
+    let mut next_position = head;
+    let mut used_ids: HashSet<String> = HashSet::new();
+    let mut accepted = Vec::with_capacity(appends.len());
+    for (request, reply) in appends {
+        if let Some(id) = &request.command_id {
+            if used_ids.contains(id) {
+                let _ = reply.send(Err(StoreError::CommandIdReused(id.clone())));
+                continue;
+            }
+            if let Some(record) = commands.get(id) {
+                let _ = reply.send(if record.stream == request.stream {
+                    Ok(AppendOutcome::Duplicate(record.clone()))
+                } else {
+                    Err(StoreError::CommandIdReused(id.clone()))
+                });
+                continue;
+            }
+        }
+        let current = versions.get(&request.stream).copied().unwrap_or(0);
+        if !request.expected.admits(current) {
+            let _ = reply.send(Err(StoreError::Conflict {
+                stream: request.stream.clone(),
+                expected: request.expected,
+                actual: current,
+            }));
+            continue;
+        }
+        let AppendRequest { stream, events, metadata, command_id, .. } = request;
+        let events: Vec<StoredEvent> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| {
+                next_position += 1;
+                StoredEvent {
+                    position: next_position,
+                    stream: stream.clone(),
+                    version: current + i as u64 + 1,
+                    id: Uuid::now_v7(),
+                    event_type: event.event_type,
+                    schema_version: event.schema_version,
+                    time,
+                    data: event.data,
+                    correlation_id: metadata.correlation_id.clone(),
+                    causation_id: metadata.causation_id.clone(),
+                    module: metadata.module.clone(),
+                    module_version: metadata.module_version.clone(),
+                }
+            })
+            .collect();
+        if let Some(last) = events.last() {
+            versions.insert(stream, last.version);
+        }
+        if let Some(id) = &command_id {
+            used_ids.insert(id.clone());
+        }
+        accepted.push(Accepted { events, command_id, reply });
+    }
+    Plan { accepted, head: next_position, versions }
+}

@@ -1,0 +1,477 @@
+//! PostgreSQL backend (sqlx), with group commit and cross-process live
+//! wake-ups.
+//!
+//! Each host process has one writer task with one connection; appends reach
+//! it through the same bounded queue as on SQLite. Several hosts may share
+//! one database, so the writer trusts nothing it remembers: each group
+//! commit is one transaction that
+//!
+//! 1. takes this schema's transaction-level advisory lock
+//!    (`BEGIN; SELECT pg_advisory_xact_lock(k)` in one round trip);
+//! 2. reads, in a statement that starts after the lock is held, the head
+//!    position, the version of every stream in the batch and the records of
+//!    its command ids;
+//! 3. plans the batch (per-append expected-version and idempotency checks)
+//!    and writes every accepted row with one `INSERT … SELECT FROM UNNEST`,
+//!    plus `pg_notify` of the new head;
+//! 4. commits, which releases the lock.
+//!
+//! Positions are therefore assigned in commit order under one lock: gap-free
+//! (a failed transaction assigns nothing) and never visible out of order. A
+//! listener connection turns other processes' notifications into head
+//! updates; subscriptions also poll, so a lost notification only delays.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row};
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use super::group::{Facts, Job, Plan, Reply, Submitter, batch_keys, commit_time, next_batch, plan, refuse_remaining};
+use super::{
+    AppendOutcome, AppendRequest, CommandRecord, EventStore, StoreError, StoreOptions, StoredEvent, StreamId,
+    StreamRange,
+};
+use crate::metrics::Metrics;
+
+/// The PostgreSQL event store.
+pub struct PostgresStore {
+    submitter: Submitter,
+    reads: PgPool,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+/// The columns of `events`, in the order every query selects and inserts them.
+macro_rules! columns {
+    () => {
+        "position, aggregate_type, aggregate_id, version, event_id, event_type, schema_version, \
+         recorded_at, data, correlation_id, causation_id, module, module_version"
+    };
+}
+
+/// Lock key of the one-time setup (schema creation), across all schemas.
+const SETUP_LOCK: i64 = 0x4f52_4348_5345_5455;
+
+impl PostgresStore {
+    /// Connect to `url`, create the schema if one is configured, apply the
+    /// embedded migrations (serialised by advisory locks, so several hosts
+    /// may start at once) and start the writer and the listener.
+    pub async fn open(url: &str, options: &StoreOptions, metrics: Metrics) -> Result<Self, StoreError> {
+        let mut connect = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid PostgreSQL URL: {e}")))?
+            .application_name("orchestrix");
+        if let Some(schema) = &options.schema {
+            if schema.is_empty() || !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(StoreError::Unavailable(format!(
+                    "invalid schema name `{schema}`: use letters, digits and `_`"
+                )));
+            }
+            connect = connect.options([("search_path", schema.as_str())]);
+        }
+        let mut setup = connect_within(&connect, options.acquire_timeout).await?;
+        let schema: String = if let Some(schema) = &options.schema {
+            // Separate statements: one multi-statement string would run as
+            // one transaction, committing the schema after the unlock.
+            let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+            for statement in [format!("SELECT pg_advisory_lock({SETUP_LOCK})"), create] {
+                setup.execute(AssertSqlSafe(statement)).await.map_err(unavailable)?;
+            }
+            setup
+                .execute(AssertSqlSafe(format!("SELECT pg_advisory_unlock({SETUP_LOCK})")))
+                .await
+                .map_err(unavailable)?;
+            schema.clone()
+        } else {
+            sqlx::query_scalar("SELECT current_schema()").fetch_one(&mut setup).await.map_err(unavailable)?
+        };
+        sqlx::migrate!("./migrations/postgres")
+            .run(&mut setup)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+            .fetch_one(&mut setup)
+            .await
+            .map_err(unavailable)?;
+
+        let reads = PgPoolOptions::new()
+            .max_connections(options.read_connections.max(2))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect.clone());
+        let (submitter, queue, head_sender) = Submitter::new(options.queue_depth, options.max_event_bytes, head as u64);
+        let channel = format!("orchestrix:{schema}");
+        let listener = tokio::spawn(listen(reads.clone(), channel.clone(), head_sender.clone()));
+        let writer = Writer {
+            connect,
+            connection: Some(setup),
+            lock_key: lock_key(&schema),
+            channel,
+            acquire_timeout: options.acquire_timeout,
+            commit_timeout: options.commit_timeout,
+            head_sender,
+            max_batch: options.max_batch,
+            metrics,
+        };
+        tokio::spawn(writer.run(queue));
+        Ok(Self { submitter, reads, listener })
+    }
+}
+
+async fn connect_within(connect: &PgConnectOptions, timeout: Duration) -> Result<PgConnection, StoreError> {
+    match tokio::time::timeout(timeout, PgConnection::connect_with(connect)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(StoreError::Unavailable(format!("cannot connect to PostgreSQL: {error}"))),
+        Err(_) => Err(StoreError::Unavailable(format!("cannot connect to PostgreSQL within {timeout:?}"))),
+    }
+}
+
+/// The advisory lock key of a schema's appends: a stable 64-bit FNV-1a hash
+/// of its name, so hosts on different schemas of one database never wait
+/// for each other.
+fn lock_key(schema: &str) -> i64 {
+    let hash = format!("orchestrix:{schema}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3));
+    hash as i64
+}
+
+fn unavailable(error: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+/// Turn other processes' commit notifications into head updates. After a
+/// reconnect, notifications sent meanwhile are gone, so the head is re-read.
+async fn listen(pool: PgPool, channel: String, head: watch::Sender<u64>) {
+    let raise = |position: u64| {
+        head.send_if_modified(|current| {
+            let newer = position > *current;
+            if newer {
+                *current = position;
+            }
+            newer
+        });
+    };
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(sqlx::Error::PoolClosed) => return,
+            Err(error) => {
+                tracing::debug!(%error, "event listener cannot connect; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(error) = listener.listen(&channel).await {
+            tracing::debug!(%error, "LISTEN failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        let refresh = || async {
+            if let Ok(position) =
+                sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(position), 0) FROM events").fetch_one(&pool).await
+            {
+                raise(position as u64);
+            }
+        };
+        refresh().await;
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(notification)) => {
+                    if let Ok(position) = notification.payload().parse() {
+                        raise(position);
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!("event listener lost its connection; reconnecting");
+                    refresh().await;
+                }
+                Err(sqlx::Error::PoolClosed) => return,
+                Err(error) => {
+                    tracing::debug!(%error, "event listener failed; reconnecting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for PostgresStore {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        self.submitter.append(request).await
+    }
+
+    async fn read_stream(&self, stream: &StreamId, range: StreamRange) -> Result<Vec<StoredEvent>, StoreError> {
+        let to = range.to_version.map_or(i64::MAX, |v| v.min(i64::MAX as u64) as i64);
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version >= $3 AND version <= $4 \
+             AND ($5::timestamptz IS NULL OR recorded_at <= $5) ORDER BY version"
+        ))
+        .bind(&stream.aggregate_type)
+        .bind(&stream.aggregate_id)
+        .bind(range.from_version.min(i64::MAX as u64) as i64)
+        .bind(to)
+        .bind(range.until)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        Ok(rows.iter().map(decode_event).collect())
+    }
+
+    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows =
+            sqlx::query(concat!("SELECT ", columns!(), " FROM events WHERE position > $1 ORDER BY position LIMIT $2"))
+                .bind(after.min(i64::MAX as u64) as i64)
+                .bind(limit.min(i64::MAX as usize) as i64)
+                .fetch_all(&self.reads)
+                .await
+                .map_err(unavailable)?;
+        Ok(rows.iter().map(decode_event).collect())
+    }
+
+    fn head(&self) -> watch::Receiver<u64> {
+        self.submitter.head()
+    }
+
+    async fn find_command(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT command_id, aggregate_type, aggregate_id, first_position, last_position, version \
+             FROM commands WHERE command_id = $1",
+        )
+        .bind(command_id)
+        .fetch_optional(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        Ok(row.map(|row| decode_command(&row)))
+    }
+
+    async fn close(&self) {
+        self.submitter.shutdown().await;
+        self.reads.close().await;
+        self.listener.abort();
+    }
+}
+
+fn decode_event(row: &PgRow) -> StoredEvent {
+    StoredEvent {
+        position: row.get::<i64, _>(0) as u64,
+        stream: StreamId::new(row.get::<String, _>(1), row.get::<String, _>(2)),
+        version: row.get::<i64, _>(3) as u64,
+        id: row.get::<Uuid, _>(4),
+        event_type: row.get(5),
+        schema_version: row.get::<i32, _>(6) as u32,
+        time: row.get::<DateTime<Utc>, _>(7),
+        data: row.get(8),
+        correlation_id: row.get(9),
+        causation_id: row.get(10),
+        module: row.get(11),
+        module_version: row.get(12),
+    }
+}
+
+fn decode_command(row: &PgRow) -> CommandRecord {
+    CommandRecord {
+        command_id: row.get(0),
+        stream: StreamId::new(row.get::<String, _>(1), row.get::<String, _>(2)),
+        first_position: row.get::<i64, _>(3) as u64,
+        last_position: row.get::<i64, _>(4) as u64,
+        version: row.get::<i64, _>(5) as u64,
+    }
+}
+
+/// The single writer of this process: one connection, reconnected after
+/// any failure.
+struct Writer {
+    connect: PgConnectOptions,
+    connection: Option<PgConnection>,
+    lock_key: i64,
+    channel: String,
+    acquire_timeout: Duration,
+    commit_timeout: Duration,
+    head_sender: watch::Sender<u64>,
+    max_batch: usize,
+    metrics: Metrics,
+}
+
+impl Writer {
+    async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+        while let Some(batch) = next_batch(&mut queue, self.max_batch).await {
+            if !batch.appends.is_empty() {
+                self.commit_batch(batch.appends).await;
+            }
+            if let Some(done) = batch.shutdown {
+                refuse_remaining(&mut queue);
+                if let Some(connection) = self.connection.take() {
+                    let _ = connection.close().await;
+                }
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    /// Run one database step under the commit timeout.
+    async fn step<T>(&self, what: &str, future: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.commit_timeout, future).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(StoreError::Unavailable(format!("{what}: {error}"))),
+            Err(_) => Err(StoreError::Unavailable(format!("{what}: no answer within {:?}", self.commit_timeout))),
+        }
+    }
+
+    /// Commit one batch. Any failure drops the connection (the server rolls
+    /// back whatever it began) and answers every append of the batch.
+    async fn commit_batch(&mut self, appends: Vec<(AppendRequest, Reply)>) {
+        let mut connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => match connect_within(&self.connect, self.acquire_timeout).await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    for (_, reply) in appends {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    return;
+                }
+            },
+        };
+        let facts = match self.begin_and_read_facts(&mut connection, &appends).await {
+            Ok(facts) => facts,
+            Err(error) => {
+                tracing::warn!(%error, "group commit could not start; nothing was written");
+                for (_, reply) in appends {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                return;
+            }
+        };
+        let plan = plan(appends, facts, commit_time());
+        if plan.accepted.is_empty() {
+            if self.step("ROLLBACK", connection.execute("ROLLBACK")).await.is_ok() {
+                self.connection = Some(connection);
+            }
+            return;
+        }
+        let commit_started = Instant::now();
+        match self.write_and_commit(&mut connection, &plan).await {
+            Ok(()) => {
+                self.connection = Some(connection);
+                self.metrics.observe_batch(plan.accepted.len(), commit_started.elapsed());
+                let head = plan.head;
+                plan.acknowledge();
+                self.head_sender.send_if_modified(|current| {
+                    let newer = head > *current;
+                    if newer {
+                        *current = head;
+                    }
+                    newer
+                });
+            }
+            Err(error) => {
+                tracing::error!(%error, "group commit failed; its appends were answered with the error");
+                plan.fail(&error);
+            }
+        }
+    }
+
+    async fn begin_and_read_facts(
+        &self,
+        connection: &mut PgConnection,
+        appends: &[(AppendRequest, Reply)],
+    ) -> Result<Facts, StoreError> {
+        let begin = format!("BEGIN; SELECT pg_advisory_xact_lock({})", self.lock_key);
+        self.step("BEGIN", connection.execute(AssertSqlSafe(begin))).await?;
+        let (streams, ids) = batch_keys(appends);
+        let (types, aggregate_ids): (Vec<&str>, Vec<&str>) =
+            streams.iter().map(|s| (s.aggregate_type.as_str(), s.aggregate_id.as_str())).unzip();
+        // A statement of its own, so its snapshot is taken with the lock held.
+        let rows = self
+            .step(
+                "reading stream versions",
+                sqlx::query(
+                    "SELECT s.aggregate_type, s.aggregate_id, COALESCE((SELECT MAX(e.version) FROM events e \
+                     WHERE e.aggregate_type = s.aggregate_type AND e.aggregate_id = s.aggregate_id), 0) \
+                     FROM UNNEST($1::text[], $2::text[]) AS s(aggregate_type, aggregate_id) \
+                     UNION ALL SELECT NULL, NULL, COALESCE(MAX(position), 0) FROM events",
+                )
+                .bind(&types)
+                .bind(&aggregate_ids)
+                .fetch_all(&mut *connection),
+            )
+            .await?;
+        let mut facts = Facts { head: 0, versions: HashMap::with_capacity(streams.len()), commands: HashMap::new() };
+        for row in rows {
+            let value = row.get::<i64, _>(2) as u64;
+            match (row.get::<Option<String>, _>(0), row.get::<Option<String>, _>(1)) {
+                (Some(kind), Some(id)) => {
+                    facts.versions.insert(StreamId::new(kind, id), value);
+                }
+                _ => facts.head = value,
+            }
+        }
+        if !ids.is_empty() {
+            let rows = self
+                .step(
+                    "reading idempotency records",
+                    sqlx::query(
+                        "SELECT command_id, aggregate_type, aggregate_id, first_position, last_position, version \
+                         FROM commands WHERE command_id = ANY($1)",
+                    )
+                    .bind(&ids)
+                    .fetch_all(&mut *connection),
+                )
+                .await?;
+            facts.commands =
+                rows.iter().map(decode_command).map(|record| (record.command_id.clone(), record)).collect();
+        }
+        Ok(facts)
+    }
+
+    async fn write_and_commit(&self, connection: &mut PgConnection, plan: &Plan) -> Result<(), StoreError> {
+        let rows: Vec<&StoredEvent> = plan.rows().collect();
+        let records: Vec<(&String, &StoredEvent, &StoredEvent)> = plan.command_records().collect();
+        let insert = sqlx::query(concat!(
+            "WITH new_events AS (INSERT INTO events (",
+            columns!(),
+            ") SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::uuid[], $6::text[], \
+             $7::int4[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[])), \
+             new_commands AS (INSERT INTO commands \
+             (command_id, aggregate_type, aggregate_id, first_position, last_position, version) \
+             SELECT * FROM UNNEST($14::text[], $15::text[], $16::text[], $17::bigint[], $18::bigint[], $19::bigint[])) \
+             SELECT pg_notify($20, $21)"
+        ))
+        .bind(rows.iter().map(|e| e.position as i64).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.stream.aggregate_type.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.stream.aggregate_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.version as i64).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.schema_version as i32).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.time).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.data.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.correlation_id.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.causation_id.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.module.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.module_version.as_str()).collect::<Vec<_>>())
+        .bind(records.iter().map(|(id, _, _)| id.as_str()).collect::<Vec<_>>())
+        .bind(records.iter().map(|(_, first, _)| first.stream.aggregate_type.as_str()).collect::<Vec<_>>())
+        .bind(records.iter().map(|(_, first, _)| first.stream.aggregate_id.as_str()).collect::<Vec<_>>())
+        .bind(records.iter().map(|(_, first, _)| first.position as i64).collect::<Vec<_>>())
+        .bind(records.iter().map(|(_, _, last)| last.position as i64).collect::<Vec<_>>())
+        .bind(records.iter().map(|(_, _, last)| last.version as i64).collect::<Vec<_>>())
+        .bind(&self.channel)
+        .bind(plan.head.to_string());
+        self.step("writing the batch", insert.execute(&mut *connection)).await?;
+        self.step("COMMIT", connection.execute("COMMIT")).await.map_err(|error| {
+            StoreError::Unavailable(format!(
+                "{error}; whether the batch committed is unknown — resend with the same idempotency key"
+            ))
+        })?;
+        Ok(())
+    }
+}

@@ -1,8 +1,12 @@
-//! `orchestrix bench`: N concurrent clients send `DepositMoney` across K
-//! bank accounts through the real host pipeline (wasm `handle`, group commit
-//! into a fresh SQLite file, fold) — in process, or over HTTP — and report
-//! throughput and latency percentiles. Every command is acknowledged only
-//! after its commit is durable, exactly as in `serve`.
+//! `orchestrix bench`: measurements of the real host, each on fresh storage
+//! of every selected backend (a new SQLite file; a new PostgreSQL schema,
+//! dropped afterwards), reporting every run and the median.
+//!
+//! - `commands`: N concurrent clients send `DepositMoney` across K bank
+//!   accounts through the real pipeline (wasm `handle`, group commit, fold) —
+//!   in process, or over HTTP. Every command is acknowledged only after its
+//!   commit is durable, exactly as in `serve`.
+//! - `feed` and `live`: see [`super::bench_feed`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +16,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use orchestrix_host::pipeline::{CommandRequest, CommandService};
 use orchestrix_host::runtime::Runtime;
-use orchestrix_host::store::StreamId;
+use orchestrix_host::store::{StoreOptions, StreamId};
+use sqlx::Connection;
 
 use crate::HostArgs;
 
@@ -24,10 +29,35 @@ pub enum Mode {
     Http,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Suite {
+    /// Command throughput and latency (the foundation's benchmark).
+    Commands,
+    /// Reading the global feed from position 0 over many events.
+    Feed,
+    /// Latency from append to delivery to a live subscriber.
+    Live,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(flatten)]
-    host: HostArgs,
+    pub host: HostArgs,
+    /// What to measure (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "commands,feed,live")]
+    suites: Vec<Suite>,
+    /// Backends to measure on (comma-separated); PostgreSQL needs --postgres-url.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "sqlite,postgres")]
+    stores: Vec<Backend>,
+    /// PostgreSQL server for the benchmarks; each run gets a schema of its own.
+    #[arg(long, env = "DATABASE_URL")]
+    postgres_url: Option<String>,
     /// Concurrent clients (comma-separated for several measurements).
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     clients: Vec<usize>,
@@ -39,9 +69,11 @@ pub struct BenchArgs {
     seconds: f64,
     /// Runs per client count; the median run is reported too.
     #[arg(long, default_value_t = 3)]
-    runs: usize,
+    pub runs: usize,
     #[arg(long, value_enum, default_value = "pipeline")]
     mode: Mode,
+    #[command(flatten)]
+    pub feed: super::bench_feed::FeedArgs,
 }
 
 struct RunResult {
@@ -56,24 +88,110 @@ impl RunResult {
     }
 
     fn percentile(&self, p: f64) -> f64 {
-        let index = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
-        f64::from(self.latencies_us[index]) / 1000.0
+        percentile_ms(&self.latencies_us, p)
     }
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
+    let mut stores = Vec::new();
+    for &backend in &args.stores {
+        match (backend, &args.postgres_url) {
+            (Backend::Postgres, None) => {
+                println!("skipping PostgreSQL: give --postgres-url or set DATABASE_URL");
+            }
+            _ => stores.push(backend),
+        }
+    }
+    for &suite in &args.suites {
+        for &backend in &stores {
+            match suite {
+                Suite::Commands => commands(&args, backend).await?,
+                Suite::Feed => super::bench_feed::feed(&args, backend).await?,
+                Suite::Live => super::bench_feed::live(&args, backend).await?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fresh storage for one run; dropped (file or schema) by [`BenchStorage::remove`].
+pub struct BenchStorage {
+    pub url: String,
+    pub options: StoreOptions,
+    dir: Option<PathBuf>,
+    schema: Option<(String, String)>,
+}
+
+impl BenchStorage {
+    pub async fn create(args: &BenchArgs, backend: Backend) -> Result<Self> {
+        let mut options = args.host.config().store_options;
+        match backend {
+            Backend::Sqlite => {
+                let dir = std::env::temp_dir().join(format!(
+                    "orchestrix-bench-{}-{}",
+                    std::process::id(),
+                    uuid::Uuid::now_v7()
+                ));
+                std::fs::create_dir_all(&dir)?;
+                let url = format!("sqlite://{}", dir.join("bench.db").display());
+                Ok(Self { url, options, dir: Some(dir), schema: None })
+            }
+            Backend::Postgres => {
+                let url = args.postgres_url.clone().context("no PostgreSQL URL")?;
+                let schema = format!("orx_bench_{}", uuid::Uuid::now_v7().simple());
+                options.schema = Some(schema.clone());
+                Ok(Self { url: url.clone(), options, dir: None, schema: Some((url, schema)) })
+            }
+        }
+    }
+
+    pub async fn remove(self) -> Result<()> {
+        if let Some(dir) = self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        if let Some((url, schema)) = self.schema {
+            let mut connection = sqlx::PgConnection::connect(&url).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")))
+                .execute(&mut connection)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+pub fn describe(args: &BenchArgs, backend: Backend) -> &'static str {
+    match (backend, args.host.no_fsync) {
+        (Backend::Sqlite, false) => "sqlite (fsync every commit)",
+        (Backend::Sqlite, true) => "sqlite (no fsync)",
+        (Backend::Postgres, _) => "postgres (server defaults)",
+    }
+}
+
+/// The median of measurements, by `key`.
+pub fn median_by<T>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> T {
+    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    runs.swap_remove(runs.len() / 2)
+}
+
+/// The `p`-th percentile of sorted values, in milliseconds.
+pub fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    let index = ((sorted_us.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted_us[index]) / 1000.0
+}
+
+async fn commands(args: &BenchArgs, backend: Backend) -> Result<()> {
     let mode = if args.mode == Mode::Http { "http" } else { "pipeline" };
     println!(
-        "bench: deposits over {} accounts, {} s per run, {} runs, mode {mode}, store {}",
+        "bench commands: deposits over {} accounts, {} s per run, {} runs, mode {mode}, store {}",
         args.accounts,
         args.seconds,
         args.runs,
-        if args.host.no_fsync { "sqlite (no fsync)" } else { "sqlite (fsync every commit)" }
+        describe(args, backend)
     );
     for &clients in &args.clients {
         let mut results = Vec::new();
         for run in 1..=args.runs {
-            let result = one_run(&args, clients).await?;
+            let result = one_run(args, backend, clients).await?;
             println!(
                 "  clients={clients:<3} run={run} cmds={:<7} {:>9.0} cmd/s  p50={:.2} ms  p99={:.2} ms",
                 result.commands,
@@ -83,10 +201,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             );
             results.push(result);
         }
-        results.sort_by(|a, b| a.throughput().total_cmp(&b.throughput()));
-        let median = &results[results.len() / 2];
+        let median = median_by(results, RunResult::throughput);
         println!(
-            "median clients={clients:<3} {:>9.0} cmd/s  p50={:.2} ms  p99={:.2} ms",
+            "median {} clients={clients:<3} {:>9.0} cmd/s  p50={:.2} ms  p99={:.2} ms",
+            describe(args, backend),
             median.throughput(),
             median.percentile(0.50),
             median.percentile(0.99)
@@ -95,14 +213,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-async fn one_run(args: &BenchArgs, clients: usize) -> Result<RunResult> {
-    let dir = std::env::temp_dir().join(format!("orchestrix-bench-{}-{}", std::process::id(), uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir)?;
-    let mut host = args.host.clone();
-    host.store = format!("sqlite://{}", dir.join("bench.db").display());
-    let runtime = Runtime::start(host.config()).await.context("starting the host")?;
+async fn one_run(args: &BenchArgs, backend: Backend, clients: usize) -> Result<RunResult> {
+    let storage = BenchStorage::create(args, backend).await?;
+    let mut config = args.host.config();
+    config.store_url = storage.url.clone();
+    config.store_options = storage.options.clone();
+    let runtime = Runtime::start(config).await.context("starting the host")?;
     if runtime.commands.modules().route("account").is_none() {
-        bail!("the bank module is not in {}: build the plugins first (cargo xtask dist)", host.plugins.display());
+        bail!("the bank module is not in {}: build the plugins first (cargo xtask dist)", args.host.plugins.display());
     }
     let service = runtime.commands.clone();
     for account in 0..args.accounts {
@@ -134,7 +252,7 @@ async fn one_run(args: &BenchArgs, clients: usize) -> Result<RunResult> {
         runtime.metrics.mean_wasm_call("bank", "apply").as_secs_f64() * 1e6,
     );
     drop(runtime);
-    let _ = std::fs::remove_dir_all(PathBuf::from(&dir));
+    storage.remove().await?;
     Ok(result)
 }
 

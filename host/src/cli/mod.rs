@@ -1,4 +1,5 @@
 //! Subcommands of the `orchestrix` binary other than `serve`.
 
 pub mod bench;
+pub mod bench_feed;
 pub mod client;

@@ -112,6 +112,8 @@ impl PostgresStore {
             acquire_timeout: options.acquire_timeout,
             commit_timeout: options.commit_timeout,
             head_sender,
+            known_head: None,
+            versions: HashMap::new(),
             max_batch: options.max_batch,
             metrics,
         };
@@ -295,9 +297,16 @@ struct Writer {
     acquire_timeout: Duration,
     commit_timeout: Duration,
     head_sender: watch::Sender<u64>,
+    /// The head this writer's last commit left, if its last batch succeeded.
+    known_head: Option<u64>,
+    /// Stream versions as of `known_head`.
+    versions: HashMap<StreamId, u64>,
     max_batch: usize,
     metrics: Metrics,
 }
+
+/// Stream versions a writer remembers before it starts forgetting.
+const VERSION_CACHE_LIMIT: usize = 200_000;
 
 impl Writer {
     async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
@@ -343,6 +352,7 @@ impl Writer {
         let facts = match self.begin_and_read_facts(&mut connection, &appends).await {
             Ok(facts) => facts,
             Err(error) => {
+                self.known_head = None;
                 tracing::warn!(%error, "group commit could not start; nothing was written");
                 for (_, reply) in appends {
                     let _ = reply.send(Err(error.clone()));
@@ -350,10 +360,12 @@ impl Writer {
                 return;
             }
         };
+        let head = facts.head;
         let plan = plan(appends, facts, commit_time());
         if plan.accepted.is_empty() {
             if self.step("ROLLBACK", connection.execute("ROLLBACK")).await.is_ok() {
                 self.connection = Some(connection);
+                self.known_head = Some(head);
             }
             return;
         }
@@ -363,6 +375,8 @@ impl Writer {
                 self.connection = Some(connection);
                 self.metrics.observe_batch(plan.accepted.len(), commit_started.elapsed());
                 let head = plan.head;
+                self.known_head = Some(head);
+                self.versions.extend(plan.versions.iter().map(|(stream, version)| (stream.clone(), *version)));
                 plan.acknowledge();
                 self.head_sender.send_if_modified(|current| {
                     let newer = head > *current;
@@ -373,45 +387,67 @@ impl Writer {
                 });
             }
             Err(error) => {
+                self.known_head = None;
                 tracing::error!(%error, "group commit failed; its appends were answered with the error");
                 plan.fail(&error);
             }
         }
     }
 
+    /// Begin the batch's transaction, take the lock and gather its facts.
+    /// The head is read in the same round trip as the lock, in a statement
+    /// of its own (so its snapshot is taken with the lock held). If it is
+    /// the head this writer left, no other process wrote since, and the
+    /// stream versions it remembers are current; otherwise they are
+    /// forgotten. Streams it does not remember are read in one query.
     async fn begin_and_read_facts(
-        &self,
+        &mut self,
         connection: &mut PgConnection,
         appends: &[(AppendRequest, Reply)],
     ) -> Result<Facts, StoreError> {
-        let begin = format!("BEGIN; SELECT pg_advisory_xact_lock({})", self.lock_key);
-        self.step("BEGIN", connection.execute(AssertSqlSafe(begin))).await?;
+        let begin = format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({}); SELECT COALESCE(MAX(position), 0) FROM events",
+            self.lock_key
+        );
+        let rows = self.step("BEGIN", sqlx::raw_sql(AssertSqlSafe(begin)).fetch_all(&mut *connection)).await?;
+        let head = rows
+            .last()
+            .and_then(|row| row.try_get::<i64, _>(0).ok())
+            .ok_or_else(|| StoreError::Unavailable("BEGIN: the head position was not returned".into()))?
+            as u64;
+        if self.known_head != Some(head) || self.versions.len() > VERSION_CACHE_LIMIT {
+            self.versions.clear();
+        }
         let (streams, ids) = batch_keys(appends);
-        let (types, aggregate_ids): (Vec<&str>, Vec<&str>) =
-            streams.iter().map(|s| (s.aggregate_type.as_str(), s.aggregate_id.as_str())).unzip();
-        // A statement of its own, so its snapshot is taken with the lock held.
-        let rows = self
-            .step(
-                "reading stream versions",
-                sqlx::query(
-                    "SELECT s.aggregate_type, s.aggregate_id, COALESCE((SELECT MAX(e.version) FROM events e \
-                     WHERE e.aggregate_type = s.aggregate_type AND e.aggregate_id = s.aggregate_id), 0) \
-                     FROM UNNEST($1::text[], $2::text[]) AS s(aggregate_type, aggregate_id) \
-                     UNION ALL SELECT NULL, NULL, COALESCE(MAX(position), 0) FROM events",
-                )
-                .bind(&types)
-                .bind(&aggregate_ids)
-                .fetch_all(&mut *connection),
-            )
-            .await?;
-        let mut facts = Facts { head: 0, versions: HashMap::with_capacity(streams.len()), commands: HashMap::new() };
-        for row in rows {
-            let value = row.get::<i64, _>(2) as u64;
-            match (row.get::<Option<String>, _>(0), row.get::<Option<String>, _>(1)) {
-                (Some(kind), Some(id)) => {
-                    facts.versions.insert(StreamId::new(kind, id), value);
+        let mut facts = Facts { head, versions: HashMap::with_capacity(streams.len()), commands: HashMap::new() };
+        let mut unknown = Vec::new();
+        for stream in streams {
+            match self.versions.get(&stream) {
+                Some(version) => {
+                    facts.versions.insert(stream, *version);
                 }
-                _ => facts.head = value,
+                None => unknown.push(stream),
+            }
+        }
+        if !unknown.is_empty() {
+            let (types, aggregate_ids): (Vec<&str>, Vec<&str>) =
+                unknown.iter().map(|s| (s.aggregate_type.as_str(), s.aggregate_id.as_str())).unzip();
+            let rows = self
+                .step(
+                    "reading stream versions",
+                    sqlx::query(
+                        "SELECT s.aggregate_type, s.aggregate_id, COALESCE((SELECT MAX(e.version) FROM events e \
+                         WHERE e.aggregate_type = s.aggregate_type AND e.aggregate_id = s.aggregate_id), 0) \
+                         FROM UNNEST($1::text[], $2::text[]) AS s(aggregate_type, aggregate_id)",
+                    )
+                    .bind(&types)
+                    .bind(&aggregate_ids)
+                    .fetch_all(&mut *connection),
+                )
+                .await?;
+            for row in rows {
+                let stream = StreamId::new(row.get::<String, _>(0), row.get::<String, _>(1));
+                facts.versions.insert(stream, row.get::<i64, _>(2) as u64);
             }
         }
         if !ids.is_empty() {

@@ -19,14 +19,12 @@ use serde_json::{Value, json};
 use crate::cloudevents::{self, BATCH_CONTENT_TYPE};
 use crate::metrics::Metrics;
 use crate::pipeline::{CommandError, CommandRequest, CommandService};
-use crate::sandbox::LoadFailure;
 use crate::store::{EventFilter, StoreError, StreamId, StreamRange, Subscription};
 
 /// What the handlers share.
 pub struct ApiState {
     pub commands: Arc<CommandService>,
     pub metrics: Metrics,
-    pub load_failures: Vec<LoadFailure>,
     /// Turns true when the host shuts down: open event streams end, so a
     /// graceful shutdown does not wait for clients that never hang up.
     pub stopping: tokio::sync::watch::Receiver<bool>,
@@ -44,6 +42,7 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .route("/v1/events", get(global_events))
         .route("/v1/events/stream", get(live_events))
         .route("/v1/modules", get(modules))
+        .route("/v1/modules/reload", post(reload_modules))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -75,6 +74,7 @@ impl From<CommandError> for ApiError {
         let message = error.to_string();
         let (status, code) = match &error {
             CommandError::UnknownAggregate(_) => (StatusCode::NOT_FOUND, "unknown_aggregate_type"),
+            CommandError::ModuleNotLoaded { .. } => (StatusCode::NOT_FOUND, "module_not_loaded"),
             CommandError::UnknownCommand { .. } => (StatusCode::NOT_FOUND, "unknown_command"),
             CommandError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             CommandError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_command"),
@@ -202,9 +202,7 @@ async fn stream_events(
     Path((aggregate_type, aggregate_id)): Path<(String, String)>,
     Query(query): Query<StreamQuery>,
 ) -> Result<Response, ApiError> {
-    if state.commands.modules().route(&aggregate_type).is_none() {
-        return Err(CommandError::UnknownAggregate(aggregate_type).into());
-    }
+    state.commands.route(&aggregate_type)?;
     let range = StreamRange { from_version: query.from.unwrap_or(1), to_version: query.to, until: query.until };
     let events = state.commands.store().read_stream(&StreamId::new(aggregate_type, aggregate_id), range).await?;
     Ok(batch_response(cloudevents::to_batch(&events)))
@@ -344,7 +342,25 @@ async fn modules(State(state): State<Arc<ApiState>>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({"modules": modules, "failures": state.load_failures}))
+    let registry = state.commands.registry();
+    Json(json!({
+        "plugins_dir": registry.plugins_dir().display().to_string(),
+        "modules": modules,
+        "failures": registry.failures(),
+    }))
+}
+
+/// `POST /v1/modules/reload`: rescan the plugins directory now (for
+/// environments where file events are unreliable) and report what changed.
+async fn reload_modules(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
+    let report = state.commands.registry().reload().await.map_err(|error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "plugins_dir_unreadable",
+            format!("cannot read the plugins directory: {error}"),
+        )
+    })?;
+    Ok(Json(serde_json::to_value(report).unwrap_or(Value::Null)))
 }
 
 async fn health(State(state): State<Arc<ApiState>>) -> Json<Value> {

@@ -29,7 +29,7 @@ enum Command {
     Send(cli::client::SendArgs),
     /// Print events: one aggregate's stream, or the global log.
     Events(cli::client::EventsArgs),
-    /// List the modules a running host has loaded (and the files it refused).
+    /// List the modules a running host serves (and the files it refused), or reload them.
     Modules(cli::client::ModulesArgs),
     /// Measure command throughput and latency through the real pipeline.
     Bench(cli::bench::BenchArgs),
@@ -53,6 +53,12 @@ pub struct HostArgs {
     /// Deadline of one guest call, in milliseconds.
     #[arg(long, env = "ORCHESTRIX_CALL_DEADLINE_MS", default_value_t = 100)]
     call_deadline_ms: u64,
+    /// Streams per aggregate type that a new module version must fold without error before it serves (0: no check).
+    #[arg(long, env = "ORCHESTRIX_REPLAY_SAMPLE", default_value_t = 100)]
+    replay_sample: usize,
+    /// Do not watch the plugins directory (reload with `orchestrix modules reload` instead).
+    #[arg(long, env = "ORCHESTRIX_NO_WATCH")]
+    no_watch: bool,
     /// Memory cap of one guest instance, in MiB.
     #[arg(long, env = "ORCHESTRIX_MAX_MEMORY_MIB", default_value_t = 64)]
     max_memory_mib: usize,
@@ -80,6 +86,10 @@ impl HostArgs {
             config.cache_dir = dir.clone();
         }
         config.max_body_bytes = self.max_body_bytes;
+        config.replay_sample = self.replay_sample;
+        if self.no_watch {
+            config.watch_plugins = None;
+        }
         config.store_options = StoreOptions {
             max_event_bytes: self.max_body_bytes,
             fsync_every_commit: !self.no_fsync,
@@ -155,7 +165,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         config.plugins_dir.display(),
         if names.is_empty() { "none loaded".into() } else { names.join(", ") }
     );
-    for failure in &runtime.load_failures {
+    for failure in &runtime.load_failures() {
         println!("  refused: {} — {}", failure.file.display(), failure.reason);
     }
     println!("try:");

@@ -20,6 +20,8 @@ struct Inner {
     wasm_call_seconds: HistogramVec,
     append_batch_size: Histogram,
     commit_seconds: Histogram,
+    module_loads: IntCounterVec,
+    module_load_step_seconds: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -62,6 +64,23 @@ impl Metrics {
                 .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
+        let module_loads = IntCounterVec::new(
+            Opts::new(
+                "orchestrix_module_loads_total",
+                "Module (re)loads, by module and outcome (loaded, refused, unloaded)",
+            ),
+            &["module", "outcome"],
+        )
+        .expect("valid metric");
+        let module_load_step_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "orchestrix_module_load_step_duration_seconds",
+                "Duration of each step of loading a module",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["step"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(command_seconds.clone()),
@@ -69,6 +88,8 @@ impl Metrics {
             Box::new(wasm_call_seconds.clone()),
             Box::new(append_batch_size.clone()),
             Box::new(commit_seconds.clone()),
+            Box::new(module_loads.clone()),
+            Box::new(module_load_step_seconds.clone()),
         ] {
             registry.register(collector).expect("metric names are unique");
         }
@@ -81,6 +102,8 @@ impl Metrics {
                 wasm_call_seconds,
                 append_batch_size,
                 commit_seconds,
+                module_loads,
+                module_load_step_seconds,
             }),
         }
     }
@@ -125,6 +148,14 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    pub fn observe_module_load(&self, module: &str, outcome: &str) {
+        self.inner.module_loads.with_label_values(&[module, outcome]).inc();
+    }
+
+    pub fn observe_module_load_step(&self, step: &str, seconds: f64) {
+        self.inner.module_load_step_seconds.with_label_values(&[step]).observe(seconds);
+    }
+
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.inner.registry.gather(), &mut buffer).expect("text encoding cannot fail");

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
-use crate::sandbox::{Command, DomainError, GuestFailure, GuestModule, ModuleSet, RecordedEvent};
+use crate::sandbox::{Command, DomainError, GuestFailure, GuestModule, ModuleRegistry, ModuleSet, RecordedEvent};
 use crate::store::{
     AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, StoreError, StoredEvent,
     StreamId, StreamRange,
@@ -54,6 +54,10 @@ pub struct CommandReply {
 pub enum CommandError {
     #[error("unknown aggregate type `{0}`")]
     UnknownAggregate(String),
+    #[error(
+        "module `{module}` not loaded: its file was removed from the plugins directory (aggregate type `{aggregate_type}`; its events are kept)"
+    )]
+    ModuleNotLoaded { module: String, aggregate_type: String },
     #[error("aggregate type `{aggregate_type}` has no command `{command_type}`")]
     UnknownCommand { aggregate_type: String, command_type: String },
     #[error("{0} does not exist")]
@@ -100,9 +104,10 @@ impl CommandError {
     /// Short label for metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
-            CommandError::UnknownAggregate(_) | CommandError::UnknownCommand { .. } | CommandError::NotFound(_) => {
-                "not_found"
-            }
+            CommandError::UnknownAggregate(_)
+            | CommandError::ModuleNotLoaded { .. }
+            | CommandError::UnknownCommand { .. }
+            | CommandError::NotFound(_) => "not_found",
             CommandError::Invalid(_) => "invalid",
             CommandError::Rejected(_) => "rejected",
             CommandError::Conflict { .. } => "conflict",
@@ -171,18 +176,28 @@ const FOLD_CHUNK: usize = 256;
 /// The command service shared by the HTTP API, the CLI's in-process
 /// benchmark and the tests.
 pub struct CommandService {
-    modules: Arc<ModuleSet>,
+    modules: Arc<ModuleRegistry>,
     store: Arc<dyn EventStore>,
     cache: AggregateCache,
     metrics: Metrics,
 }
 
 impl CommandService {
-    pub fn new(modules: Arc<ModuleSet>, store: Arc<dyn EventStore>, metrics: Metrics, cache_capacity: usize) -> Self {
+    pub fn new(
+        modules: Arc<ModuleRegistry>,
+        store: Arc<dyn EventStore>,
+        metrics: Metrics,
+        cache_capacity: usize,
+    ) -> Self {
         Self { modules, store, cache: AggregateCache::new(cache_capacity), metrics }
     }
 
-    pub fn modules(&self) -> &ModuleSet {
+    /// The modules serving now (a snapshot: a reload swaps in a new set).
+    pub fn modules(&self) -> Arc<ModuleSet> {
+        self.modules.current()
+    }
+
+    pub fn registry(&self) -> &Arc<ModuleRegistry> {
         &self.modules
     }
 
@@ -190,14 +205,22 @@ impl CommandService {
         &self.store
     }
 
-    fn route(&self, aggregate_type: &str) -> Result<&Arc<GuestModule>, CommandError> {
-        self.modules.route(aggregate_type).ok_or_else(|| CommandError::UnknownAggregate(aggregate_type.to_owned()))
+    /// The module serving an aggregate type. The caller keeps this version
+    /// for the whole command, whatever a reload does meanwhile.
+    pub fn route(&self, aggregate_type: &str) -> Result<Arc<GuestModule>, CommandError> {
+        if let Some(module) = self.modules.current().route(aggregate_type) {
+            return Ok(module.clone());
+        }
+        Err(match self.modules.unloaded_owner(aggregate_type) {
+            Some(module) => CommandError::ModuleNotLoaded { module, aggregate_type: aggregate_type.to_owned() },
+            None => CommandError::UnknownAggregate(aggregate_type.to_owned()),
+        })
     }
 
     /// Execute one command end to end.
     pub async fn execute(&self, request: CommandRequest) -> Result<CommandReply, CommandError> {
         let started = Instant::now();
-        let module = self.route(&request.stream.aggregate_type)?.clone();
+        let module = self.route(&request.stream.aggregate_type)?;
         let correlation_id = request.correlation_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string());
         let span = tracing::info_span!(
             "command",
@@ -408,7 +431,7 @@ impl CommandService {
 
     /// The current version and state (rendered as JSON by the module) of an aggregate.
     pub async fn state(&self, stream: &StreamId) -> Result<(u64, serde_json::Value), CommandError> {
-        let module = self.route(&stream.aggregate_type)?.clone();
+        let module = self.route(&stream.aggregate_type)?;
         let slot = self.cache.slot(stream);
         let mut guard = slot.lock().await;
         let folded = self.ensure_folded(&module, stream, &mut guard).await?;
@@ -425,7 +448,8 @@ impl CommandService {
 }
 
 /// The guest's view of a stored event.
-fn to_recorded(event: &StoredEvent) -> RecordedEvent {
+/// An event as guests receive it.
+pub(crate) fn to_recorded(event: &StoredEvent) -> RecordedEvent {
     RecordedEvent {
         id: event.id.to_string(),
         aggregate_type: event.stream.aggregate_type.clone(),

@@ -10,7 +10,9 @@ use tokio::net::TcpListener;
 use crate::http::{ApiState, router};
 use crate::metrics::Metrics;
 use crate::pipeline::CommandService;
-use crate::sandbox::{LoadFailure, Sandbox, SandboxLimits, load_plugins_dir};
+use crate::sandbox::{
+    LoadFailure, ModuleRegistry, PluginsWatcher, RegistryConfig, Sandbox, SandboxLimits, watch_plugins,
+};
 use crate::store::{self, StoreError, StoreOptions};
 
 /// Everything the host needs to start.
@@ -26,6 +28,12 @@ pub struct RuntimeConfig {
     /// Aggregate instances whose folded state is kept in memory.
     pub state_cache_capacity: usize,
     pub sandbox: SandboxLimits,
+    /// Streams per aggregate type the replay check folds through a new
+    /// module version before it may serve (0: no check).
+    pub replay_sample: usize,
+    /// Reload when the plugins directory changes, after this long without
+    /// further changes (None: only on `POST /v1/modules/reload`).
+    pub watch_plugins: Option<std::time::Duration>,
     pub store_options: StoreOptions,
 }
 
@@ -39,6 +47,8 @@ impl RuntimeConfig {
             max_body_bytes: 1 << 20,
             state_cache_capacity: 100_000,
             sandbox: SandboxLimits::default(),
+            replay_sample: 100,
+            watch_plugins: Some(std::time::Duration::from_millis(100)),
             store_options: StoreOptions::default(),
         }
     }
@@ -58,31 +68,53 @@ pub enum StartError {
 pub struct Runtime {
     pub commands: Arc<CommandService>,
     pub metrics: Metrics,
-    pub load_failures: Vec<LoadFailure>,
     config: RuntimeConfig,
     stopping: tokio::sync::watch::Sender<bool>,
+    _watcher: Option<PluginsWatcher>,
     // Drives call deadlines; must live as long as the modules.
     _sandbox: Arc<Sandbox>,
 }
 
 impl Runtime {
-    /// Load the plugins, open the store and build the command service.
+    /// Open the store, load the plugins (the replay check reads the store),
+    /// start watching the plugins directory and build the command service.
     pub async fn start(config: RuntimeConfig) -> Result<Self, StartError> {
         let metrics = Metrics::new();
         let sandbox = Arc::new(Sandbox::new(config.sandbox.clone())?);
-        let (modules, load_failures) = {
-            let sandbox = sandbox.clone();
-            let (dir, cache, metrics) = (config.plugins_dir.clone(), config.cache_dir.clone(), metrics.clone());
-            tokio::task::spawn_blocking(move || load_plugins_dir(&sandbox, &dir, &cache, &metrics))
-                .await
-                .expect("plugin loading does not panic")
-                .map_err(|source| StartError::PluginsDir { dir: config.plugins_dir.clone(), source })?
-        };
         let store = store::open(&config.store_url, &config.store_options, metrics.clone()).await?;
-        let commands =
-            Arc::new(CommandService::new(Arc::new(modules), store, metrics.clone(), config.state_cache_capacity));
+        let registry = Arc::new(ModuleRegistry::new(
+            sandbox.clone(),
+            RegistryConfig {
+                plugins_dir: config.plugins_dir.clone(),
+                cache_dir: config.cache_dir.clone(),
+                replay_sample: config.replay_sample,
+            },
+            store.clone(),
+            metrics.clone(),
+        ));
+        let reload = registry.reload().await;
+        if let Err(source) = reload {
+            store.close().await;
+            return Err(StartError::PluginsDir { dir: config.plugins_dir.clone(), source });
+        }
+        let watcher = match config.watch_plugins {
+            Some(quiet) => match watch_plugins(registry.clone(), quiet) {
+                Ok(watcher) => Some(watcher),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot watch the plugins directory; use `orchestrix modules reload`");
+                    None
+                }
+            },
+            None => None,
+        };
+        let commands = Arc::new(CommandService::new(registry, store, metrics.clone(), config.state_cache_capacity));
         let (stopping, _) = tokio::sync::watch::channel(false);
-        Ok(Self { commands, metrics, load_failures, config, stopping, _sandbox: sandbox })
+        Ok(Self { commands, metrics, config, stopping, _watcher: watcher, _sandbox: sandbox })
+    }
+
+    /// Files in the plugins directory that are refused right now.
+    pub fn load_failures(&self) -> Vec<LoadFailure> {
+        self.commands.registry().failures()
     }
 
     /// The HTTP API of this host.
@@ -90,7 +122,6 @@ impl Runtime {
         let state = Arc::new(ApiState {
             commands: self.commands.clone(),
             metrics: self.metrics.clone(),
-            load_failures: self.load_failures.clone(),
             stopping: self.stopping.subscribe(),
         });
         router(state, self.config.max_body_bytes)

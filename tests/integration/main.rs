@@ -5,6 +5,7 @@
 mod bank_rules;
 mod commands;
 mod feed;
+mod lifecycle;
 mod plugins_dir;
 mod store_conformance;
 mod support;

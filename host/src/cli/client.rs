@@ -66,6 +66,16 @@ pub struct EventsArgs {
 pub struct ModulesArgs {
     #[command(flatten)]
     target: Target,
+    /// `list` the serving modules and refused files, or `reload` the plugins
+    /// directory now (for environments where file events are unreliable).
+    #[arg(value_enum, default_value = "list")]
+    action: ModulesAction,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModulesAction {
+    List,
+    Reload,
 }
 
 fn client() -> reqwest::Client {
@@ -125,8 +135,14 @@ pub async fn events(args: EventsArgs) -> Result<()> {
 }
 
 pub async fn modules(args: ModulesArgs) -> Result<()> {
-    let url = format!("{}/v1/modules", args.target.url.trim_end_matches('/'));
-    get_and_print(&url).await
+    let base = args.target.url.trim_end_matches('/');
+    match args.action {
+        ModulesAction::List => get_and_print(&format!("{base}/v1/modules")).await,
+        ModulesAction::Reload => {
+            let url = format!("{base}/v1/modules/reload");
+            print_response(client().post(&url).send().await.with_context(|| format!("cannot reach {url}"))?).await
+        }
+    }
 }
 
 /// `events --follow`: read `GET /v1/events/stream` and print each event's

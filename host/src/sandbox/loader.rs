@@ -1,111 +1,80 @@
-//! Loading the plugins directory: read, hash, compile (or load the
-//! precompiled artifact from the on-disk cache), validate, and index the
-//! modules by name and by aggregate type. A bad file is reported with its
-//! name and reason; it never stops the other modules from loading.
+//! Turning one `.wasm` file into a validated [`GuestModule`] — hash,
+//! compile (or load the precompiled artifact from the on-disk cache),
+//! validate the world and the manifest — and the [`ModuleSet`] that indexes
+//! serving modules by name and by aggregate type. The registry
+//! (`registry.rs`) decides which files become which set.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
 use super::{GuestModule, Sandbox, prepare_module};
 use crate::metrics::Metrics;
 
-/// A file in the plugins directory that was refused, and why.
-#[derive(Debug, Clone, Serialize)]
-pub struct LoadFailure {
-    pub file: PathBuf,
-    pub reason: String,
-}
-
-/// The loaded modules, indexed for routing.
+/// The serving modules, indexed for routing. Immutable: a reload builds a
+/// new one and swaps it in.
 #[derive(Default)]
 pub struct ModuleSet {
     by_name: BTreeMap<String, Arc<GuestModule>>,
-    by_aggregate: BTreeMap<String, Arc<GuestModule>>,
+    by_aggregate: HashMap<String, Arc<GuestModule>>,
 }
 
 impl ModuleSet {
+    /// Index modules that the registry has already checked for conflicts.
+    pub(super) fn from_modules(modules: impl IntoIterator<Item = Arc<GuestModule>>) -> Self {
+        let mut set = Self::default();
+        for module in modules {
+            for aggregate in &module.manifest.aggregates {
+                set.by_aggregate.insert(aggregate.name.clone(), module.clone());
+            }
+            set.by_name.insert(module.name.clone(), module);
+        }
+        set
+    }
+
     /// The module that owns an aggregate type.
     pub fn route(&self, aggregate_type: &str) -> Option<&Arc<GuestModule>> {
         self.by_aggregate.get(aggregate_type)
     }
 
+    pub fn by_name(&self, name: &str) -> Option<&Arc<GuestModule>> {
+        self.by_name.get(name)
+    }
+
     pub fn modules(&self) -> impl Iterator<Item = &Arc<GuestModule>> {
         self.by_name.values()
     }
-
-    /// Add a module, refusing a duplicate module name or aggregate type.
-    fn insert(&mut self, module: GuestModule) -> Result<(), String> {
-        if let Some(existing) = self.by_name.get(&module.name) {
-            return Err(format!(
-                "declares module name `{}`, already loaded from {}",
-                module.name,
-                existing.file.display()
-            ));
-        }
-        for aggregate in &module.manifest.aggregates {
-            if let Some(owner) = self.by_aggregate.get(&aggregate.name) {
-                return Err(format!(
-                    "declares aggregate type `{}`, already owned by module `{}`",
-                    aggregate.name, owner.name
-                ));
-            }
-        }
-        let module = Arc::new(module);
-        for aggregate in &module.manifest.aggregates {
-            self.by_aggregate.insert(aggregate.name.clone(), module.clone());
-        }
-        self.by_name.insert(module.name.clone(), module);
-        Ok(())
-    }
 }
 
-/// Load every `*.wasm` in `dir` (in file-name order).
-pub fn load_plugins_dir(
+/// SHA-256 of a module file, hex: its content identity.
+pub(super) fn content_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Steps 2 and 3 of loading a file already read and hashed: compile (or
+/// load from the cache), then validate. Returns the module and the
+/// milliseconds of each step.
+pub(super) fn compile_file(
     sandbox: &Sandbox,
-    dir: &Path,
+    file: &Path,
+    bytes: Vec<u8>,
+    content_hash: String,
     cache_dir: &Path,
     metrics: &Metrics,
-) -> std::io::Result<(ModuleSet, Vec<LoadFailure>)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
-        .collect();
-    files.sort();
-    if let Err(error) = std::fs::create_dir_all(cache_dir) {
-        tracing::warn!(cache_dir = %cache_dir.display(), %error, "precompile cache unavailable; compiling every module");
-    }
-
-    let mut set = ModuleSet::default();
-    let mut failures = Vec::new();
-    for file in files {
-        let result = load_file(sandbox, &file, cache_dir, metrics).and_then(|module| {
-            let summary = (module.name.clone(), module.version.clone(), module.content_hash.clone());
-            set.insert(module).map(|()| summary)
-        });
-        match result {
-            Ok((name, version, hash)) => {
-                tracing::info!(file = %file.display(), module = %name, %version, hash = &hash[..12], "module loaded");
-            }
-            Err(reason) => {
-                tracing::error!(file = %file.display(), %reason, "module refused");
-                failures.push(LoadFailure { file, reason });
-            }
-        }
-    }
-    Ok((set, failures))
-}
-
-fn load_file(sandbox: &Sandbox, file: &Path, cache_dir: &Path, metrics: &Metrics) -> Result<GuestModule, String> {
-    let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
+) -> Result<(GuestModule, BTreeMap<&'static str, f64>), String> {
     check_component_header(&bytes)?;
-    let content_hash = hex::encode(Sha256::digest(&bytes));
+    let mut steps = BTreeMap::new();
+    let started = Instant::now();
     let component = compile_cached(sandbox, &bytes, &content_hash, cache_dir)?;
-    prepare_module(sandbox, &component, file.to_path_buf(), content_hash, metrics.clone())
+    steps.insert("compile", started.elapsed().as_secs_f64() * 1000.0);
+    let started = Instant::now();
+    let module = prepare_module(sandbox, &component, file.to_path_buf(), content_hash, metrics.clone())?;
+    steps.insert("validate", started.elapsed().as_secs_f64() * 1000.0);
+    Ok((module, steps))
 }
 
 /// Explain the two most common wrong files before wasmtime does, tersely.
@@ -122,6 +91,9 @@ fn check_component_header(bytes: &[u8]) -> Result<(), String> {
 /// Compile a component, or load its precompiled artifact when the cache has
 /// one for this content hash, wasmtime version and engine configuration.
 fn compile_cached(sandbox: &Sandbox, bytes: &[u8], content_hash: &str, cache_dir: &Path) -> Result<Component, String> {
+    if let Err(error) = std::fs::create_dir_all(cache_dir) {
+        tracing::warn!(cache_dir = %cache_dir.display(), %error, "precompile cache unavailable");
+    }
     let artifact = cache_dir.join(format!("{content_hash}-{}.cwasm", sandbox.artifact_key()));
     if artifact.is_file() {
         // SAFETY: the artifact was written by `Component::serialize` of this

@@ -11,6 +11,8 @@
 
 mod loader;
 mod output;
+mod registry;
+mod watcher;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +23,9 @@ use wasmtime::component::{HasSelf, InstancePre, Linker, ResourceTable};
 use wasmtime::{Config, Engine, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-pub use loader::{LoadFailure, ModuleSet, load_plugins_dir};
+pub use loader::ModuleSet;
+pub use registry::{LoadFailure, ModuleChange, ModuleRegistry, RegistryConfig, ReloadReport};
+pub use watcher::{PluginsWatcher, watch_plugins};
 
 use crate::metrics::Metrics;
 

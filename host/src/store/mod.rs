@@ -247,6 +247,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// Read one stream, in version order.
     async fn read_stream(&self, stream: &StreamId, range: StreamRange) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// Up to `limit` streams of an aggregate type, most recently written
+    /// first — found among its last 10,000 events, so the cost is bounded.
+    async fn recent_streams(&self, aggregate_type: &str, limit: usize) -> Result<Vec<StreamId>, StoreError>;
+
     /// Read the global log after `position`, in position order.
     async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
 

@@ -237,6 +237,19 @@ impl EventStore for PostgresStore {
         Ok(rows.iter().map(decode_event).collect())
     }
 
+    async fn recent_streams(&self, aggregate_type: &str, limit: usize) -> Result<Vec<StreamId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT aggregate_id FROM (SELECT aggregate_id, position FROM events WHERE aggregate_type = $1 \
+             ORDER BY position DESC LIMIT 10000) AS recent GROUP BY aggregate_id ORDER BY MAX(position) DESC LIMIT $2",
+        )
+        .bind(aggregate_type)
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        Ok(ids.into_iter().map(|id| StreamId::new(aggregate_type, id)).collect())
+    }
+
     fn head(&self) -> watch::Receiver<u64> {
         self.submitter.head()
     }

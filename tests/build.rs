@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Packages compiled to `wasm32-wasip2` for the tests.
-const WASM_PACKAGES: &[&str] = &["bank", "fixture-other-world", "fixture-counter"];
+const WASM_PACKAGES: &[&str] = &["bank", "fixture-other-world", "fixture-counter", "fixture-hazard"];
 
 /// Extra builds of one fixture with features: (package, features, name the
 /// `.wasm` is copied to).

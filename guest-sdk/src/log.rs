@@ -43,6 +43,23 @@ fn emit(level: Level, message: &str, fields: &[(String, String)]) {
     host::log(level, message, fields);
 }
 
+/// Send panic messages to the host's log instead of standard error. (A
+/// panic then traps, and the host reports the failed call.) The host serves
+/// stdout/stderr only off its request path, so a module should never write
+/// to them; this keeps panics, the common case, out of them.
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn report_panics_to_host() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let message = match (info.payload().downcast_ref::<&str>(), info.payload().downcast_ref::<String>()) {
+            (Some(text), _) => (*text).to_owned(),
+            (_, Some(text)) => text.clone(),
+            _ => "panic".to_owned(),
+        };
+        emit(Level::Error, &format!("guest panicked: {message}"), &[("location".to_owned(), location)]);
+    }));
+}
+
 #[cfg(not(target_arch = "wasm32"))]
 fn emit(level: Level, message: &str, fields: &[(String, String)]) {
     eprintln!("[{level:?}] {message} {fields:?}");

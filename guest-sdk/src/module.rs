@@ -116,6 +116,8 @@ impl ModuleBuilder {
 pub(crate) fn registry<M: Module>() -> &'static ModuleBuilder {
     static REGISTRY: OnceLock<ModuleBuilder> = OnceLock::new();
     REGISTRY.get_or_init(|| {
+        #[cfg(target_arch = "wasm32")]
+        crate::log::report_panics_to_host();
         let mut builder = ModuleBuilder::default();
         M::register(&mut builder);
         builder

@@ -43,6 +43,7 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .route("/v1/events/stream", get(live_events))
         .route("/v1/modules", get(modules))
         .route("/v1/modules/reload", post(reload_modules))
+        .route("/v1/modules/{name}/release", post(release_module))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -81,6 +82,7 @@ impl From<CommandError> for ApiError {
             CommandError::Rejected(_) => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
             CommandError::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
             CommandError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "module_failure"),
+            CommandError::Quarantined { .. } => (StatusCode::SERVICE_UNAVAILABLE, "module_quarantined"),
             CommandError::Contract { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "module_contract_violation"),
             CommandError::Store(store) => store_status(store),
         };
@@ -325,6 +327,8 @@ async fn modules(State(state): State<Arc<ApiState>>) -> Json<Value> {
                 "version": m.version,
                 "content_hash": m.content_hash,
                 "file": m.file.display().to_string(),
+                "state": if m.quarantine().is_some() { "quarantined" } else { "serving" },
+                "quarantine": m.quarantine(),
                 "manifest": {
                     "aggregates": m.manifest.aggregates.iter().map(|a| json!({
                         "name": a.name, "command_types": a.command_types, "event_types": a.event_types,
@@ -348,6 +352,15 @@ async fn modules(State(state): State<Arc<ApiState>>) -> Json<Value> {
         "modules": modules,
         "failures": registry.failures(),
     }))
+}
+
+/// `POST /v1/modules/{name}/release`: lift a module's quarantine.
+async fn release_module(State(state): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let modules = state.commands.modules();
+    let module = modules.by_name(&name).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "unknown_module", format!("no module `{name}` is loaded"))
+    })?;
+    Ok(Json(json!({"module": name, "released": module.release()})))
 }
 
 /// `POST /v1/modules/reload`: rescan the plugins directory now (for

@@ -59,6 +59,15 @@ pub struct HostArgs {
     /// Do not watch the plugins directory (reload with `orchestrix modules reload` instead).
     #[arg(long, env = "ORCHESTRIX_NO_WATCH")]
     no_watch: bool,
+    /// Deadline of one module's calls, overriding --call-deadline-ms: `NAME=MS` (repeatable).
+    #[arg(long = "module-deadline-ms", value_parser = parse_module_deadline)]
+    module_deadlines: Vec<(String, u64)>,
+    /// Failed calls in a row (trap, deadline, memory cap) that quarantine a module (0: never).
+    #[arg(long, env = "ORCHESTRIX_QUARANTINE_AFTER", default_value_t = 5)]
+    quarantine_after: u32,
+    /// Meter the fuel each guest call consumes (reported per module on /metrics; ~10-20% slower calls).
+    #[arg(long, env = "ORCHESTRIX_FUEL_METERING")]
+    fuel_metering: bool,
     /// Memory cap of one guest instance, in MiB.
     #[arg(long, env = "ORCHESTRIX_MAX_MEMORY_MIB", default_value_t = 64)]
     max_memory_mib: usize,
@@ -102,10 +111,24 @@ impl HostArgs {
         config.sandbox = SandboxLimits {
             call_deadline: Duration::from_millis(self.call_deadline_ms),
             max_memory_bytes: self.max_memory_mib << 20,
+            module_deadlines: self
+                .module_deadlines
+                .iter()
+                .map(|(name, ms)| (name.clone(), Duration::from_millis(*ms)))
+                .collect(),
+            quarantine_after: self.quarantine_after,
+            fuel_metering: self.fuel_metering,
             ..SandboxLimits::default()
         };
         config
     }
+}
+
+/// `NAME=MS` of `--module-deadline-ms`.
+fn parse_module_deadline(text: &str) -> Result<(String, u64), String> {
+    let (name, ms) = text.split_once('=').ok_or_else(|| format!("expected NAME=MS, got `{text}`"))?;
+    let ms = ms.trim().parse().map_err(|_| format!("`{ms}` is not a number of milliseconds"))?;
+    Ok((name.trim().to_owned(), ms))
 }
 
 #[derive(Args)]

@@ -22,6 +22,8 @@ struct Inner {
     commit_seconds: Histogram,
     module_loads: IntCounterVec,
     module_load_step_seconds: HistogramVec,
+    fuel: IntCounterVec,
+    quarantines: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -81,6 +83,16 @@ impl Metrics {
             &["step"],
         )
         .expect("valid metric");
+        let fuel = IntCounterVec::new(
+            Opts::new("orchestrix_wasm_fuel_consumed_total", "Fuel consumed by guest calls (with --fuel-metering)"),
+            &["module"],
+        )
+        .expect("valid metric");
+        let quarantines = IntCounterVec::new(
+            Opts::new("orchestrix_module_quarantines_total", "Times a module was quarantined after failing calls"),
+            &["module"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(command_seconds.clone()),
@@ -90,6 +102,8 @@ impl Metrics {
             Box::new(commit_seconds.clone()),
             Box::new(module_loads.clone()),
             Box::new(module_load_step_seconds.clone()),
+            Box::new(fuel.clone()),
+            Box::new(quarantines.clone()),
         ] {
             registry.register(collector).expect("metric names are unique");
         }
@@ -104,6 +118,8 @@ impl Metrics {
                 commit_seconds,
                 module_loads,
                 module_load_step_seconds,
+                fuel,
+                quarantines,
             }),
         }
     }
@@ -154,6 +170,14 @@ impl Metrics {
 
     pub fn observe_module_load_step(&self, step: &str, seconds: f64) {
         self.inner.module_load_step_seconds.with_label_values(&[step]).observe(seconds);
+    }
+
+    pub fn observe_fuel(&self, module: &str, fuel: u64) {
+        self.inner.fuel.with_label_values(&[module]).inc_by(fuel);
+    }
+
+    pub fn observe_quarantine(&self, module: &str) {
+        self.inner.quarantines.with_label_values(&[module]).inc();
     }
 
     pub fn render(&self) -> String {

@@ -68,6 +68,10 @@ pub enum CommandError {
     Rejected(String),
     #[error("version conflict on {stream}: expected {expected}, aggregate is at {actual}")]
     Conflict { stream: StreamId, expected: u64, actual: u64 },
+    #[error(
+        "module `{module}` is quarantined: {reason}. A new version or `orchestrix modules release {module}` lifts it"
+    )]
+    Quarantined { module: String, reason: String },
     #[error(transparent)]
     Guest(#[from] GuestFailure),
     #[error("module `{module}` broke the contract: {reason}")]
@@ -112,6 +116,7 @@ impl CommandError {
             CommandError::Rejected(_) => "rejected",
             CommandError::Conflict { .. } => "conflict",
             CommandError::Guest(_) | CommandError::Contract { .. } => "guest_failure",
+            CommandError::Quarantined { .. } => "quarantined",
             CommandError::Store(_) => "store_error",
         }
     }
@@ -209,6 +214,9 @@ impl CommandService {
     /// for the whole command, whatever a reload does meanwhile.
     pub fn route(&self, aggregate_type: &str) -> Result<Arc<GuestModule>, CommandError> {
         if let Some(module) = self.modules.current().route(aggregate_type) {
+            if let Some(quarantine) = module.quarantine() {
+                return Err(CommandError::Quarantined { module: module.name.clone(), reason: quarantine.reason });
+            }
             return Ok(module.clone());
         }
         Err(match self.modules.unloaded_owner(aggregate_type) {

@@ -7,5 +7,6 @@ mod commands;
 mod feed;
 mod lifecycle;
 mod plugins_dir;
+mod sandbox_limits;
 mod store_conformance;
 mod support;

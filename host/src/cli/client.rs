@@ -66,16 +66,21 @@ pub struct EventsArgs {
 pub struct ModulesArgs {
     #[command(flatten)]
     target: Target,
-    /// `list` the serving modules and refused files, or `reload` the plugins
-    /// directory now (for environments where file events are unreliable).
+    /// `list` the serving modules and refused files, `reload` the plugins
+    /// directory now (for environments where file events are unreliable),
+    /// or `release` a quarantined module.
     #[arg(value_enum, default_value = "list")]
     action: ModulesAction,
+    /// The module to release.
+    #[arg(required_if_eq("action", "release"))]
+    module: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModulesAction {
     List,
     Reload,
+    Release,
 }
 
 fn client() -> reqwest::Client {
@@ -138,8 +143,11 @@ pub async fn modules(args: ModulesArgs) -> Result<()> {
     let base = args.target.url.trim_end_matches('/');
     match args.action {
         ModulesAction::List => get_and_print(&format!("{base}/v1/modules")).await,
-        ModulesAction::Reload => {
-            let url = format!("{base}/v1/modules/reload");
+        ModulesAction::Reload | ModulesAction::Release => {
+            let url = match (args.action, &args.module) {
+                (ModulesAction::Release, Some(module)) => format!("{base}/v1/modules/{module}/release"),
+                _ => format!("{base}/v1/modules/reload"),
+            };
             print_response(client().post(&url).send().await.with_context(|| format!("cannot reach {url}"))?).await
         }
     }

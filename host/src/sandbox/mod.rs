@@ -14,6 +14,7 @@ mod output;
 mod registry;
 mod watcher;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -48,13 +49,51 @@ pub struct SandboxLimits {
     pub max_memory_bytes: usize,
     /// Instances kept warm per module.
     pub idle_instances: usize,
+    /// Call deadlines of particular modules, by module name.
+    pub module_deadlines: HashMap<String, Duration>,
+    /// Consecutive failed calls (trap, deadline, memory) after which a
+    /// module is quarantined (0: never).
+    pub quarantine_after: u32,
+    /// Count the fuel every call consumes, per module (metering only: the
+    /// deadline stays the guard).
+    pub fuel_metering: bool,
+    /// Enforce deadlines and memory caps. Only the sandbox-overhead
+    /// benchmark turns this off.
+    pub enforce: bool,
 }
 
 impl Default for SandboxLimits {
     fn default() -> Self {
-        Self { call_deadline: Duration::from_millis(100), max_memory_bytes: 64 << 20, idle_instances: 8 }
+        Self {
+            call_deadline: Duration::from_millis(100),
+            max_memory_bytes: 64 << 20,
+            idle_instances: 8,
+            module_deadlines: HashMap::new(),
+            quarantine_after: 5,
+            fuel_metering: false,
+            enforce: true,
+        }
     }
 }
+
+/// Why a module stopped taking calls.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Quarantine {
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// The failure that tripped the breaker, and how many came in a row.
+    pub reason: String,
+}
+
+/// Consecutive failures of one module's calls, and the quarantine they cause.
+#[derive(Default)]
+struct Breaker {
+    consecutive_failures: u32,
+    quarantine: Option<Quarantine>,
+}
+
+/// Fuel given to each call when metering: far more than any deadline lets a
+/// call burn, so fuel never stops a call.
+const FUEL_PER_CALL: u64 = u64::MAX / 2;
 
 /// Granularity of the epoch clock that enforces call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -75,13 +114,16 @@ impl Sandbox {
             .total_core_instances(512)
             .total_memories(128)
             .total_tables(256)
-            .max_memory_size(limits.max_memory_bytes)
             .linear_memory_keep_resident(4 << 20)
             .table_keep_resident(64 << 10);
+        if limits.enforce {
+            pooling.max_memory_size(limits.max_memory_bytes);
+        }
         let mut config = Config::new();
         config
             .wasm_component_model(true)
-            .epoch_interruption(true)
+            .epoch_interruption(limits.enforce)
+            .consume_fuel(limits.fuel_metering)
             .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pooling));
         let engine = Engine::new(&config).map_err(|e| SandboxError::Engine(e.to_string()))?;
 
@@ -120,8 +162,9 @@ impl Sandbox {
         format!("engine-{:016x}", hasher.finish())
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        (self.limits.call_deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
+    /// The call deadline of a module, in epoch ticks.
+    fn deadline_ticks(deadline: Duration) -> u64 {
+        (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
     }
 }
 
@@ -206,6 +249,7 @@ pub struct GuestModule {
     limits: SandboxLimits,
     deadline_ticks: u64,
     idle: Mutex<Vec<PooledInstance>>,
+    breaker: Mutex<Breaker>,
     metrics: Metrics,
 }
 
@@ -230,9 +274,11 @@ impl GuestModule {
                 .build(),
         };
         let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks);
+        if self.limits.enforce {
+            store.limiter(|state| &mut state.limits);
+            store.epoch_deadline_trap();
+            store.set_epoch_deadline(self.deadline_ticks);
+        }
         let bindings = self.pre.instantiate(&mut store).map_err(|e| GuestFailure {
             module: self.name.clone(),
             function: "instantiate",
@@ -253,12 +299,38 @@ impl GuestModule {
             Some(instance) => instance,
             None => self.instantiate()?,
         };
-        instance.store.set_epoch_deadline(self.deadline_ticks);
+        if self.limits.enforce {
+            instance.store.set_epoch_deadline(self.deadline_ticks);
+        }
+        if self.limits.fuel_metering {
+            let _ = instance.store.set_fuel(FUEL_PER_CALL);
+        }
         let started = Instant::now();
-        let result = call(&instance.bindings, &mut instance.store);
+        // A host function that panics (wasmtime-wasi's blocking stream and
+        // poll functions do, when a guest writes to stdout/stderr or sleeps
+        // on a tokio worker thread) fails this call only.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(&instance.bindings, &mut instance.store)))
+                .unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(wasmtime::Error::msg(format!(
+                        "the guest used a WASI interface the host does not serve during calls \
+                 (stdout/stderr, stdin or sleeping; log through the SDK instead): {what}"
+                    )))
+                });
         self.metrics.observe_wasm_call(&self.name, function, started.elapsed());
+        if self.limits.fuel_metering
+            && let Ok(left) = instance.store.get_fuel()
+        {
+            self.metrics.observe_fuel(&self.name, FUEL_PER_CALL - left);
+        }
         match result {
             Ok(value) => {
+                self.breaker.lock().consecutive_failures = 0;
                 let mut idle = self.idle.lock();
                 if idle.len() < self.limits.idle_instances {
                     idle.push(instance);
@@ -266,9 +338,44 @@ impl GuestModule {
                 Ok(value)
             }
             Err(error) => {
-                Err(GuestFailure { module: self.name.clone(), function, reason: describe_trap(&error, &self.limits) })
+                let failure =
+                    GuestFailure { module: self.name.clone(), function, reason: describe_trap(&error, &self.limits) };
+                self.record_failure(&failure);
+                Err(failure)
             }
         }
+    }
+
+    /// Count a failed call; enough in a row quarantine the module.
+    fn record_failure(&self, failure: &GuestFailure) {
+        let mut breaker = self.breaker.lock();
+        breaker.consecutive_failures += 1;
+        let threshold = self.limits.quarantine_after;
+        if threshold > 0 && breaker.consecutive_failures >= threshold && breaker.quarantine.is_none() {
+            let reason = format!(
+                "{} failed calls in a row; the last: `{}` — {}",
+                breaker.consecutive_failures, failure.function, failure.reason
+            );
+            tracing::error!(module = %self.name, version = %self.version, %reason, "module quarantined");
+            self.metrics.observe_quarantine(&self.name);
+            breaker.quarantine = Some(Quarantine { since: chrono::Utc::now(), reason });
+        }
+    }
+
+    /// Why this module takes no calls, if it is quarantined.
+    pub fn quarantine(&self) -> Option<Quarantine> {
+        self.breaker.lock().quarantine.clone()
+    }
+
+    /// Lift a quarantine (an operator's decision). Returns whether there was one.
+    pub fn release(&self) -> bool {
+        let mut breaker = self.breaker.lock();
+        breaker.consecutive_failures = 0;
+        let released = breaker.quarantine.take().is_some();
+        if released {
+            tracing::warn!(module = %self.name, version = %self.version, "quarantine lifted by an operator");
+        }
+        released
     }
 
     pub fn handle(
@@ -371,8 +478,9 @@ pub(crate) fn prepare_module(
         engine: sandbox.engine.clone(),
         pre,
         limits: sandbox.limits.clone(),
-        deadline_ticks: sandbox.deadline_ticks(),
+        deadline_ticks: Sandbox::deadline_ticks(sandbox.limits.call_deadline),
         idle: Mutex::new(Vec::new()),
+        breaker: Mutex::new(Breaker::default()),
         metrics,
     };
     let manifest = module.manifest().map_err(|e| e.reason)?;
@@ -382,6 +490,10 @@ pub(crate) fn prepare_module(
     module.name = manifest.name.clone();
     module.version = manifest.version.clone();
     module.manifest = manifest;
+    if let Some(deadline) = module.limits.module_deadlines.get(&module.name).copied() {
+        module.limits.call_deadline = deadline;
+        module.deadline_ticks = Sandbox::deadline_ticks(deadline);
+    }
     // The instance that answered the manifest logs under the file name;
     // start the pool afresh under the module's own name.
     module.idle.lock().clear();

@@ -59,6 +59,9 @@ pub struct HostArgs {
     /// Do not watch the plugins directory (reload with `orchestrix modules reload` instead).
     #[arg(long, env = "ORCHESTRIX_NO_WATCH")]
     no_watch: bool,
+    /// Reload after the plugins directory has been quiet this long, in milliseconds.
+    #[arg(long, env = "ORCHESTRIX_WATCH_QUIET_MS", default_value_t = 10)]
+    watch_quiet_ms: u64,
     /// Deadline of one module's calls, overriding --call-deadline-ms: `NAME=MS` (repeatable).
     #[arg(long = "module-deadline-ms", value_parser = parse_module_deadline)]
     module_deadlines: Vec<(String, u64)>,
@@ -96,9 +99,7 @@ impl HostArgs {
         }
         config.max_body_bytes = self.max_body_bytes;
         config.replay_sample = self.replay_sample;
-        if self.no_watch {
-            config.watch_plugins = None;
-        }
+        config.watch_plugins = (!self.no_watch).then(|| Duration::from_millis(self.watch_quiet_ms));
         config.store_options = StoreOptions {
             max_event_bytes: self.max_body_bytes,
             fsync_every_commit: !self.no_fsync,

@@ -16,7 +16,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
-use crate::sandbox::{Command, DomainError, GuestFailure, GuestModule, ModuleRegistry, ModuleSet, RecordedEvent};
+use crate::sandbox::{
+    Command, DomainError, GuestFailure, GuestModule, ModuleRegistry, ModuleSet, RecordedEvent, SwapHook,
+};
 use crate::store::{
     AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, StoreError, StoredEvent,
     StreamId, StreamRange,
@@ -135,6 +137,9 @@ type Slot = Arc<tokio::sync::Mutex<Option<Folded>>>;
 struct AggregateCache {
     shards: Vec<Mutex<HashMap<StreamId, Slot>>>,
     per_shard: usize,
+    /// States folded ahead of a swap by the incoming module version, each
+    /// as of the version it was read at; taken (and caught up) on first use.
+    warm: Mutex<HashMap<StreamId, Folded>>,
 }
 
 impl AggregateCache {
@@ -143,6 +148,31 @@ impl AggregateCache {
         Self {
             shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard: (capacity / shards).max(16),
+            warm: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Streams whose cached state was folded by the module build `hash`.
+    fn streams_folded_by(&self, hash: &str) -> Vec<StreamId> {
+        let mut streams = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock();
+            for (stream, slot) in shard.iter() {
+                if let Ok(folded) = slot.try_lock()
+                    && folded.as_ref().is_some_and(|f| *f.module_hash == *hash)
+                {
+                    streams.push(stream.clone());
+                }
+            }
+        }
+        streams
+    }
+
+    fn take_warm(&self, stream: &StreamId, hash: &str) -> Option<Folded> {
+        let mut warm = self.warm.lock();
+        match warm.get(stream) {
+            Some(folded) if *folded.module_hash == *hash => warm.remove(stream),
+            _ => None,
         }
     }
 
@@ -399,8 +429,13 @@ impl CommandService {
             });
         }
         *slot = None;
-        let events = self.store.read_stream(stream, StreamRange::all()).await?;
-        let mut state = Vec::new();
+        // Start from a state the new version folded ahead of its swap, if
+        // any, and fold only what was appended since.
+        let (mut version, mut state) = match self.cache.take_warm(stream, &module.content_hash) {
+            Some(warm) => (warm.version, warm.state),
+            None => (0, Vec::new()),
+        };
+        let events = self.store.read_stream(stream, StreamRange::after(version)).await?;
         for chunk in events.chunks(FOLD_CHUNK) {
             let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
             state = module.apply(&stream.aggregate_type, &state, &recorded)?.map_err(|e| CommandError::Contract {
@@ -408,11 +443,8 @@ impl CommandService {
                 reason: format!("cannot fold stored history of {stream}: {e:?}"),
             })?;
         }
-        let folded = Folded {
-            module_hash: Arc::from(module.content_hash.as_str()),
-            version: events.last().map_or(0, |e| e.version),
-            state,
-        };
+        version = events.last().map_or(version, |e| e.version);
+        let folded = Folded { module_hash: Arc::from(module.content_hash.as_str()), version, state };
         *slot = Some(Folded {
             module_hash: folded.module_hash.clone(),
             version: folded.version,
@@ -456,6 +488,48 @@ impl CommandService {
 }
 
 /// The guest's view of a stored event.
+#[async_trait::async_trait]
+impl SwapHook for CommandService {
+    /// Fold, with the incoming version, every aggregate whose state is
+    /// cached for the outgoing one, within `budget`; the first command after
+    /// the swap then folds only the events appended meanwhile instead of the
+    /// whole stream.
+    async fn before_swap(&self, previous: &GuestModule, next: &GuestModule, budget: std::time::Duration) -> usize {
+        let deadline = Instant::now() + budget;
+        self.cache.warm.lock().clear();
+        let mut warmed = 0;
+        for stream in self.cache.streams_folded_by(&previous.content_hash) {
+            if Instant::now() >= deadline {
+                break;
+            }
+            if next.aggregate(&stream.aggregate_type).is_none() {
+                continue;
+            }
+            let Ok(events) = self.store.read_stream(&stream, StreamRange::all()).await else {
+                continue;
+            };
+            let mut state = Vec::new();
+            let folded = events.chunks(FOLD_CHUNK).all(|chunk| {
+                let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
+                match next.apply(&stream.aggregate_type, &state, &recorded) {
+                    Ok(Ok(new_state)) => {
+                        state = new_state;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+            if folded {
+                let version = events.last().map_or(0, |e| e.version);
+                let folded = Folded { module_hash: Arc::from(next.content_hash.as_str()), version, state };
+                self.cache.warm.lock().insert(stream, folded);
+                warmed += 1;
+            }
+        }
+        warmed
+    }
+}
+
 /// An event as guests receive it.
 pub(crate) fn to_recorded(event: &StoredEvent) -> RecordedEvent {
     RecordedEvent {

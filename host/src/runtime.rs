@@ -48,7 +48,7 @@ impl RuntimeConfig {
             state_cache_capacity: 100_000,
             sandbox: SandboxLimits::default(),
             replay_sample: 100,
-            watch_plugins: Some(std::time::Duration::from_millis(100)),
+            watch_plugins: Some(std::time::Duration::from_millis(10)),
             store_options: StoreOptions::default(),
         }
     }
@@ -70,7 +70,7 @@ pub struct Runtime {
     pub metrics: Metrics,
     config: RuntimeConfig,
     stopping: tokio::sync::watch::Sender<bool>,
-    _watcher: Option<PluginsWatcher>,
+    watcher: parking_lot::Mutex<Option<PluginsWatcher>>,
     // Drives call deadlines; must live as long as the modules.
     _sandbox: Arc<Sandbox>,
 }
@@ -107,9 +107,12 @@ impl Runtime {
             },
             None => None,
         };
-        let commands = Arc::new(CommandService::new(registry, store, metrics.clone(), config.state_cache_capacity));
+        let commands =
+            Arc::new(CommandService::new(registry.clone(), store, metrics.clone(), config.state_cache_capacity));
+        let hook: Arc<dyn crate::sandbox::SwapHook> = commands.clone();
+        registry.set_swap_hook(Arc::downgrade(&hook));
         let (stopping, _) = tokio::sync::watch::channel(false);
-        Ok(Self { commands, metrics, config, stopping, _watcher: watcher, _sandbox: sandbox })
+        Ok(Self { commands, metrics, config, stopping, watcher: parking_lot::Mutex::new(watcher), _sandbox: sandbox })
     }
 
     /// Files in the plugins directory that are refused right now.
@@ -144,8 +147,10 @@ impl Runtime {
         served
     }
 
-    /// Finish pending appends and release the store.
+    /// Stop watching the plugins directory, finish pending appends and
+    /// release the store.
     pub async fn close(&self) {
+        drop(self.watcher.lock().take());
         self.commands.store().close().await;
     }
 }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::support::{Sandbox, TestHost, error_code, rebuilt, wasm};
+use orchestrix_host::sandbox::with_build_label;
+
+use crate::support::{Sandbox, TestHost, error_code, wasm};
 
 fn hazard_sandbox() -> Sandbox {
     let sandbox = Sandbox::with_bank();
@@ -109,7 +111,7 @@ async fn failures_in_a_row_quarantine_a_module_until_released_or_replaced() {
         hazard(&host, "Trap").await;
     }
     assert_eq!(hazard(&host, "Note").await.0, StatusCode::SERVICE_UNAVAILABLE);
-    let fixed = rebuilt(&std::fs::read(wasm("fixture_hazard")).unwrap(), "fixed");
+    let fixed = with_build_label(&std::fs::read(wasm("fixture_hazard")).unwrap(), "fixed");
     sandbox.add_plugin("hazard.wasm", &fixed);
     let (status, report) = host.command("/v1/modules/reload", "", &[]).await;
     assert_eq!(status, StatusCode::OK);

@@ -196,28 +196,3 @@ impl TestHost {
 pub fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
 }
-
-/// The same component with a custom section appended: identical behaviour,
-/// a different content hash — a "new build" of a module.
-pub fn rebuilt(component: &[u8], label: &str) -> Vec<u8> {
-    fn leb128(mut value: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (value & 0x7f) as u8;
-            value >>= 7;
-            out.push(if value == 0 { byte } else { byte | 0x80 });
-            if value == 0 {
-                return;
-            }
-        }
-    }
-    let name = b"orchestrix-test-build";
-    let mut payload = Vec::new();
-    leb128(name.len(), &mut payload);
-    payload.extend_from_slice(name);
-    payload.extend_from_slice(label.as_bytes());
-    let mut bytes = component.to_vec();
-    bytes.push(0); // custom section
-    leb128(payload.len(), &mut bytes);
-    bytes.extend_from_slice(&payload);
-    bytes
-}

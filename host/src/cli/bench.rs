@@ -37,6 +37,13 @@ pub enum Suite {
     Feed,
     /// Latency from append to delivery to a live subscriber.
     Live,
+    /// Hot swap: file drop to serving (cold compile and cache hit), and
+    /// command latency while versions are swapped under load.
+    Swap,
+    /// Host start with every example module and a warm precompile cache.
+    Start,
+    /// Command throughput with deadlines and memory caps on, then off.
+    Sandbox,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -50,7 +57,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub host: HostArgs,
     /// What to measure (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "commands,feed,live")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "commands,feed,live,swap,start,sandbox")]
     suites: Vec<Suite>,
     /// Backends to measure on (comma-separated); PostgreSQL needs --postgres-url.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "sqlite,postgres")]
@@ -76,19 +83,30 @@ pub struct BenchArgs {
     pub feed: super::bench_feed::FeedArgs,
 }
 
-struct RunResult {
-    commands: usize,
+pub struct RunResult {
+    pub commands: usize,
     elapsed: Duration,
-    latencies_us: Vec<u32>,
+    pub latencies_us: Vec<u32>,
+    /// `(ms after the warm-up when sent, latency in µs)` of every command.
+    pub timeline: Vec<(u32, u32)>,
 }
 
 impl RunResult {
-    fn throughput(&self) -> f64 {
+    pub fn throughput(&self) -> f64 {
         self.commands as f64 / self.elapsed.as_secs_f64()
     }
 
-    fn percentile(&self, p: f64) -> f64 {
+    pub fn percentile(&self, p: f64) -> f64 {
         percentile_ms(&self.latencies_us, p)
+    }
+
+    /// The `p`-th latency percentile (ms) of commands sent in `[from, to)`
+    /// ms after the warm-up.
+    pub fn window_percentile(&self, from: u32, to: u32, p: f64) -> f64 {
+        let mut window: Vec<u32> =
+            self.timeline.iter().filter(|(at, _)| (from..to).contains(at)).map(|(_, latency)| *latency).collect();
+        window.sort_unstable();
+        if window.is_empty() { 0.0 } else { percentile_ms(&window, p) }
     }
 }
 
@@ -108,6 +126,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 Suite::Commands => commands(&args, backend).await?,
                 Suite::Feed => super::bench_feed::feed(&args, backend).await?,
                 Suite::Live => super::bench_feed::live(&args, backend).await?,
+                // Module lifecycle does not depend on the store: SQLite only.
+                Suite::Swap if backend == Backend::Sqlite => super::bench_lifecycle::swap(&args).await?,
+                Suite::Start if backend == Backend::Sqlite => super::bench_lifecycle::start(&args).await?,
+                Suite::Sandbox if backend == Backend::Sqlite => super::bench_lifecycle::sandbox(&args).await?,
+                Suite::Swap | Suite::Start | Suite::Sandbox => {}
             }
         }
     }
@@ -191,7 +214,7 @@ async fn commands(args: &BenchArgs, backend: Backend) -> Result<()> {
     for &clients in &args.clients {
         let mut results = Vec::new();
         for run in 1..=args.runs {
-            let result = one_run(args, backend, clients).await?;
+            let result = one_run(args, backend, clients, RunOptions::default()).await?;
             println!(
                 "  clients={clients:<3} run={run} cmds={:<7} {:>9.0} cmd/s  p50={:.2} ms  p99={:.2} ms",
                 result.commands,
@@ -213,11 +236,27 @@ async fn commands(args: &BenchArgs, backend: Backend) -> Result<()> {
     Ok(())
 }
 
-async fn one_run(args: &BenchArgs, backend: Backend, clients: usize) -> Result<RunResult> {
+/// Variations of a command run.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Run with deadlines and memory caps off.
+    pub unsandboxed: bool,
+    /// Serve from this plugins directory instead of `--plugins`.
+    pub plugins_dir: Option<PathBuf>,
+    /// Started when the clients start (e.g. swapping module versions);
+    /// stopped when they finish.
+    pub meanwhile: Option<Box<dyn FnOnce() -> tokio::task::JoinHandle<Result<()>> + Send>>,
+}
+
+pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options: RunOptions) -> Result<RunResult> {
     let storage = BenchStorage::create(args, backend).await?;
     let mut config = args.host.config();
     config.store_url = storage.url.clone();
     config.store_options = storage.options.clone();
+    config.sandbox.enforce = !options.unsandboxed;
+    if let Some(dir) = options.plugins_dir {
+        config.plugins_dir = dir;
+    }
     let runtime = Runtime::start(config).await.context("starting the host")?;
     if runtime.commands.modules().route("account").is_none() {
         bail!("the bank module is not in {}: build the plugins first (cargo xtask dist)", args.host.plugins.display());
@@ -229,6 +268,7 @@ async fn one_run(args: &BenchArgs, backend: Backend, clients: usize) -> Result<R
             .await
             .context("opening the bench accounts")?;
     }
+    let meanwhile = options.meanwhile.map(|start| start());
     let result = match args.mode {
         Mode::Pipeline => drive(clients, args, Driver::Pipeline(service)).await?,
         Mode::Http => {
@@ -242,6 +282,12 @@ async fn one_run(args: &BenchArgs, backend: Backend, clients: usize) -> Result<R
             result?
         }
     };
+    if let Some(meanwhile) = meanwhile {
+        meanwhile.abort();
+        if let Ok(result) = meanwhile.await {
+            result?;
+        }
+    }
     runtime.close().await;
     let (commits, mean_size, mean_commit) = runtime.metrics.batch_summary();
     println!(
@@ -316,19 +362,22 @@ async fn drive(clients: usize, args: &BenchArgs, driver: Driver) -> Result<RunRe
                 let account = ((seed >> 33) as usize) % accounts;
                 driver.deposit(account).await?;
                 if now >= start + warmup {
-                    latencies.push(now.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    let latency = now.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                    let sent_at = now.duration_since(start + warmup).as_millis() as u32;
+                    latencies.push((sent_at, latency));
                 }
             }
             anyhow::Ok(latencies)
         }));
     }
-    let mut latencies_us = Vec::new();
+    let mut timeline = Vec::new();
     for task in tasks {
-        latencies_us.extend(task.await??);
+        timeline.extend(task.await??);
     }
+    let mut latencies_us: Vec<u32> = timeline.iter().map(|(_, latency)| *latency).collect();
     latencies_us.sort_unstable();
     if latencies_us.is_empty() {
         bail!("no command completed in the measured window");
     }
-    Ok(RunResult { commands: latencies_us.len(), elapsed: measured, latencies_us })
+    Ok(RunResult { commands: latencies_us.len(), elapsed: measured, latencies_us, timeline })
 }

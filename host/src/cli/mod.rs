@@ -2,4 +2,5 @@
 
 pub mod bench;
 pub mod bench_feed;
+pub mod bench_lifecycle;
 pub mod client;

@@ -24,8 +24,8 @@ use wasmtime::component::{HasSelf, InstancePre, Linker, ResourceTable};
 use wasmtime::{Config, Engine, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-pub use loader::ModuleSet;
-pub use registry::{LoadFailure, ModuleChange, ModuleRegistry, RegistryConfig, ReloadReport};
+pub use loader::{ModuleSet, with_build_label};
+pub use registry::{LoadFailure, ModuleChange, ModuleRegistry, RegistryConfig, ReloadReport, SwapHook};
 pub use watcher::{PluginsWatcher, watch_plugins};
 
 use crate::metrics::Metrics;

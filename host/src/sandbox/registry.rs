@@ -71,6 +71,18 @@ pub struct ReloadReport {
     pub took_ms: f64,
 }
 
+/// Work to do after a new version passed its checks and before it is swapped
+/// in: the command service folds the aggregates it has cached, so the swap
+/// does not make every hot aggregate refold from scratch at once. Returns
+/// how many it prepared.
+#[async_trait::async_trait]
+pub trait SwapHook: Send + Sync {
+    async fn before_swap(&self, previous: &GuestModule, next: &GuestModule, budget: std::time::Duration) -> usize;
+}
+
+/// Longest a swap waits for its [`SwapHook`].
+const PREPARE_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where modules come from and how they are checked.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -93,6 +105,7 @@ pub struct ModuleRegistry {
     unloaded: RwLock<BTreeMap<String, String>>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
+    swap_hook: RwLock<Option<std::sync::Weak<dyn SwapHook>>>,
 }
 
 /// What the scan found for one file.
@@ -124,7 +137,13 @@ impl ModuleRegistry {
             failures: RwLock::new(BTreeMap::new()),
             unloaded: RwLock::new(BTreeMap::new()),
             reloading: tokio::sync::Mutex::new(()),
+            swap_hook: RwLock::new(None),
         }
+    }
+
+    /// Ask `hook` to prepare each swap (held weakly: the hook owns the registry).
+    pub fn set_swap_hook(&self, hook: std::sync::Weak<dyn SwapHook>) {
+        *self.swap_hook.write() = Some(hook);
     }
 
     /// The modules serving now.
@@ -239,6 +258,16 @@ impl ModuleRegistry {
             let checked = self.check(previous.as_deref(), &module, &next).await;
             let mut steps_ms = candidate.steps_ms;
             steps_ms.insert("checks", checks_started.elapsed().as_secs_f64() * 1000.0);
+            let hook = self.swap_hook.read().as_ref().and_then(std::sync::Weak::upgrade);
+            if checked.is_ok()
+                && let Some(previous) = &previous
+                && let Some(hook) = hook
+            {
+                let prepare_started = Instant::now();
+                let prepared = hook.before_swap(previous, &module, PREPARE_BUDGET).await;
+                steps_ms.insert("prepare", prepare_started.elapsed().as_secs_f64() * 1000.0);
+                tracing::debug!(module = %module.name, prepared, "aggregate states folded ahead of the swap");
+            }
             match checked {
                 Ok(()) => {
                     if let Some(previous) = &previous

@@ -495,40 +495,47 @@ impl SwapHook for CommandService {
     /// the swap then folds only the events appended meanwhile instead of the
     /// whole stream.
     async fn before_swap(&self, previous: &GuestModule, next: &GuestModule, budget: std::time::Duration) -> usize {
+        use futures_util::StreamExt;
         let deadline = Instant::now() + budget;
         self.cache.warm.lock().clear();
-        let mut warmed = 0;
-        for stream in self.cache.streams_folded_by(&previous.content_hash) {
-            if Instant::now() >= deadline {
-                break;
-            }
-            if next.aggregate(&stream.aggregate_type).is_none() {
-                continue;
-            }
-            let Ok(events) = self.store.read_stream(&stream, StreamRange::all()).await else {
-                continue;
-            };
-            let mut state = Vec::new();
-            let folded = events.chunks(FOLD_CHUNK).all(|chunk| {
-                let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
-                match next.apply(&stream.aggregate_type, &state, &recorded) {
-                    Ok(Ok(new_state)) => {
-                        state = new_state;
-                        true
-                    }
-                    _ => false,
+        let streams: Vec<StreamId> = self
+            .cache
+            .streams_folded_by(&previous.content_hash)
+            .into_iter()
+            .filter(|stream| next.aggregate(&stream.aggregate_type).is_some())
+            .collect();
+        // Several at a time: under load each read waits for a turn on the
+        // runtime, and the budget should cover as many as it can.
+        futures_util::stream::iter(streams)
+            .map(|stream| async move {
+                if Instant::now() >= deadline {
+                    return false;
                 }
-            });
-            if folded {
+                let Ok(events) = self.store.read_stream(&stream, StreamRange::all()).await else {
+                    return false;
+                };
+                let mut state = Vec::new();
+                for chunk in events.chunks(FOLD_CHUNK) {
+                    let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
+                    match next.apply(&stream.aggregate_type, &state, &recorded) {
+                        Ok(Ok(new_state)) => state = new_state,
+                        _ => return false,
+                    }
+                }
                 let version = events.last().map_or(0, |e| e.version);
                 let folded = Folded { module_hash: Arc::from(next.content_hash.as_str()), version, state };
                 self.cache.warm.lock().insert(stream, folded);
-                warmed += 1;
-            }
-        }
-        warmed
+                true
+            })
+            .buffer_unordered(PREPARE_CONCURRENCY)
+            .filter(|warmed| std::future::ready(*warmed))
+            .count()
+            .await
     }
 }
+
+/// Streams folded at once ahead of a swap.
+const PREPARE_CONCURRENCY: usize = 8;
 
 /// An event as guests receive it.
 pub(crate) fn to_recorded(event: &StoredEvent) -> RecordedEvent {

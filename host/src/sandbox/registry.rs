@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use parking_lot::RwLock;
 use serde::Serialize;
 
@@ -36,7 +37,7 @@ use super::loader::{ModuleSet, compile_file};
 use super::{GuestModule, Sandbox};
 use crate::metrics::Metrics;
 use crate::pipeline::to_recorded;
-use crate::store::{EventStore, StreamRange};
+use crate::store::{EventStore, StoredEvent, StreamId, StreamRange};
 
 /// A file that was refused, and why.
 #[derive(Debug, Clone, Serialize)]
@@ -397,45 +398,55 @@ impl ModuleRegistry {
                 .recent_streams(&aggregate.name, self.config.replay_sample)
                 .await
                 .map_err(|e| format!("replay check could not read history: {e}"))?;
-            for stream in streams {
-                let events = self
-                    .store
-                    .read_stream(&stream, StreamRange::all())
-                    .await
-                    .map_err(|e| format!("replay check could not read {stream}: {e}"))?;
-                let module = module.clone();
-                let folded = tokio::task::spawn_blocking(move || {
-                    let mut state = Vec::new();
-                    for chunk in events.chunks(256) {
-                        let recorded: Vec<_> = chunk.iter().map(to_recorded).collect();
-                        state = match module.apply(&stream.aggregate_type, &state, &recorded) {
-                            Ok(Ok(state)) => state,
-                            Ok(Err(error)) => {
-                                return Err(format!(
-                                    "replay check: `apply` refused stored events of {stream} (versions {}..={}): {error}",
-                                    chunk[0].version,
-                                    chunk[chunk.len() - 1].version
-                                ));
-                            }
-                            Err(failure) => {
-                                return Err(format!(
-                                    "replay check: `apply` failed on stored events of {stream} (versions {}..={}): {}",
-                                    chunk[0].version,
-                                    chunk[chunk.len() - 1].version,
-                                    failure.reason
-                                ));
-                            }
-                        };
+            // Several streams at a time; the first failure refuses the module.
+            let mut checks = futures_util::stream::iter(streams)
+                .map(|stream| {
+                    let module = module.clone();
+                    async move {
+                        let events = self
+                            .store
+                            .read_stream(&stream, StreamRange::all())
+                            .await
+                            .map_err(|e| format!("replay check could not read {stream}: {e}"))?;
+                        // Untrusted code, perhaps looping until its deadline:
+                        // never on the runtime's worker threads.
+                        tokio::task::spawn_blocking(move || fold_history(&module, &stream, &events))
+                            .await
+                            .expect("the replay check does not panic")
                     }
-                    Ok(())
                 })
-                .await
-                .expect("the replay check does not panic");
-                folded?;
+                .buffer_unordered(8);
+            while let Some(result) = checks.next().await {
+                result?;
             }
         }
         Ok(())
     }
+}
+
+/// Fold a stream's stored events through `module`'s `apply`; the first
+/// trap or error is the reason to refuse it.
+fn fold_history(module: &GuestModule, stream: &StreamId, events: &[StoredEvent]) -> Result<(), String> {
+    let mut state = Vec::new();
+    for chunk in events.chunks(256) {
+        let recorded: Vec<_> = chunk.iter().map(to_recorded).collect();
+        let (first, last) = (chunk[0].version, chunk[chunk.len() - 1].version);
+        state = match module.apply(&stream.aggregate_type, &state, &recorded) {
+            Ok(Ok(state)) => state,
+            Ok(Err(error)) => {
+                return Err(format!(
+                    "replay check: `apply` refused stored events of {stream} (versions {first}..={last}): {error}"
+                ));
+            }
+            Err(failure) => {
+                return Err(format!(
+                    "replay check: `apply` failed on stored events of {stream} (versions {first}..={last}): {}",
+                    failure.reason
+                ));
+            }
+        };
+    }
+    Ok(())
 }
 
 /// Report `older` as superseded by `newer`, a newer file of the same module.

@@ -40,6 +40,10 @@ async fn bad_files_are_refused_while_bank_keeps_working() {
     assert_eq!(bank["content_hash"].as_str().unwrap().len(), 64);
     assert_eq!(bank["manifest"]["aggregates"][0]["name"], "account");
     assert!(bank["manifest"]["aggregates"][0]["command_types"].as_array().unwrap().iter().any(|c| c == "DepositMoney"));
+    let projections: Vec<&str> =
+        bank["manifest"]["projections"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(projections, ["account_summaries", "status_totals"]);
+    assert!(bank["manifest"]["projections"][0]["event_types"].as_array().unwrap().iter().any(|t| t == "AccountClosed"));
 
     let (status, body) = host.account("ok", "OpenAccount", r#"{"owner":"Ada","initial_balance":1}"#).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -1,11 +1,17 @@
-//! The banking example module: one aggregate type, `account`.
+//! The banking example module: one aggregate type, `account`, and two
+//! projections of it (`account_summaries`, `status_totals`; see
+//! `projections.rs`).
 //!
 //! Amounts are integer cents. An account is opened once, takes deposits and
 //! withdrawals while ACTIVE (never overdrawn), can be suspended and
 //! reactivated, and is closed for good once its balance is zero.
 
+mod projections;
+
 use orchestrix_guest::{Aggregate, DomainError, Module, ModuleBuilder};
 use serde::{Deserialize, Serialize};
+
+pub use projections::{AccountSummaries, AccountSummary, StatusTotal, StatusTotals};
 
 /// Lifecycle of an account.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,7 +178,7 @@ impl Module for Bank {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
 
     fn register(module: &mut ModuleBuilder) {
-        module.aggregate::<Account>();
+        module.aggregate::<Account>().projection::<AccountSummaries>().projection::<StatusTotals>();
     }
 }
 

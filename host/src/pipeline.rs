@@ -494,7 +494,7 @@ impl SwapHook for CommandService {
     /// cached for the outgoing one, within `budget`; the first command after
     /// the swap then folds only the events appended meanwhile instead of the
     /// whole stream.
-    async fn before_swap(&self, previous: &GuestModule, next: &GuestModule, budget: std::time::Duration) -> usize {
+    async fn before_swap(&self, previous: &GuestModule, next: &Arc<GuestModule>, budget: std::time::Duration) -> usize {
         use futures_util::StreamExt;
         let deadline = Instant::now() + budget;
         self.cache.warm.lock().clear();
@@ -504,38 +504,55 @@ impl SwapHook for CommandService {
             .into_iter()
             .filter(|stream| next.aggregate(&stream.aggregate_type).is_some())
             .collect();
-        // Several at a time: under load each read waits for a turn on the
-        // runtime, and the budget should cover as many as it can.
-        futures_util::stream::iter(streams)
-            .map(|stream| async move {
+        // Read many streams per query, a few queries at a time: under load
+        // each read waits for a turn, and the budget should cover them all.
+        let chunks: Vec<Vec<StreamId>> = streams.chunks(PREPARE_CHUNK).map(<[StreamId]>::to_vec).collect();
+        futures_util::stream::iter(chunks)
+            .map(|chunk| async move {
                 if Instant::now() >= deadline {
-                    return false;
+                    return 0;
                 }
-                let Ok(events) = self.store.read_stream(&stream, StreamRange::all()).await else {
-                    return false;
+                let Ok(histories) = self.store.read_streams(&chunk).await else {
+                    return 0;
                 };
-                let mut state = Vec::new();
-                for chunk in events.chunks(FOLD_CHUNK) {
-                    let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
-                    match next.apply(&stream.aggregate_type, &state, &recorded) {
-                        Ok(Ok(new_state)) => state = new_state,
-                        _ => return false,
-                    }
-                }
-                let version = events.last().map_or(0, |e| e.version);
-                let folded = Folded { module_hash: Arc::from(next.content_hash.as_str()), version, state };
-                self.cache.warm.lock().insert(stream, folded);
-                true
+                // Folding is the bulk of the work: keep it off the runtime's
+                // worker threads, so commands keep their turns meanwhile.
+                let next = next.clone();
+                let folded = tokio::task::spawn_blocking(move || {
+                    chunk
+                        .into_iter()
+                        .zip(histories)
+                        .filter_map(|(stream, events)| fold_with(&next, &stream, &events).map(|f| (stream, f)))
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+                let warmed = folded.len();
+                self.cache.warm.lock().extend(folded);
+                warmed
             })
             .buffer_unordered(PREPARE_CONCURRENCY)
-            .filter(|warmed| std::future::ready(*warmed))
-            .count()
+            .fold(0, |total, warmed| std::future::ready(total + warmed))
             .await
     }
 }
 
-/// Streams folded at once ahead of a swap.
-const PREPARE_CONCURRENCY: usize = 8;
+/// Fold a whole stream with `module`; `None` if it fails.
+fn fold_with(module: &GuestModule, stream: &StreamId, events: &[StoredEvent]) -> Option<Folded> {
+    let mut state = Vec::new();
+    for chunk in events.chunks(FOLD_CHUNK) {
+        let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
+        state = module.apply(&stream.aggregate_type, &state, &recorded).ok()?.ok()?;
+    }
+    let version = events.last().map_or(0, |e| e.version);
+    Some(Folded { module_hash: Arc::from(module.content_hash.as_str()), version, state })
+}
+
+/// Streams read per query ahead of a swap.
+const PREPARE_CHUNK: usize = 16;
+
+/// Queries in flight at once ahead of a swap.
+const PREPARE_CONCURRENCY: usize = 2;
 
 /// An event as guests receive it.
 pub(crate) fn to_recorded(event: &StoredEvent) -> RecordedEvent {

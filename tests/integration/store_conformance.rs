@@ -167,6 +167,13 @@ async fn stream_reads_by_version_range_and_time() {
         let until = StreamRange { from_version: 1, to_version: None, until: Some(early[0].time) };
         assert_eq!(versions(store.read_stream(&s, until).await.unwrap()), [1, 2, 3], "{name}");
         assert!(store.read_stream(&StreamId::new("t", "none"), StreamRange::all()).await.unwrap().is_empty());
+        // Several streams at once, grouped in the order asked, each in version order.
+        let other = StreamId::new("t", "range-2");
+        appended(store.append(append(&other, ExpectedVersion::Any, &["X"])).await);
+        let grouped = store.read_streams(&[other.clone(), StreamId::new("t", "none"), s.clone()]).await.unwrap();
+        let shape: Vec<Vec<u64>> = grouped.iter().map(|events| events.iter().map(|e| e.version).collect()).collect();
+        assert_eq!(shape, [vec![1], vec![], vec![1, 2, 3, 4, 5]], "{name}");
+        assert!(grouped[2].iter().all(|e| e.stream == s) && grouped[0][0].stream == other, "{name}");
         backend.finish().await;
     }
 }

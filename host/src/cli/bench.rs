@@ -246,6 +246,8 @@ pub struct RunOptions {
     /// Started when the clients start (e.g. swapping module versions);
     /// stopped when they finish.
     pub meanwhile: Option<Box<dyn FnOnce() -> tokio::task::JoinHandle<Result<()>> + Send>>,
+    /// Measured seconds instead of `--seconds`.
+    pub seconds: Option<f64>,
 }
 
 pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options: RunOptions) -> Result<RunResult> {
@@ -268,16 +270,17 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
             .await
             .context("opening the bench accounts")?;
     }
+    let seconds = options.seconds.unwrap_or(args.seconds);
     let meanwhile = options.meanwhile.map(|start| start());
     let result = match args.mode {
-        Mode::Pipeline => drive(clients, args, Driver::Pipeline(service)).await?,
+        Mode::Pipeline => drive(clients, args, seconds, Driver::Pipeline(service)).await?,
         Mode::Http => {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("http://{}", listener.local_addr()?);
             let router = runtime.router();
             let server = tokio::spawn(async move { axum::serve(listener, router).await });
             let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
-            let result = drive(clients, args, Driver::Http { client, url }).await;
+            let result = drive(clients, args, seconds, Driver::Http { client, url }).await;
             server.abort();
             result?
         }
@@ -341,9 +344,9 @@ impl Driver {
     }
 }
 
-async fn drive(clients: usize, args: &BenchArgs, driver: Driver) -> Result<RunResult> {
+async fn drive(clients: usize, args: &BenchArgs, seconds: f64, driver: Driver) -> Result<RunResult> {
     let warmup = Duration::from_secs(1);
-    let measured = Duration::from_secs_f64(args.seconds);
+    let measured = Duration::from_secs_f64(seconds);
     let start = Instant::now();
     let accounts = args.accounts;
     let mut tasks = Vec::new();

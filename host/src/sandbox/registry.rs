@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
 use parking_lot::RwLock;
 use serde::Serialize;
 
@@ -37,7 +36,7 @@ use super::loader::{ModuleSet, compile_file};
 use super::{GuestModule, Sandbox};
 use crate::metrics::Metrics;
 use crate::pipeline::to_recorded;
-use crate::store::{EventStore, StoredEvent, StreamId, StreamRange};
+use crate::store::{EventStore, StoredEvent, StreamId};
 
 /// A file that was refused, and why.
 #[derive(Debug, Clone, Serialize)]
@@ -78,11 +77,11 @@ pub struct ReloadReport {
 /// how many it prepared.
 #[async_trait::async_trait]
 pub trait SwapHook: Send + Sync {
-    async fn before_swap(&self, previous: &GuestModule, next: &GuestModule, budget: std::time::Duration) -> usize;
+    async fn before_swap(&self, previous: &GuestModule, next: &Arc<GuestModule>, budget: std::time::Duration) -> usize;
 }
 
 /// Longest a swap waits for its [`SwapHook`].
-const PREPARE_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
+const PREPARE_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where modules come from and how they are checked.
 #[derive(Debug, Clone)]
@@ -398,27 +397,19 @@ impl ModuleRegistry {
                 .recent_streams(&aggregate.name, self.config.replay_sample)
                 .await
                 .map_err(|e| format!("replay check could not read history: {e}"))?;
-            // Several streams at a time; the first failure refuses the module.
-            let mut checks = futures_util::stream::iter(streams)
-                .map(|stream| {
-                    let module = module.clone();
-                    async move {
-                        let events = self
-                            .store
-                            .read_stream(&stream, StreamRange::all())
-                            .await
-                            .map_err(|e| format!("replay check could not read {stream}: {e}"))?;
-                        // Untrusted code, perhaps looping until its deadline:
-                        // never on the runtime's worker threads.
-                        tokio::task::spawn_blocking(move || fold_history(&module, &stream, &events))
-                            .await
-                            .expect("the replay check does not panic")
-                    }
-                })
-                .buffer_unordered(8);
-            while let Some(result) = checks.next().await {
-                result?;
-            }
+            // One query for the sample, folded off the runtime's worker
+            // threads: this is untrusted code, perhaps looping until its deadline.
+            let histories = self
+                .store
+                .read_streams(&streams)
+                .await
+                .map_err(|e| format!("replay check could not read history: {e}"))?;
+            let module = module.clone();
+            tokio::task::spawn_blocking(move || {
+                streams.iter().zip(&histories).try_for_each(|(stream, events)| fold_history(&module, stream, events))
+            })
+            .await
+            .expect("the replay check does not panic")?;
         }
         Ok(())
     }

@@ -70,6 +70,24 @@ impl Default for StoreOptions {
     }
 }
 
+/// Group events read for several streams by stream, in the order asked.
+fn group_by_stream(streams: &[StreamId], events: Vec<StoredEvent>) -> Vec<Vec<StoredEvent>> {
+    let mut index: std::collections::HashMap<&StreamId, usize> = std::collections::HashMap::new();
+    for (i, stream) in streams.iter().enumerate() {
+        index.entry(stream).or_insert(i);
+    }
+    let mut grouped: Vec<Vec<StoredEvent>> = vec![Vec::new(); streams.len()];
+    for event in events {
+        if let Some(i) = index.get(&event.stream) {
+            grouped[*i].push(event);
+        }
+    }
+    for events in &mut grouped {
+        events.sort_by_key(|e| e.version);
+    }
+    grouped
+}
+
 /// Open the store a URL names: `sqlite://PATH` or `postgres://…`
 /// (`postgresql://…`).
 pub async fn open(url: &str, options: &StoreOptions, metrics: Metrics) -> Result<Arc<dyn EventStore>, StoreError> {
@@ -246,6 +264,10 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Read one stream, in version order.
     async fn read_stream(&self, stream: &StreamId, range: StreamRange) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Several whole streams in one query: their events grouped by stream
+    /// (in the order of `streams`), each stream in version order.
+    async fn read_streams(&self, streams: &[StreamId]) -> Result<Vec<Vec<StoredEvent>>, StoreError>;
 
     /// Up to `limit` streams of an aggregate type, most recently written
     /// first — found among its last 10,000 events, so the cost is bounded.

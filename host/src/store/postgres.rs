@@ -237,6 +237,22 @@ impl EventStore for PostgresStore {
         Ok(rows.iter().map(decode_event).collect())
     }
 
+    async fn read_streams(&self, streams: &[StreamId]) -> Result<Vec<Vec<StoredEvent>>, StoreError> {
+        let (types, ids): (Vec<&str>, Vec<&str>) =
+            streams.iter().map(|s| (s.aggregate_type.as_str(), s.aggregate_id.as_str())).unzip();
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM events WHERE (aggregate_type, aggregate_id) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))"
+        ))
+        .bind(&types)
+        .bind(&ids)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        Ok(super::group_by_stream(streams, rows.iter().map(decode_event).collect()))
+    }
+
     async fn recent_streams(&self, aggregate_type: &str, limit: usize) -> Result<Vec<StreamId>, StoreError> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT aggregate_id FROM (SELECT aggregate_id, position FROM events WHERE aggregate_type = $1 \

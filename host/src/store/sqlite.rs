@@ -98,6 +98,32 @@ impl EventStore for SqliteStore {
         self.submitter.append(request).await
     }
 
+    async fn read_streams(&self, streams: &[StreamId]) -> Result<Vec<Vec<StoredEvent>>, StoreError> {
+        let mut events = Vec::new();
+        // 2 parameters per stream; SQLite allows 32766.
+        for chunk in streams.chunks(1000) {
+            let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM events WHERE (aggregate_type, aggregate_id) IN (VALUES "
+            ));
+            let mut separated = query.separated(", ");
+            for stream in chunk {
+                separated.push("(");
+                separated.push_bind_unseparated(&stream.aggregate_type);
+                separated.push_unseparated(", ");
+                separated.push_bind_unseparated(&stream.aggregate_id);
+                separated.push_unseparated(")");
+            }
+            query.push(")");
+            let rows = query.build().fetch_all(&self.reads).await.map_err(unavailable)?;
+            for row in &rows {
+                events.push(decode_event(row)?);
+            }
+        }
+        Ok(super::group_by_stream(streams, events))
+    }
+
     async fn recent_streams(&self, aggregate_type: &str, limit: usize) -> Result<Vec<StreamId>, StoreError> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT aggregate_id FROM (SELECT aggregate_id, position FROM events WHERE aggregate_type = ? \

@@ -98,6 +98,7 @@ async fn failures_in_a_row_quarantine_a_module_until_released_or_replaced() {
     assert_eq!(module(&modules, "hazard")["state"], "quarantined");
     assert!(module(&modules, "hazard")["quarantine"]["reason"].as_str().unwrap().contains("panicked"));
     assert_eq!(module(&modules, "bank")["state"], "serving");
+    assert_eq!(host.get("/v1/aggregates/hazard/h/events").await.0, StatusCode::OK, "its events stay readable");
     assert_eq!(host.account("q", "OpenAccount", r#"{"owner":"Ada","initial_balance":0}"#).await.0, StatusCode::OK);
 
     // An operator releases it.

@@ -1,6 +1,7 @@
 //! The global feed: subscriptions (catch-up then live) on every backend,
-//! several writers sharing one PostgreSQL database, a PostgreSQL outage
-//! behind a real TCP proxy, and the HTTP feed (batch and Server-Sent Events).
+//! several writers — in one process and in several — sharing one PostgreSQL
+//! database, a PostgreSQL outage behind a real TCP proxy, and the HTTP feed
+//! (batch and Server-Sent Events).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,6 +141,66 @@ async fn several_writers_sharing_one_postgres_database_keep_one_gap_free_order()
     for store in writers.iter().chain([&reader]) {
         store.close().await;
     }
+    drop_schema(&url, &schema).await;
+}
+
+/// Environment of a writer process started by
+/// `several_host_processes_on_one_postgres_database_keep_one_gap_free_order`.
+const CHILD_SCHEMA: &str = "ORCHESTRIX_TEST_CHILD_SCHEMA";
+const CHILD_TAG: &str = "ORCHESTRIX_TEST_CHILD_TAG";
+
+/// The body of each writer *process* of the multi-process test below, which
+/// starts it by running this test binary again with `--ignored --exact`.
+/// Run on its own (without the variables), it does nothing.
+#[tokio::test]
+#[ignore = "run as a child process by several_host_processes_on_one_postgres_database_keep_one_gap_free_order"]
+async fn writer_process() {
+    let (Ok(url), Ok(schema), Ok(tag)) =
+        (std::env::var("DATABASE_URL"), std::env::var(CHILD_SCHEMA), std::env::var(CHILD_TAG))
+    else {
+        return;
+    };
+    let store = open_postgres(&url, &schema).await;
+    write_concurrently(&store, &tag, 8, 25).await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn several_host_processes_on_one_postgres_database_keep_one_gap_free_order() {
+    let Some(url) = database_url("several_host_processes_on_one_postgres_database_keep_one_gap_free_order") else {
+        return;
+    };
+    let schema = fresh_schema(&url).await;
+    // Three processes start at once on a schema that does not exist yet
+    // (so they also race on creating and migrating it), then each appends
+    // 400 events from 8 concurrent writers.
+    let children: Vec<tokio::process::Child> = (0..3)
+        .map(|i| {
+            tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+                .args(["--ignored", "--exact", "feed::writer_process", "--test-threads", "1", "--quiet"])
+                .env(CHILD_SCHEMA, &schema)
+                .env(CHILD_TAG, format!("process-{i}"))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("start a writer process")
+        })
+        .collect();
+    // This process follows the feed from the start, woken by NOTIFY.
+    let reader = open_postgres(&url, &schema).await;
+    let follower = tokio::spawn(collect(Subscription::new(reader.clone(), 0), 3 * 8 * 25 * 2));
+    for mut child in children {
+        assert!(child.wait().await.expect("writer process ran").success(), "a writer process failed");
+    }
+    assert_eq!(follower.await.unwrap(), (1..=1200).collect::<Vec<u64>>(), "every position once, in order");
+    for i in 0..3 {
+        for w in 0..8 {
+            let stream = StreamId::new("t", format!("process-{i}-{w}"));
+            let versions: Vec<u64> =
+                reader.read_stream(&stream, StreamRange::all()).await.unwrap().iter().map(|e| e.version).collect();
+            assert_eq!(versions, (1..=50).collect::<Vec<_>>(), "{stream}");
+        }
+    }
+    reader.close().await;
     drop_schema(&url, &schema).await;
 }
 

@@ -45,6 +45,7 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .route("/v1/modules/reload", post(reload_modules))
         .route("/v1/modules/{name}/release", post(release_module))
         .route("/healthz", get(health))
+        .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -249,7 +250,7 @@ struct LiveQuery {
 
 /// What the live stream still has to do.
 enum LiveState {
-    Following(Subscription, std::collections::VecDeque<crate::store::StoredEvent>),
+    Following(Subscription, std::collections::VecDeque<crate::store::StoredEvent>, crate::metrics::LiveStreamGuard),
     Finished,
 }
 
@@ -286,38 +287,42 @@ async fn live_events(
     };
     let subscription = Subscription::new(state.commands.store().clone(), after).with_filter(filter);
     let stopping = state.stopping.clone();
-    let events = futures_util::stream::unfold(LiveState::Following(subscription, Default::default()), move |live| {
-        let mut stopping = stopping.clone();
-        async move {
-            let LiveState::Following(mut subscription, mut pending) = live else {
-                return None;
-            };
-            loop {
-                if let Some(event) = pending.pop_front() {
-                    let message = SseEvent::default()
-                        .id(event.position.to_string())
-                        .data(cloudevents::to_cloudevent(&event).to_string());
-                    return Some((
-                        Ok::<_, std::convert::Infallible>(message),
-                        LiveState::Following(subscription, pending),
-                    ));
-                }
-                let batch = tokio::select! {
-                    batch = subscription.next_batch() => batch,
-                    _ = stopping.wait_for(|stopping| *stopping) => return None,
+    let events = futures_util::stream::unfold(
+        LiveState::Following(subscription, Default::default(), state.metrics.live_stream_opened()),
+        move |live| {
+            let mut stopping = stopping.clone();
+            async move {
+                let LiveState::Following(mut subscription, mut pending, open) = live else {
+                    return None;
                 };
-                match batch {
-                    Ok(batch) => pending.extend(batch),
-                    Err(error) => {
-                        let message = SseEvent::default().event("error").data(
-                            json!({"error": {"code": "store_unavailable", "message": error.to_string()}}).to_string(),
-                        );
-                        return Some((Ok(message), LiveState::Finished));
+                loop {
+                    if let Some(event) = pending.pop_front() {
+                        let message = SseEvent::default()
+                            .id(event.position.to_string())
+                            .data(cloudevents::to_cloudevent(&event).to_string());
+                        return Some((
+                            Ok::<_, std::convert::Infallible>(message),
+                            LiveState::Following(subscription, pending, open),
+                        ));
+                    }
+                    let batch = tokio::select! {
+                        batch = subscription.next_batch() => batch,
+                        _ = stopping.wait_for(|stopping| *stopping) => return None,
+                    };
+                    match batch {
+                        Ok(batch) => pending.extend(batch),
+                        Err(error) => {
+                            let message = SseEvent::default().event("error").data(
+                                json!({"error": {"code": "store_unavailable", "message": error.to_string()}})
+                                    .to_string(),
+                            );
+                            return Some((Ok(message), LiveState::Finished));
+                        }
                     }
                 }
             }
-        }
-    });
+        },
+    );
     Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
 }
 
@@ -385,6 +390,23 @@ async fn health(State(state): State<Arc<ApiState>>) -> Json<Value> {
     Json(json!({"status": "ok", "modules": state.commands.modules().modules().count()}))
 }
 
+/// `GET /readyz`: 200 when the event store answers a read within 2 s, 503
+/// (with the cause) otherwise — for load balancers and orchestrators.
+async fn ready(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
+    let store = state.commands.store();
+    let head = *store.head().borrow();
+    match tokio::time::timeout(std::time::Duration::from_secs(2), store.read_all(head, 1)).await {
+        Ok(Ok(_)) => Ok(Json(json!({"status": "ready", "head_position": head}))),
+        Ok(Err(error)) => Err(error.into()),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the event store did not answer within 2 s",
+        )),
+    }
+}
+
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    state.metrics.set_head_position(*state.commands.store().head().borrow());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -24,6 +26,8 @@ struct Inner {
     module_load_step_seconds: HistogramVec,
     fuel: IntCounterVec,
     quarantines: IntCounterVec,
+    head_position: IntGauge,
+    live_streams: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -93,6 +97,11 @@ impl Metrics {
             &["module"],
         )
         .expect("valid metric");
+        let head_position =
+            IntGauge::new("orchestrix_event_head_position", "Last committed global position known to this host")
+                .expect("valid metric");
+        let live_streams = IntGauge::new("orchestrix_live_event_streams", "Open Server-Sent Event feed connections")
+            .expect("valid metric");
         for collector in [
             Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(command_seconds.clone()),
@@ -104,6 +113,8 @@ impl Metrics {
             Box::new(module_load_step_seconds.clone()),
             Box::new(fuel.clone()),
             Box::new(quarantines.clone()),
+            Box::new(head_position.clone()),
+            Box::new(live_streams.clone()),
         ] {
             registry.register(collector).expect("metric names are unique");
         }
@@ -120,6 +131,8 @@ impl Metrics {
                 module_load_step_seconds,
                 fuel,
                 quarantines,
+                head_position,
+                live_streams,
             }),
         }
     }
@@ -180,6 +193,16 @@ impl Metrics {
         self.inner.quarantines.with_label_values(&[module]).inc();
     }
 
+    pub fn set_head_position(&self, position: u64) {
+        self.inner.head_position.set(position.min(i64::MAX as u64) as i64);
+    }
+
+    /// Count an open live feed connection until the returned guard drops.
+    pub fn live_stream_opened(&self) -> LiveStreamGuard {
+        self.inner.live_streams.inc();
+        LiveStreamGuard { gauge: self.inner.live_streams.clone() }
+    }
+
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.inner.registry.gather(), &mut buffer).expect("text encoding cannot fail");
@@ -190,5 +213,16 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Decrements the open-live-streams gauge when dropped.
+pub struct LiveStreamGuard {
+    gauge: IntGauge,
+}
+
+impl Drop for LiveStreamGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }

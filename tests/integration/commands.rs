@@ -216,6 +216,8 @@ async fn metrics_and_health_are_served() {
     let (status, health) = host.get("/healthz").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(health["status"], "ok");
+    let (status, ready) = host.get("/readyz").await;
+    assert_eq!((status, &ready["status"]), (StatusCode::OK, &Value::from("ready")), "{ready}");
     let response = host.client.get(format!("{}/metrics", host.url)).send().await.unwrap();
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = response.text().await.unwrap();
@@ -226,6 +228,8 @@ async fn metrics_and_health_are_served() {
         "orchestrix_command_duration_seconds_bucket",
         r#"orchestrix_wasm_call_duration_seconds_count{function="handle",module="bank"} 2"#,
         "orchestrix_append_batch_size_count 1",
+        "orchestrix_event_head_position 1",
+        "orchestrix_live_event_streams 0",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }

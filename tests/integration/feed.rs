@@ -279,6 +279,8 @@ async fn a_postgres_outage_fails_fast_with_503_and_the_host_recovers() {
         assert!(body["error"]["message"].as_str().unwrap().contains("unavailable"), "{body}");
     }
     assert_eq!(host.get("/v1/events?after=0").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, body) = host.get("/readyz").await;
+    assert_eq!((status, error_code(&body)), (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"), "{body}");
 
     proxy.restore().await;
     let mut recovered = false;
@@ -290,6 +292,7 @@ async fn a_postgres_outage_fails_fast_with_503_and_the_host_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(recovered, "the host recovered by itself once the database was back");
+    assert_eq!(host.get("/readyz").await.0, StatusCode::OK);
     let events = host.all_events().await;
     let amounts: Vec<i64> = events.iter().filter_map(|e| e["data"]["amount"].as_i64()).collect();
     assert_eq!(amounts, [1, 5], "every acknowledged deposit, and none of the refused ones");

@@ -120,3 +120,22 @@ async fn failures_in_a_row_quarantine_a_module_until_released_or_replaced() {
     assert_eq!(hazard(&host, "Note").await.0, StatusCode::OK, "a new version starts with a clean record");
     host.stop().await;
 }
+
+#[tokio::test]
+async fn fuel_metering_reports_what_each_module_burns() {
+    let sandbox = hazard_sandbox();
+    let mut config = sandbox.config();
+    config.sandbox.fuel_metering = true;
+    let host = TestHost::start(config).await;
+    assert_eq!(host.account("f", "OpenAccount", r#"{"owner":"Ada","initial_balance":1}"#).await.0, StatusCode::OK);
+    let text = host.client.get(format!("{}/metrics", host.url)).send().await.unwrap().text().await.unwrap();
+    let burnt: u64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix(r#"orchestrix_wasm_fuel_consumed_total{module="bank"} "#))
+        .unwrap_or_else(|| panic!("no fuel reported for bank:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(burnt > 1000, "handle and apply burn fuel: {burnt}");
+    assert!(!text.contains(r#"orchestrix_wasm_fuel_consumed_total{module="hazard"}"#), "hazard was not called");
+    host.stop().await;
+}

@@ -274,6 +274,10 @@ impl GuestModule {
                 .build(),
         };
         let mut store = Store::new(&self.engine, state);
+        if self.limits.fuel_metering {
+            // Instantiation runs guest code too (start functions).
+            let _ = store.set_fuel(FUEL_PER_CALL);
+        }
         if self.limits.enforce {
             store.limiter(|state| &mut state.limits);
             store.epoch_deadline_trap();

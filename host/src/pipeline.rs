@@ -436,13 +436,13 @@ impl CommandService {
             None => (0, Vec::new()),
         };
         let events = self.store.read_stream(stream, StreamRange::after(version)).await?;
-        for chunk in events.chunks(FOLD_CHUNK) {
-            let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
-            state = module.apply(&stream.aggregate_type, &state, &recorded)?.map_err(|e| CommandError::Contract {
+        state = fold_events(module, &stream.aggregate_type, state, &events).map_err(|error| match error {
+            FoldError::Failed { failure, .. } => CommandError::Guest(failure),
+            FoldError::Refused { error, .. } => CommandError::Contract {
                 module: module.name.clone(),
-                reason: format!("cannot fold stored history of {stream}: {e:?}"),
-            })?;
-        }
+                reason: format!("cannot fold stored history of {stream}: {error:?}"),
+            },
+        })?;
         version = events.last().map_or(version, |e| e.version);
         let folded = Folded { module_hash: Arc::from(module.content_hash.as_str()), version, state };
         *slot = Some(Folded {
@@ -539,11 +539,7 @@ impl SwapHook for CommandService {
 
 /// Fold a whole stream with `module`; `None` if it fails.
 fn fold_with(module: &GuestModule, stream: &StreamId, events: &[StoredEvent]) -> Option<Folded> {
-    let mut state = Vec::new();
-    for chunk in events.chunks(FOLD_CHUNK) {
-        let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
-        state = module.apply(&stream.aggregate_type, &state, &recorded).ok()?.ok()?;
-    }
+    let state = fold_events(module, &stream.aggregate_type, Vec::new(), events).ok()?;
     let version = events.last().map_or(0, |e| e.version);
     Some(Folded { module_hash: Arc::from(module.content_hash.as_str()), version, state })
 }
@@ -554,8 +550,37 @@ const PREPARE_CHUNK: usize = 16;
 /// Queries in flight at once ahead of a swap.
 const PREPARE_CONCURRENCY: usize = 2;
 
+/// Why stored events could not be folded, with the versions of the chunk
+/// that failed.
+pub(crate) enum FoldError {
+    /// `apply` returned a domain error.
+    Refused { first: u64, last: u64, error: DomainError },
+    /// `apply` trapped, ran out of time or memory.
+    Failed { first: u64, last: u64, failure: GuestFailure },
+}
+
+/// Fold stored events (of one stream, in version order) onto `state` with
+/// `module`'s `apply`, `FOLD_CHUNK` events per call.
+pub(crate) fn fold_events(
+    module: &GuestModule,
+    aggregate_type: &str,
+    mut state: Vec<u8>,
+    events: &[StoredEvent],
+) -> Result<Vec<u8>, FoldError> {
+    for chunk in events.chunks(FOLD_CHUNK) {
+        let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
+        let (first, last) = (chunk[0].version, chunk[chunk.len() - 1].version);
+        state = match module.apply(aggregate_type, &state, &recorded) {
+            Ok(Ok(state)) => state,
+            Ok(Err(error)) => return Err(FoldError::Refused { first, last, error }),
+            Err(failure) => return Err(FoldError::Failed { first, last, failure }),
+        };
+    }
+    Ok(state)
+}
+
 /// An event as guests receive it.
-pub(crate) fn to_recorded(event: &StoredEvent) -> RecordedEvent {
+fn to_recorded(event: &StoredEvent) -> RecordedEvent {
     RecordedEvent {
         id: event.id.to_string(),
         aggregate_type: event.stream.aggregate_type.clone(),

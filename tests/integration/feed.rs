@@ -9,32 +9,18 @@ use std::time::Duration;
 use futures::future::join_all;
 use orchestrix_host::sse::SseParser;
 use orchestrix_host::store::{
-    AppendOutcome, AppendRequest, EventData, EventFilter, EventMetadata, EventStore, ExpectedVersion, StoreError,
-    StreamId, StreamRange, Subscription,
+    AppendOutcome, EventFilter, EventStore, ExpectedVersion, StoreError, StreamId, StreamRange, Subscription,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::store_conformance::{backends, open_postgres};
+use crate::store_conformance::{append, backends, open_postgres};
 use crate::support::{Sandbox, TestHost, database_url, drop_schema, error_code, fresh_schema};
 
 /// Longest any test here waits for events it expects; reaching it is a failure.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn append(stream: &StreamId, expected: ExpectedVersion, types: &[&str]) -> AppendRequest {
-    AppendRequest {
-        stream: stream.clone(),
-        expected,
-        events: types
-            .iter()
-            .map(|t| EventData { event_type: (*t).into(), schema_version: 1, data: "{}".into() })
-            .collect(),
-        metadata: EventMetadata { module: "test".into(), module_version: "1.0.0".into(), ..EventMetadata::default() },
-        command_id: None,
-    }
-}
 
 /// Read a subscription until it has delivered `count` events; their positions.
 async fn collect(mut subscription: Subscription, count: usize) -> Vec<u64> {

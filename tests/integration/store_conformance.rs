@@ -67,7 +67,8 @@ pub async fn backends(test: &str) -> Vec<Backend> {
     backends
 }
 
-fn append(stream: &StreamId, expected: ExpectedVersion, types: &[&str]) -> AppendRequest {
+/// An append of events of the given types to one stream.
+pub fn append(stream: &StreamId, expected: ExpectedVersion, types: &[&str]) -> AppendRequest {
     AppendRequest {
         stream: stream.clone(),
         expected,

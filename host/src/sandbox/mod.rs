@@ -16,7 +16,7 @@ mod watcher;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -84,11 +84,13 @@ pub struct Quarantine {
     pub reason: String,
 }
 
-/// Consecutive failures of one module's calls, and the quarantine they cause.
+/// Consecutive failures of one module's calls, and the quarantine they
+/// cause. The atomics keep the lock off the path of calls that succeed.
 #[derive(Default)]
 struct Breaker {
-    consecutive_failures: u32,
-    quarantine: Option<Quarantine>,
+    failures_in_a_row: AtomicU32,
+    quarantined: AtomicBool,
+    quarantine: Mutex<Option<Quarantine>>,
 }
 
 /// Fuel given to each call when metering: far more than any deadline lets a
@@ -249,7 +251,7 @@ pub struct GuestModule {
     limits: SandboxLimits,
     deadline_ticks: u64,
     idle: Mutex<Vec<PooledInstance>>,
-    breaker: Mutex<Breaker>,
+    breaker: Breaker,
     metrics: Metrics,
 }
 
@@ -334,7 +336,9 @@ impl GuestModule {
         }
         match result {
             Ok(value) => {
-                self.breaker.lock().consecutive_failures = 0;
+                if self.breaker.failures_in_a_row.load(Ordering::Relaxed) != 0 {
+                    self.breaker.failures_in_a_row.store(0, Ordering::Relaxed);
+                }
                 let mut idle = self.idle.lock();
                 if idle.len() < self.limits.idle_instances {
                     idle.push(instance);
@@ -352,30 +356,36 @@ impl GuestModule {
 
     /// Count a failed call; enough in a row quarantine the module.
     fn record_failure(&self, failure: &GuestFailure) {
-        let mut breaker = self.breaker.lock();
-        breaker.consecutive_failures += 1;
+        let in_a_row = self.breaker.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
         let threshold = self.limits.quarantine_after;
-        if threshold > 0 && breaker.consecutive_failures >= threshold && breaker.quarantine.is_none() {
-            let reason = format!(
-                "{} failed calls in a row; the last: `{}` — {}",
-                breaker.consecutive_failures, failure.function, failure.reason
-            );
+        if threshold == 0 || in_a_row < threshold {
+            return;
+        }
+        let mut quarantine = self.breaker.quarantine.lock();
+        if quarantine.is_none() {
+            let reason =
+                format!("{in_a_row} failed calls in a row; the last: `{}` — {}", failure.function, failure.reason);
             tracing::error!(module = %self.name, version = %self.version, %reason, "module quarantined");
             self.metrics.observe_quarantine(&self.name);
-            breaker.quarantine = Some(Quarantine { since: chrono::Utc::now(), reason });
+            *quarantine = Some(Quarantine { since: chrono::Utc::now(), reason });
+            self.breaker.quarantined.store(true, Ordering::Release);
         }
     }
 
     /// Why this module takes no calls, if it is quarantined.
     pub fn quarantine(&self) -> Option<Quarantine> {
-        self.breaker.lock().quarantine.clone()
+        if !self.breaker.quarantined.load(Ordering::Acquire) {
+            return None;
+        }
+        self.breaker.quarantine.lock().clone()
     }
 
     /// Lift a quarantine (an operator's decision). Returns whether there was one.
     pub fn release(&self) -> bool {
-        let mut breaker = self.breaker.lock();
-        breaker.consecutive_failures = 0;
-        let released = breaker.quarantine.take().is_some();
+        let mut quarantine = self.breaker.quarantine.lock();
+        self.breaker.failures_in_a_row.store(0, Ordering::Relaxed);
+        self.breaker.quarantined.store(false, Ordering::Release);
+        let released = quarantine.take().is_some();
         if released {
             tracing::warn!(module = %self.name, version = %self.version, "quarantine lifted by an operator");
         }
@@ -484,7 +494,7 @@ pub(crate) fn prepare_module(
         limits: sandbox.limits.clone(),
         deadline_ticks: Sandbox::deadline_ticks(sandbox.limits.call_deadline),
         idle: Mutex::new(Vec::new()),
-        breaker: Mutex::new(Breaker::default()),
+        breaker: Breaker::default(),
         metrics,
     };
     let manifest = module.manifest().map_err(|e| e.reason)?;

@@ -35,7 +35,7 @@ use serde::Serialize;
 use super::loader::{ModuleSet, compile_file};
 use super::{GuestModule, Sandbox};
 use crate::metrics::Metrics;
-use crate::pipeline::to_recorded;
+use crate::pipeline::{FoldError, fold_events};
 use crate::store::{EventStore, StoredEvent, StreamId};
 
 /// A file that was refused, and why.
@@ -418,26 +418,16 @@ impl ModuleRegistry {
 /// Fold a stream's stored events through `module`'s `apply`; the first
 /// trap or error is the reason to refuse it.
 fn fold_history(module: &GuestModule, stream: &StreamId, events: &[StoredEvent]) -> Result<(), String> {
-    let mut state = Vec::new();
-    for chunk in events.chunks(256) {
-        let recorded: Vec<_> = chunk.iter().map(to_recorded).collect();
-        let (first, last) = (chunk[0].version, chunk[chunk.len() - 1].version);
-        state = match module.apply(&stream.aggregate_type, &state, &recorded) {
-            Ok(Ok(state)) => state,
-            Ok(Err(error)) => {
-                return Err(format!(
-                    "replay check: `apply` refused stored events of {stream} (versions {first}..={last}): {error}"
-                ));
-            }
-            Err(failure) => {
-                return Err(format!(
-                    "replay check: `apply` failed on stored events of {stream} (versions {first}..={last}): {}",
-                    failure.reason
-                ));
-            }
-        };
+    match fold_events(module, &stream.aggregate_type, Vec::new(), events) {
+        Ok(_) => Ok(()),
+        Err(FoldError::Refused { first, last, error }) => {
+            Err(format!("replay check: `apply` refused stored events of {stream} (versions {first}..={last}): {error}"))
+        }
+        Err(FoldError::Failed { first, last, failure }) => Err(format!(
+            "replay check: `apply` failed on stored events of {stream} (versions {first}..={last}): {}",
+            failure.reason
+        )),
     }
-    Ok(())
 }
 
 /// Report `older` as superseded by `newer`, a newer file of the same module.

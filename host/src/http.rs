@@ -2,6 +2,8 @@
 //! is `{"error": {"code": ..., "message": ...}}` with a status that tells the
 //! client what to do about it.
 
+mod projections;
+
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -24,6 +26,7 @@ use crate::store::{EventFilter, StoreError, StreamId, StreamRange, Subscription}
 /// What the handlers share.
 pub struct ApiState {
     pub commands: Arc<CommandService>,
+    pub projections: Arc<crate::projections::ProjectionService>,
     pub metrics: Metrics,
     /// Turns true when the host shuts down: open event streams end, so a
     /// graceful shutdown does not wait for clients that never hang up.
@@ -44,6 +47,7 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .route("/v1/modules", get(modules))
         .route("/v1/modules/reload", post(reload_modules))
         .route("/v1/modules/{name}/release", post(release_module))
+        .merge(projections::routes())
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -60,7 +64,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into() }
     }
 }
@@ -105,6 +109,7 @@ fn store_status(error: &StoreError) -> (StatusCode, &'static str) {
         StoreError::CommandIdReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
         StoreError::Unavailable(_) | StoreError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         StoreError::UnsupportedUrl(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_misconfigured"),
+        StoreError::ReadModelConflict(_) => (StatusCode::CONFLICT, "read_model_conflict"),
     }
 }
 

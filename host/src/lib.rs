@@ -7,6 +7,8 @@
 //! - [`store`]: the [`store::EventStore`] trait, its SQLite and PostgreSQL
 //!   backends with group commit, and feed subscriptions.
 //! - [`pipeline`]: the command path (route, load, handle, append, fold).
+//! - [`projections`]: read models — runners, rebuilds into shadow copies,
+//!   parking of poison events.
 //! - [`http`]: the JSON HTTP API; [`cloudevents`]: the event wire format;
 //!   [`sse`]: the Server-Sent Events parser of the CLI's `--follow`.
 //! - [`metrics`]: Prometheus metrics; [`runtime`]: wiring it all together.
@@ -15,6 +17,7 @@ pub mod cloudevents;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod projections;
 pub mod runtime;
 pub mod sandbox;
 pub mod sse;

@@ -1,6 +1,6 @@
-//! `orchestrix`: the host binary. `serve` runs the host; `send`, `events` and
-//! `modules` talk to a running host over HTTP; `bench` measures the command
-//! path.
+//! `orchestrix`: the host binary. `serve` runs the host; `send`, `events`,
+//! `modules`, `projections` and `query` talk to a running host over HTTP;
+//! `bench` measures the host.
 
 mod cli;
 
@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use orchestrix_host::projections::{ProjectionConfig, ProjectionSelection};
 use orchestrix_host::runtime::{Runtime, RuntimeConfig};
 use orchestrix_host::sandbox::SandboxLimits;
 use orchestrix_host::store::StoreOptions;
@@ -31,6 +32,10 @@ enum Command {
     Events(cli::client::EventsArgs),
     /// List the modules a running host serves (and the files it refused), or reload them.
     Modules(cli::client::ModulesArgs),
+    /// Show projection status, or rebuild a projection, retry or skip its parked event.
+    Projections(cli::read_side::ProjectionsArgs),
+    /// Read documents of a projection's read model: one by key, or a filtered page.
+    Query(cli::read_side::QueryArgs),
     /// Measure command throughput and latency through the real pipeline.
     Bench(cli::bench::BenchArgs),
 }
@@ -89,6 +94,18 @@ pub struct HostArgs {
     /// PostgreSQL: schema for the tables, created if missing [default: the search_path, normally `public`].
     #[arg(long, env = "ORCHESTRIX_STORE_SCHEMA")]
     store_schema: Option<String>,
+    /// Projections this host runs: `all`, `none` (commands only) or comma-separated names.
+    #[arg(long, env = "ORCHESTRIX_PROJECTIONS", default_value = "all")]
+    projections: String,
+    /// Most events a projection reads from the log per batch.
+    #[arg(long, env = "ORCHESTRIX_PROJECTION_BATCH", default_value_t = 1000)]
+    projection_batch: usize,
+    /// Calls on a failing event before its projection parks on it.
+    #[arg(long, env = "ORCHESTRIX_PROJECTION_RETRIES", default_value_t = 3)]
+    projection_retries: u32,
+    /// Pause before the first retry of a failing event, in milliseconds (doubles per retry).
+    #[arg(long, env = "ORCHESTRIX_PROJECTION_BACKOFF_MS", default_value_t = 200)]
+    projection_backoff_ms: u64,
 }
 
 impl HostArgs {
@@ -108,6 +125,18 @@ impl HostArgs {
             commit_timeout: Duration::from_millis(self.store_commit_timeout_ms),
             schema: self.store_schema.clone(),
             ..StoreOptions::default()
+        };
+        config.projections = ProjectionConfig {
+            batch_size: self.projection_batch.max(1),
+            retry_attempts: self.projection_retries.max(1),
+            retry_backoff: Duration::from_millis(self.projection_backoff_ms),
+            selection: match self.projections.trim() {
+                "all" => ProjectionSelection::All,
+                "none" => ProjectionSelection::Only(Default::default()),
+                names => ProjectionSelection::Only(
+                    names.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned).collect(),
+                ),
+            },
         };
         config.sandbox = SandboxLimits {
             call_deadline: Duration::from_millis(self.call_deadline_ms),
@@ -168,6 +197,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Send(args) => cli::client::send(args).await,
             Command::Events(args) => cli::client::events(args).await,
             Command::Modules(args) => cli::client::modules(args).await,
+            Command::Projections(args) => cli::read_side::projections(args).await,
+            Command::Query(args) => cli::read_side::query(args).await,
             Command::Bench(args) => cli::bench::run(args).await,
         }
     })
@@ -201,6 +232,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     );
     println!("  curl -s http://{address}/v1/aggregates/account/acc-1");
     println!("  curl -s http://{address}/v1/aggregates/account/acc-1/events");
+    println!("  curl -s http://{address}/v1/projections");
+    println!("  curl -s http://{address}/v1/projections/account_summaries/accounts/acc-1");
     println!("  curl -s http://{address}/metrics");
     runtime.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped cleanly");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -28,6 +28,12 @@ struct Inner {
     quarantines: IntCounterVec,
     head_position: IntGauge,
     live_streams: IntGauge,
+    projection_position: IntGaugeVec,
+    projection_events: IntCounterVec,
+    projection_batch_seconds: HistogramVec,
+    projection_failures: IntCounterVec,
+    projection_parked: IntGaugeVec,
+    projection_skipped: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -102,8 +108,48 @@ impl Metrics {
                 .expect("valid metric");
         let live_streams = IntGauge::new("orchestrix_live_event_streams", "Open Server-Sent Event feed connections")
             .expect("valid metric");
+        let projection_position = IntGaugeVec::new(
+            Opts::new("orchestrix_projection_position", "Checkpoint (global position) of each projection copy"),
+            &["projection", "copy"],
+        )
+        .expect("valid metric");
+        let projection_events = IntCounterVec::new(
+            Opts::new("orchestrix_projection_events_total", "Events projected, by projection and copy"),
+            &["projection", "copy"],
+        )
+        .expect("valid metric");
+        let projection_batch_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "orchestrix_projection_batch_duration_seconds",
+                "Duration of one projection batch (guest calls, document loads, commit)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["projection"],
+        )
+        .expect("valid metric");
+        let projection_failures = IntCounterVec::new(
+            Opts::new("orchestrix_projection_failures_total", "Failed projection calls and commits, by kind"),
+            &["projection", "kind"],
+        )
+        .expect("valid metric");
+        let projection_parked = IntGaugeVec::new(
+            Opts::new("orchestrix_projection_parked", "1 while a projection copy is parked on a poison event"),
+            &["projection", "copy"],
+        )
+        .expect("valid metric");
+        let projection_skipped = IntCounterVec::new(
+            Opts::new("orchestrix_projection_skipped_events_total", "Poison events skipped by an operator"),
+            &["projection"],
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(projection_position.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(projection_events.clone()),
+            Box::new(projection_batch_seconds.clone()),
+            Box::new(projection_failures.clone()),
+            Box::new(projection_parked.clone()),
+            Box::new(projection_skipped.clone()),
+            Box::new(commands.clone()),
             Box::new(command_seconds.clone()),
             Box::new(events_appended.clone()),
             Box::new(wasm_call_seconds.clone()),
@@ -133,6 +179,12 @@ impl Metrics {
                 quarantines,
                 head_position,
                 live_streams,
+                projection_position,
+                projection_events,
+                projection_batch_seconds,
+                projection_failures,
+                projection_parked,
+                projection_skipped,
             }),
         }
     }
@@ -195,6 +247,26 @@ impl Metrics {
 
     pub fn set_head_position(&self, position: u64) {
         self.inner.head_position.set(position.min(i64::MAX as u64) as i64);
+    }
+
+    /// A projection copy committed `events` and moved to `position`.
+    pub fn observe_projection_batch(&self, projection: &str, copy: &str, events: usize, position: u64, took: Duration) {
+        self.inner.projection_events.with_label_values(&[projection, copy]).inc_by(events as u64);
+        self.inner.projection_position.with_label_values(&[projection, copy]).set(position.min(i64::MAX as u64) as i64);
+        self.inner.projection_batch_seconds.with_label_values(&[projection]).observe(took.as_secs_f64());
+    }
+
+    /// A projection call or commit failed (`guest`, `store`).
+    pub fn observe_projection_failure(&self, projection: &str, kind: &str) {
+        self.inner.projection_failures.with_label_values(&[projection, kind]).inc();
+    }
+
+    pub fn set_projection_parked(&self, projection: &str, copy: &str, parked: bool) {
+        self.inner.projection_parked.with_label_values(&[projection, copy]).set(i64::from(parked));
+    }
+
+    pub fn observe_projection_skip(&self, projection: &str) {
+        self.inner.projection_skipped.with_label_values(&[projection]).inc();
     }
 
     /// Count an open live feed connection until the returned guard drops.

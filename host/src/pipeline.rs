@@ -580,7 +580,8 @@ pub(crate) fn fold_events(
 }
 
 /// An event as guests receive it.
-fn to_recorded(event: &StoredEvent) -> RecordedEvent {
+/// An event as the guest contract presents it.
+pub(crate) fn to_recorded(event: &StoredEvent) -> RecordedEvent {
     RecordedEvent {
         id: event.id.to_string(),
         aggregate_type: event.stream.aggregate_type.clone(),

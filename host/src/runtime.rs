@@ -1,5 +1,6 @@
 //! Wiring: from a [`RuntimeConfig`] to a running host (sandbox, modules,
-//! store, command service, HTTP server) and back down on shutdown.
+//! store, command service, projections, HTTP server) and back down on
+//! shutdown.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use tokio::net::TcpListener;
 use crate::http::{ApiState, router};
 use crate::metrics::Metrics;
 use crate::pipeline::CommandService;
+use crate::projections::{ProjectionConfig, ProjectionService};
 use crate::sandbox::{
     LoadFailure, ModuleRegistry, PluginsWatcher, RegistryConfig, Sandbox, SandboxLimits, watch_plugins,
 };
@@ -35,6 +37,7 @@ pub struct RuntimeConfig {
     /// further changes (None: only on `POST /v1/modules/reload`).
     pub watch_plugins: Option<std::time::Duration>,
     pub store_options: StoreOptions,
+    pub projections: ProjectionConfig,
 }
 
 impl RuntimeConfig {
@@ -50,6 +53,7 @@ impl RuntimeConfig {
             replay_sample: 100,
             watch_plugins: Some(std::time::Duration::from_millis(10)),
             store_options: StoreOptions::default(),
+            projections: ProjectionConfig::default(),
         }
     }
 }
@@ -67,6 +71,7 @@ pub enum StartError {
 /// A started host.
 pub struct Runtime {
     pub commands: Arc<CommandService>,
+    pub projections: Arc<ProjectionService>,
     pub metrics: Metrics,
     config: RuntimeConfig,
     stopping: tokio::sync::watch::Sender<bool>,
@@ -77,7 +82,8 @@ pub struct Runtime {
 
 impl Runtime {
     /// Open the store, load the plugins (the replay check reads the store),
-    /// start watching the plugins directory and build the command service.
+    /// start watching the plugins directory, start the projections and build
+    /// the command service.
     pub async fn start(config: RuntimeConfig) -> Result<Self, StartError> {
         let metrics = Metrics::new();
         let sandbox = Arc::new(Sandbox::new(config.sandbox.clone())?);
@@ -107,12 +113,23 @@ impl Runtime {
             },
             None => None,
         };
+        let projections =
+            ProjectionService::start(store.clone(), registry.clone(), metrics.clone(), config.projections.clone())
+                .await;
         let commands =
             Arc::new(CommandService::new(registry.clone(), store, metrics.clone(), config.state_cache_capacity));
         let hook: Arc<dyn crate::sandbox::SwapHook> = commands.clone();
         registry.set_swap_hook(Arc::downgrade(&hook));
         let (stopping, _) = tokio::sync::watch::channel(false);
-        Ok(Self { commands, metrics, config, stopping, watcher: parking_lot::Mutex::new(watcher), _sandbox: sandbox })
+        Ok(Self {
+            commands,
+            projections,
+            metrics,
+            config,
+            stopping,
+            watcher: parking_lot::Mutex::new(watcher),
+            _sandbox: sandbox,
+        })
     }
 
     /// Files in the plugins directory that are refused right now.
@@ -124,6 +141,7 @@ impl Runtime {
     pub fn router(&self) -> axum::Router {
         let state = Arc::new(ApiState {
             commands: self.commands.clone(),
+            projections: self.projections.clone(),
             metrics: self.metrics.clone(),
             stopping: self.stopping.subscribe(),
         });
@@ -147,10 +165,11 @@ impl Runtime {
         served
     }
 
-    /// Stop watching the plugins directory, finish pending appends and
-    /// release the store.
+    /// Stop watching the plugins directory and running projections, finish
+    /// pending appends and release the store.
     pub async fn close(&self) {
         drop(self.watcher.lock().take());
+        self.projections.stop();
         self.commands.store().close().await;
     }
 }

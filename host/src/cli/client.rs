@@ -9,7 +9,7 @@ use serde_json::Value;
 pub struct Target {
     /// Base URL of the running host.
     #[arg(long, env = "ORCHESTRIX_URL", default_value = "http://127.0.0.1:7070")]
-    url: String,
+    pub(crate) url: String,
 }
 
 #[derive(Args)]
@@ -83,11 +83,11 @@ pub enum ModulesAction {
     Release,
 }
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-async fn print_response(response: reqwest::Response) -> Result<()> {
+pub(crate) async fn print_response(response: reqwest::Response) -> Result<()> {
     let status = response.status();
     let text = response.text().await.context("reading the response")?;
     let rendered = match serde_json::from_str::<Value>(&text) {
@@ -101,7 +101,7 @@ async fn print_response(response: reqwest::Response) -> Result<()> {
     Ok(())
 }
 
-async fn get_and_print(url: &str) -> Result<()> {
+pub(crate) async fn get_and_print(url: &str) -> Result<()> {
     print_response(client().get(url).send().await.with_context(|| format!("cannot reach {url}"))?).await
 }
 
@@ -206,7 +206,7 @@ async fn follow(args: EventsArgs) -> Result<()> {
 }
 
 /// Percent-encode a query value (everything but unreserved characters).
-fn encode(value: &str) -> String {
+pub(crate) fn encode(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {

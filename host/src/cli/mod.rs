@@ -4,3 +4,4 @@ pub mod bench;
 pub mod bench_feed;
 pub mod bench_lifecycle;
 pub mod client;
+pub mod read_side;

@@ -37,7 +37,10 @@ mod bindings {
     });
 }
 
-pub use bindings::exports::orchestrix::domain::manifest::ModuleManifest;
+pub use bindings::exports::orchestrix::domain::manifest::{ModuleManifest, ProjectionInfo};
+pub use bindings::exports::orchestrix::domain::projection::{
+    Document as GuestDocument, DocumentKey as GuestDocumentKey, ReadModelOp,
+};
 pub use bindings::orchestrix::domain::types::{Command, DomainError, NewEvent, RecordedEvent};
 
 /// Limits every guest call runs under.
@@ -420,6 +423,32 @@ impl GuestModule {
         self.call("describe-state", |b, store| {
             b.orchestrix_domain_aggregate().call_describe_state(store, aggregate_type, state)
         })
+    }
+
+    /// The documents `projection` needs to project `events`.
+    pub fn touches(
+        &self,
+        projection: &str,
+        events: &[RecordedEvent],
+    ) -> Result<Result<Vec<GuestDocumentKey>, DomainError>, GuestFailure> {
+        self.call("touches", |b, store| b.orchestrix_domain_projection().call_touches(store, projection, events))
+    }
+
+    /// Project `events` given the documents they touch, before the batch.
+    pub fn project(
+        &self,
+        projection: &str,
+        events: &[RecordedEvent],
+        documents: &[GuestDocument],
+    ) -> Result<Result<Vec<ReadModelOp>, DomainError>, GuestFailure> {
+        self.call("project", |b, store| {
+            b.orchestrix_domain_projection().call_project(store, projection, events, documents)
+        })
+    }
+
+    /// The manifest entry of a projection this module declares.
+    pub fn projection(&self, name: &str) -> Option<&ProjectionInfo> {
+        self.manifest.projections.iter().find(|p| p.name == name)
     }
 
     fn manifest(&self) -> Result<ModuleManifest, GuestFailure> {

@@ -106,6 +106,8 @@ pub struct ModuleRegistry {
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
     swap_hook: RwLock<Option<std::sync::Weak<dyn SwapHook>>>,
+    /// Publishes every new serving set (projections follow it).
+    swapped: tokio::sync::watch::Sender<Arc<ModuleSet>>,
 }
 
 /// What the scan found for one file.
@@ -138,6 +140,7 @@ impl ModuleRegistry {
             unloaded: RwLock::new(BTreeMap::new()),
             reloading: tokio::sync::Mutex::new(()),
             swap_hook: RwLock::new(None),
+            swapped: tokio::sync::watch::channel(Arc::new(ModuleSet::default())).0,
         }
     }
 
@@ -149,6 +152,11 @@ impl ModuleRegistry {
     /// The modules serving now.
     pub fn current(&self) -> Arc<ModuleSet> {
         self.serving.read().clone()
+    }
+
+    /// Changes whenever a reload swaps in a new serving set.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<ModuleSet>> {
+        self.swapped.subscribe()
     }
 
     /// Files refused and not since replaced by a good version.
@@ -319,7 +327,11 @@ impl ModuleRegistry {
             }
             unloaded.retain(|aggregate, _| set.route(aggregate).is_none());
         }
-        *self.serving.write() = Arc::new(set);
+        let set = Arc::new(set);
+        *self.serving.write() = set.clone();
+        if !report.loaded.is_empty() || !report.unloaded.is_empty() {
+            self.swapped.send_replace(set);
+        }
         report.failures = still_failed.values().map(|(_, failure)| failure.clone()).collect();
         let newly_failed: Vec<&LoadFailure> = still_failed
             .iter()
@@ -379,6 +391,16 @@ impl ModuleRegistry {
                 return Err(format!(
                     "declares aggregate type `{}`, already owned by module `{}`",
                     aggregate.name, owner.name
+                ));
+            }
+        }
+        for projection in &module.manifest.projections {
+            if let Some(owner) =
+                others.values().find(|other| other.name != module.name && other.projection(&projection.name).is_some())
+            {
+                return Err(format!(
+                    "declares projection `{}`, already declared by module `{}`",
+                    projection.name, owner.name
                 ));
             }
         }

@@ -10,12 +10,18 @@ use chrono::{DateTime, TimeZone, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
+use super::read_models::ReadModelChange;
 use super::{AppendOutcome, AppendRequest, CommandRecord, StoreError, StoredEvent, StreamId};
 
 pub(super) type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
 
+pub(super) type ReadModelReply = oneshot::Sender<Result<u64, StoreError>>;
+
 pub(super) enum Job {
     Append(Box<AppendRequest>, Reply),
+    /// A read-model transaction, for a backend whose writer task is the only
+    /// one allowed to write (SQLite).
+    ReadModel(Box<ReadModelChange>, ReadModelReply),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -49,6 +55,13 @@ impl Submitter {
         outcome.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
+    /// Queue a read-model transaction behind the appends already queued.
+    pub(super) async fn change_read_model(&self, change: ReadModelChange) -> Result<u64, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        self.jobs.send(Job::ReadModel(Box::new(change), reply)).await.map_err(|_| StoreError::ShuttingDown)?;
+        outcome.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
     pub(super) fn head(&self) -> watch::Receiver<u64> {
         self.head.clone()
     }
@@ -65,6 +78,8 @@ impl Submitter {
 /// What the writer takes from the queue in one go.
 pub(super) struct Batch {
     pub appends: Vec<(AppendRequest, Reply)>,
+    /// A read-model transaction queued behind these appends: runs after them.
+    pub read_model: Option<(ReadModelChange, ReadModelReply)>,
     /// Set when a shutdown was queued behind these appends.
     pub shutdown: Option<oneshot::Sender<()>>,
 }
@@ -72,16 +87,16 @@ pub(super) struct Batch {
 /// Wait for at least one job, then take everything already queued, up to
 /// `max` appends. `None` once every submitter is gone.
 pub(super) async fn next_batch(queue: &mut mpsc::Receiver<Job>, max: usize) -> Option<Batch> {
-    let mut batch = Batch { appends: Vec::new(), shutdown: None };
-    match queue.recv().await? {
-        Job::Append(request, reply) => batch.appends.push((*request, reply)),
-        Job::Shutdown(done) => batch.shutdown = Some(done),
-    }
-    while batch.shutdown.is_none() && batch.appends.len() < max {
-        match queue.try_recv() {
-            Ok(Job::Append(request, reply)) => batch.appends.push((*request, reply)),
-            Ok(Job::Shutdown(done)) => batch.shutdown = Some(done),
-            Err(_) => break,
+    let mut batch = Batch { appends: Vec::new(), read_model: None, shutdown: None };
+    let mut job = Some(queue.recv().await?);
+    while let Some(next) = job.take() {
+        match next {
+            Job::Append(request, reply) => batch.appends.push((*request, reply)),
+            Job::ReadModel(change, reply) => batch.read_model = Some((*change, reply)),
+            Job::Shutdown(done) => batch.shutdown = Some(done),
+        }
+        if batch.shutdown.is_none() && batch.read_model.is_none() && batch.appends.len() < max {
+            job = queue.try_recv().ok();
         }
     }
     Some(batch)
@@ -91,8 +106,16 @@ pub(super) async fn next_batch(queue: &mut mpsc::Receiver<Job>, max: usize) -> O
 pub(super) fn refuse_remaining(queue: &mut mpsc::Receiver<Job>) {
     queue.close();
     while let Ok(job) = queue.try_recv() {
-        if let Job::Append(_, reply) = job {
-            let _ = reply.send(Err(StoreError::ShuttingDown));
+        match job {
+            Job::Append(_, reply) => {
+                let _ = reply.send(Err(StoreError::ShuttingDown));
+            }
+            Job::ReadModel(_, reply) => {
+                let _ = reply.send(Err(StoreError::ShuttingDown));
+            }
+            Job::Shutdown(done) => {
+                let _ = done.send(());
+            }
         }
     }
 }

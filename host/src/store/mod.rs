@@ -12,6 +12,7 @@
 mod feed;
 mod group;
 mod postgres;
+pub mod read_models;
 mod sqlite;
 
 use std::fmt;
@@ -24,6 +25,10 @@ use uuid::Uuid;
 
 pub use feed::{EventFilter, Subscription};
 pub use postgres::PostgresStore;
+pub use read_models::{
+    CopyId, CopyRecord, CopyRole, DocumentKey, DocumentLookup, DocumentOp, DocumentPage, DocumentQuery, Parked,
+    ReadModelChange,
+};
 pub use sqlite::SqliteStore;
 
 use crate::metrics::Metrics;
@@ -251,6 +256,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("event store is shutting down")]
     ShuttingDown,
+    /// A read-model change lost a race (a checkpoint moved, a copy changed
+    /// role): nothing was written.
+    #[error("read model changed concurrently: {0}")]
+    ReadModelConflict(String),
     #[error("unsupported store URL `{0}`: use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE")]
     UnsupportedUrl(String),
 }
@@ -283,6 +292,24 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// What an idempotency key appended, if it did.
     async fn find_command(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError>;
+
+    /// Every copy of every projection's read model.
+    async fn projection_copies(&self) -> Result<Vec<CopyRecord>, StoreError>;
+
+    /// Run one read-model change as one transaction (see
+    /// [`ReadModelChange`] for what each returns).
+    async fn change_read_model(&self, change: ReadModelChange) -> Result<u64, StoreError>;
+
+    /// The bodies of `keys` in one copy, in the order asked (`None`: absent).
+    async fn load_documents(&self, copy: &CopyId, keys: &[DocumentKey]) -> Result<Vec<Option<String>>, StoreError>;
+
+    /// One document of a projection's active copy; `None` when the
+    /// projection has no active copy.
+    async fn lookup_document(&self, projection: &str, key: &DocumentKey) -> Result<Option<DocumentLookup>, StoreError>;
+
+    /// A page of a collection of a projection's active copy, from one
+    /// snapshot; `None` when the projection has no active copy.
+    async fn list_documents(&self, query: &DocumentQuery) -> Result<Option<DocumentPage>, StoreError>;
 
     /// Finish every append already submitted, then release the database.
     async fn close(&self);

@@ -33,8 +33,9 @@ use uuid::Uuid;
 
 use super::group::{Facts, Job, Plan, Reply, Submitter, batch_keys, commit_time, next_batch, plan, refuse_remaining};
 use super::{
-    AppendOutcome, AppendRequest, CommandRecord, EventStore, StoreError, StoreOptions, StoredEvent, StreamId,
-    StreamRange,
+    AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
+    DocumentQuery, EventStore, ReadModelChange, StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
+    read_models,
 };
 use crate::metrics::Metrics;
 
@@ -42,6 +43,7 @@ use crate::metrics::Metrics;
 pub struct PostgresStore {
     submitter: Submitter,
     reads: PgPool,
+    commit_timeout: Duration,
     listener: tokio::task::JoinHandle<()>,
 }
 
@@ -118,7 +120,7 @@ impl PostgresStore {
             metrics,
         };
         tokio::spawn(writer.run(queue));
-        Ok(Self { submitter, reads, listener })
+        Ok(Self { submitter, reads, commit_timeout: options.commit_timeout, listener })
     }
 }
 
@@ -282,6 +284,26 @@ impl EventStore for PostgresStore {
         Ok(row.map(|row| decode_command(&row)))
     }
 
+    async fn projection_copies(&self) -> Result<Vec<CopyRecord>, StoreError> {
+        read_models::postgres::copies(&self.reads).await
+    }
+
+    async fn change_read_model(&self, change: ReadModelChange) -> Result<u64, StoreError> {
+        read_models::postgres::apply(&self.reads, change, self.commit_timeout).await
+    }
+
+    async fn load_documents(&self, copy: &CopyId, keys: &[DocumentKey]) -> Result<Vec<Option<String>>, StoreError> {
+        read_models::postgres::load_documents(&self.reads, copy, keys).await
+    }
+
+    async fn lookup_document(&self, projection: &str, key: &DocumentKey) -> Result<Option<DocumentLookup>, StoreError> {
+        read_models::postgres::lookup(&self.reads, projection, key).await
+    }
+
+    async fn list_documents(&self, query: &DocumentQuery) -> Result<Option<DocumentPage>, StoreError> {
+        read_models::postgres::list(&self.reads, query).await
+    }
+
     async fn close(&self) {
         self.submitter.shutdown().await;
         self.reads.close().await;
@@ -342,6 +364,12 @@ impl Writer {
         while let Some(batch) = next_batch(&mut queue, self.max_batch).await {
             if !batch.appends.is_empty() {
                 self.commit_batch(batch.appends).await;
+            }
+            if let Some((_, reply)) = batch.read_model {
+                // Read-model changes use the pool (`PostgresStore::change_read_model`).
+                let _ = reply.send(Err(StoreError::Unavailable(
+                    "read-model changes do not go through the append writer".into(),
+                )));
             }
             if let Some(done) = batch.shutdown {
                 refuse_remaining(&mut queue);

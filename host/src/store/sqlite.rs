@@ -23,8 +23,9 @@ use uuid::Uuid;
 
 use super::group::{Facts, Job, Plan, Reply, Submitter, batch_keys, commit_time, next_batch, plan, refuse_remaining};
 use super::{
-    AppendOutcome, AppendRequest, CommandRecord, EventStore, StoreError, StoreOptions, StoredEvent, StreamId,
-    StreamRange,
+    AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
+    DocumentQuery, EventStore, ReadModelChange, StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
+    read_models,
 };
 use crate::metrics::Metrics;
 
@@ -184,6 +185,26 @@ impl EventStore for SqliteStore {
         Ok(row.map(|row| decode_command(&row)))
     }
 
+    async fn projection_copies(&self) -> Result<Vec<CopyRecord>, StoreError> {
+        read_models::sqlite::copies(&self.reads).await
+    }
+
+    async fn change_read_model(&self, change: ReadModelChange) -> Result<u64, StoreError> {
+        self.submitter.change_read_model(change).await
+    }
+
+    async fn load_documents(&self, copy: &CopyId, keys: &[DocumentKey]) -> Result<Vec<Option<String>>, StoreError> {
+        read_models::sqlite::load_documents(&self.reads, copy, keys).await
+    }
+
+    async fn lookup_document(&self, projection: &str, key: &DocumentKey) -> Result<Option<DocumentLookup>, StoreError> {
+        read_models::sqlite::lookup(&self.reads, projection, key).await
+    }
+
+    async fn list_documents(&self, query: &DocumentQuery) -> Result<Option<DocumentPage>, StoreError> {
+        read_models::sqlite::list(&self.reads, query).await
+    }
+
     async fn close(&self) {
         self.submitter.shutdown().await;
         self.reads.close().await;
@@ -240,6 +261,9 @@ impl Writer {
         while let Some(batch) = next_batch(&mut queue, self.max_batch).await {
             if !batch.appends.is_empty() {
                 self.commit_batch(batch.appends).await;
+            }
+            if let Some((change, reply)) = batch.read_model {
+                let _ = reply.send(super::read_models::sqlite::apply(&mut self.connection, change).await);
             }
             if let Some(done) = batch.shutdown {
                 refuse_remaining(&mut queue);

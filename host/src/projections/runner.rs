@@ -1,0 +1,399 @@
+//! One runner per running copy: read the feed after the copy's checkpoint
+//! (a read-ahead task keeps the next batch ready), keep the events the
+//! projection subscribes to, call `touches`, load those documents, call
+//! `project`, and commit the operations with the new checkpoint in one
+//! transaction. A failing batch is replayed one event at a time to find the
+//! poison event, which is retried with backoff and then parked.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::{Notify, mpsc};
+
+use super::ProjectionConfig;
+use crate::metrics::Metrics;
+use crate::pipeline::to_recorded;
+use crate::sandbox::{GuestDocument, GuestDocumentKey, GuestModule, ProjectionInfo, ReadModelOp, RecordedEvent};
+use crate::store::{
+    CopyRecord, CopyRole, DocumentKey, DocumentOp, EventStore, Parked, ReadModelChange, StoreError, StoredEvent,
+};
+
+/// What a runner shares with status queries.
+#[derive(Default)]
+pub struct Progress {
+    pub position: AtomicU64,
+    /// The last read reached the head of the log.
+    pub caught_up: AtomicBool,
+    /// The last failure, cleared by the next successful commit.
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// Events skipped over without a commit before the checkpoint is moved
+/// anyway (so a projection whose events are rare does not lag on paper).
+const CHECKPOINT_EVERY: u64 = 10_000;
+
+/// Longest pause after a store failure.
+const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
+
+pub(super) struct Runner {
+    pub store: Arc<dyn EventStore>,
+    pub metrics: Metrics,
+    pub module: Arc<GuestModule>,
+    pub info: ProjectionInfo,
+    pub config: ProjectionConfig,
+    pub copy: CopyRecord,
+    pub progress: Arc<Progress>,
+    /// Wakes the service's reconciler (after an activation, a parking, an exit).
+    pub poke: Arc<Notify>,
+    pub service: std::sync::Weak<super::ProjectionService>,
+}
+
+/// Why a run ended.
+enum Exit {
+    /// Parked on a poison event: waits for an operator.
+    Parked,
+    /// The copy changed under us (another runner, an activation, a retire):
+    /// re-read it and carry on if it is still ours to run.
+    Moved,
+}
+
+/// A guest failure or a store failure during a batch.
+enum BatchFailure {
+    Guest(String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for BatchFailure {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error)
+    }
+}
+
+impl Runner {
+    fn label(&self) -> String {
+        self.copy.id.generation.to_string()
+    }
+
+    pub(super) async fn run(mut self) {
+        let mut store_backoff = Duration::from_millis(100);
+        loop {
+            match self.run_from_checkpoint().await {
+                Ok(Exit::Parked) => break,
+                Ok(Exit::Moved) => {}
+                Err(error) => {
+                    self.metrics.observe_projection_failure(&self.info.name, "store");
+                    tracing::warn!(projection = %self.info.name, copy = self.copy.id.generation, %error, "projection paused: the store failed; retrying");
+                    *self.progress.last_error.lock() = Some(error.to_string());
+                    tokio::time::sleep(store_backoff).await;
+                    store_backoff = (store_backoff * 2).min(MAX_STORE_BACKOFF);
+                }
+            }
+            match self.reload_copy().await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(error) => *self.progress.last_error.lock() = Some(error.to_string()),
+            }
+        }
+        self.poke.notify_one();
+    }
+
+    /// Re-read the copy; false when it is no longer ours to run.
+    async fn reload_copy(&mut self) -> Result<bool, StoreError> {
+        let copies = self.store.projection_copies().await?;
+        match copies.into_iter().find(|c| c.id == self.copy.id) {
+            Some(copy) if copy.role != CopyRole::Retired && copy.parked.is_none() => {
+                self.copy = copy;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn run_from_checkpoint(&mut self) -> Result<Exit, StoreError> {
+        self.progress.position.store(self.copy.position, Ordering::Relaxed);
+        let mut reader = ReadAhead::start(self.store.clone(), self.copy.position, self.config.batch_size);
+        let subscribed: BTreeSet<String> = self.info.event_types.iter().cloned().collect();
+        loop {
+            let chunk = reader.next().await?;
+            if let Some(through) = chunk.events.last().map(|e| e.position) {
+                let matched: Vec<StoredEvent> =
+                    chunk.events.into_iter().filter(|e| subscribed.contains(&e.event_type)).collect();
+                let exit = if !matched.is_empty() {
+                    self.project_and_commit(&matched, through).await?
+                } else if !chunk.full || through - self.copy.position >= CHECKPOINT_EVERY {
+                    self.commit(through, Vec::new(), 0, Instant::now()).await?
+                } else {
+                    None
+                };
+                if let Some(exit) = exit {
+                    return Ok(exit);
+                }
+            }
+            self.progress.caught_up.store(!chunk.full, Ordering::Relaxed);
+            if !chunk.full && self.copy.role == CopyRole::Building && self.copy.position >= *self.store.head().borrow()
+            {
+                return self.activate().await;
+            }
+        }
+    }
+
+    /// The rebuild has caught up with the head: switch it in.
+    async fn activate(&mut self) -> Result<Exit, StoreError> {
+        match self.store.change_read_model(ReadModelChange::Activate { copy: self.copy.id.clone() }).await {
+            Ok(_) => {
+                tracing::info!(projection = %self.info.name, copy = self.copy.id.generation, position = self.copy.position, "rebuild caught up: the new copy now answers queries");
+                self.copy.role = CopyRole::Active;
+                self.poke.notify_one();
+                Ok(Exit::Moved)
+            }
+            Err(StoreError::ReadModelConflict(_)) => Ok(Exit::Moved),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Project `events` (all subscribed) and commit through `through`. On a
+    /// guest failure, replay them one by one to isolate the poison event.
+    async fn project_and_commit(&mut self, events: &[StoredEvent], through: u64) -> Result<Option<Exit>, StoreError> {
+        let started = Instant::now();
+        match self.project(events).await {
+            Ok(ops) => return self.commit(through, ops, events.len(), started).await,
+            Err(BatchFailure::Store(error)) => return Err(error),
+            Err(BatchFailure::Guest(reason)) => {
+                self.metrics.observe_projection_failure(&self.info.name, "guest");
+                tracing::debug!(projection = %self.info.name, %reason, "batch failed; replaying it event by event");
+            }
+        }
+        for event in events {
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let started = Instant::now();
+                match self.project(std::slice::from_ref(event)).await {
+                    Ok(ops) => {
+                        if let Some(exit) = self.commit(event.position, ops, 1, started).await? {
+                            return Ok(Some(exit));
+                        }
+                        break;
+                    }
+                    Err(BatchFailure::Store(error)) => return Err(error),
+                    Err(BatchFailure::Guest(reason)) => {
+                        self.metrics.observe_projection_failure(&self.info.name, "guest");
+                        *self.progress.last_error.lock() = Some(reason.clone());
+                        if attempts >= self.config.retry_attempts.max(1) {
+                            return self.park(event, reason, attempts).await.map(Some);
+                        }
+                        let pause = self.config.retry_backoff * 2u32.saturating_pow(attempts - 1);
+                        tracing::warn!(projection = %self.info.name, module = %self.module.name, event_id = %event.id, position = event.position, attempt = attempts, %reason, "projection failed on an event; retrying in {pause:?}");
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
+        }
+        if self.copy.position < through {
+            return self.commit(through, Vec::new(), 0, Instant::now()).await;
+        }
+        Ok(None)
+    }
+
+    /// Stop at `event`: move the checkpoint up to just before it, then park.
+    async fn park(&mut self, event: &StoredEvent, reason: String, attempts: u32) -> Result<Exit, StoreError> {
+        if self.copy.position + 1 < event.position
+            && let Some(exit) = self.commit(event.position - 1, Vec::new(), 0, Instant::now()).await?
+        {
+            return Ok(exit);
+        }
+        let parked = Parked {
+            position: event.position,
+            event_id: event.id.to_string(),
+            error: reason.clone(),
+            attempts,
+            since: chrono::Utc::now(),
+        };
+        self.store.change_read_model(ReadModelChange::Park { copy: self.copy.id.clone(), parked }).await?;
+        self.metrics.set_projection_parked(&self.info.name, &self.label(), true);
+        if let Some(service) = self.service.upgrade() {
+            service.parked(&self.copy.id, &self.module.content_hash);
+        }
+        tracing::error!(projection = %self.info.name, copy = self.copy.id.generation, module = %self.module.name, event_id = %event.id, position = event.position, attempts, error = %reason, "projection parked on a poison event: retry or skip it (`orchestrix projections retry|skip`)");
+        Ok(Exit::Parked)
+    }
+
+    /// Commit `ops` and move the checkpoint to `to`.
+    async fn commit(
+        &mut self,
+        to: u64,
+        ops: Vec<DocumentOp>,
+        events: usize,
+        started: Instant,
+    ) -> Result<Option<Exit>, StoreError> {
+        let mut collections: BTreeSet<String> = self.copy.collections.iter().cloned().collect();
+        let before = collections.len();
+        collections.extend(ops.iter().map(|op| op.key().collection.clone()));
+        let added = (collections.len() > before).then(|| collections.into_iter().collect::<Vec<_>>());
+        let change = ReadModelChange::Commit {
+            copy: self.copy.id.clone(),
+            from: self.copy.position,
+            to,
+            ops,
+            collections: added.clone(),
+            skipped: 0,
+        };
+        match self.store.change_read_model(change).await {
+            Ok(_) => {}
+            Err(StoreError::ReadModelConflict(_)) => return Ok(Some(Exit::Moved)),
+            Err(error) => return Err(error),
+        }
+        if let Some(added) = added {
+            self.copy.collections = added;
+        }
+        self.copy.position = to;
+        self.progress.position.store(to, Ordering::Relaxed);
+        *self.progress.last_error.lock() = None;
+        self.metrics.observe_projection_batch(&self.info.name, &self.label(), events, to, started.elapsed());
+        Ok(None)
+    }
+
+    /// `touches`, load, `project`: the operations for `events`.
+    async fn project(&self, events: &[StoredEvent]) -> Result<Vec<DocumentOp>, BatchFailure> {
+        let recorded: Vec<RecordedEvent> = events.iter().map(to_recorded).collect();
+        let (module, name) = (self.module.clone(), self.info.name.clone());
+        let (recorded, keys) = tokio::task::spawn_blocking(move || {
+            let keys = module.touches(&name, &recorded);
+            (recorded, keys)
+        })
+        .await
+        .map_err(|e| BatchFailure::Guest(format!("projection call panicked: {e}")))?;
+        let keys: Vec<DocumentKey> =
+            guest_result(keys, "touches")?.into_iter().map(|k| DocumentKey::new(k.collection, k.key)).collect();
+        let bodies = self.store.load_documents(&self.copy.id, &keys).await?;
+        let documents: Vec<GuestDocument> = keys
+            .into_iter()
+            .zip(bodies)
+            .map(|(key, body)| GuestDocument {
+                key: GuestDocumentKey { collection: key.collection, key: key.key },
+                body,
+            })
+            .collect();
+        let (module, name) = (self.module.clone(), self.info.name.clone());
+        let ops = tokio::task::spawn_blocking(move || module.project(&name, &recorded, &documents))
+            .await
+            .map_err(|e| BatchFailure::Guest(format!("projection call panicked: {e}")))?;
+        guest_result(ops, "project")?.into_iter().map(checked_op).collect()
+    }
+}
+
+/// A guest call's outcome as a batch result: traps and domain errors both
+/// fail the batch.
+fn guest_result<T>(
+    result: Result<Result<T, crate::sandbox::DomainError>, crate::sandbox::GuestFailure>,
+    function: &str,
+) -> Result<T, BatchFailure> {
+    match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(crate::sandbox::DomainError::Rejected(reason) | crate::sandbox::DomainError::Invalid(reason))) => {
+            Err(BatchFailure::Guest(format!("`{function}` returned an error: {reason}")))
+        }
+        Err(failure) => Err(BatchFailure::Guest(failure.to_string())),
+    }
+}
+
+/// A guest operation, checked: non-empty addresses and JSON bodies.
+fn checked_op(op: ReadModelOp) -> Result<DocumentOp, BatchFailure> {
+    let (key, body) = match op {
+        ReadModelOp::Upsert((key, body)) => (key, Some(body)),
+        ReadModelOp::Delete(key) => (key, None),
+    };
+    if key.collection.is_empty() || key.key.is_empty() {
+        return Err(BatchFailure::Guest("`project` returned a document with an empty collection or key".into()));
+    }
+    let key = DocumentKey::new(key.collection, key.key);
+    match body {
+        Some(body) => {
+            if let Err(error) = serde_json::from_str::<serde::de::IgnoredAny>(&body) {
+                return Err(BatchFailure::Guest(format!(
+                    "`project` returned a body for {}/{} that is not JSON: {error}",
+                    key.collection, key.key
+                )));
+            }
+            Ok(DocumentOp::Upsert(key, body))
+        }
+        None => Ok(DocumentOp::Delete(key)),
+    }
+}
+
+/// One read of the feed (empty when the reads reached the head with
+/// nothing new).
+struct Chunk {
+    events: Vec<StoredEvent>,
+    /// The read returned a full batch: more may be waiting.
+    full: bool,
+}
+
+/// Reads the next batches of the global log while the current one is being
+/// projected. Stops when dropped.
+struct ReadAhead {
+    chunks: mpsc::Receiver<Result<Chunk, StoreError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReadAhead {
+    fn start(store: Arc<dyn EventStore>, mut after: u64, batch_size: usize) -> Self {
+        let (sender, chunks) = mpsc::channel(2);
+        let task = tokio::spawn(async move {
+            let mut head = store.head();
+            // Whether the runner has been told that the reads reached the head.
+            let mut told_idle = false;
+            loop {
+                match store.read_all(after, batch_size).await {
+                    Ok(events) if events.is_empty() => {
+                        if !told_idle {
+                            told_idle = true;
+                            if sender.send(Ok(Chunk { events, full: false })).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        let seen = after;
+                        if *head.borrow() > seen {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            continue;
+                        }
+                        let woken =
+                            tokio::time::timeout(Duration::from_millis(500), head.wait_for(|h| *h > seen)).await;
+                        if let Ok(Err(_)) = woken {
+                            return;
+                        }
+                    }
+                    Ok(events) => {
+                        after = events.last().map_or(after, |e| e.position);
+                        let full = events.len() >= batch_size;
+                        told_idle = !full;
+                        if sender.send(Ok(Chunk { events, full })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        if sender.send(Err(error)).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        Self { chunks, task }
+    }
+
+    async fn next(&mut self) -> Result<Chunk, StoreError> {
+        self.chunks.recv().await.unwrap_or(Err(StoreError::ShuttingDown))
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,360 @@
+//! Read models on PostgreSQL. Each change is one transaction on a pooled
+//! connection (several hosts may run at once: the checkpoint
+//! compare-and-set and the one-active/one-building indexes keep them
+//! honest); each query is one statement, so one snapshot.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+
+use super::{
+    CopyId, CopyRecord, CopyRole, DocumentKey, DocumentLookup, DocumentOp, DocumentPage, DocumentQuery, Parked,
+    ReadModelChange, conflict, from_micros, parse_collections, to_micros,
+};
+use crate::store::StoreError;
+
+const COPY_COLUMNS: &str = "projection, generation, module, version, role, position, collections, skipped, \
+     parked_position, parked_event_id, parked_error, parked_attempts, parked_at_us, created_at_us";
+
+fn unavailable(error: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+fn decode_copy(row: &PgRow) -> Result<CopyRecord, StoreError> {
+    let parked = match row.get::<Option<i64>, _>("parked_position") {
+        Some(position) => Some(Parked {
+            position: position as u64,
+            event_id: row.get::<Option<String>, _>("parked_event_id").unwrap_or_default(),
+            error: row.get::<Option<String>, _>("parked_error").unwrap_or_default(),
+            attempts: row.get::<Option<i64>, _>("parked_attempts").unwrap_or(0) as u32,
+            since: from_micros(row.get::<Option<i64>, _>("parked_at_us").unwrap_or(0)),
+        }),
+        None => None,
+    };
+    Ok(CopyRecord {
+        id: CopyId { projection: row.get("projection"), generation: row.get::<i64, _>("generation") as u64 },
+        module: row.get("module"),
+        version: row.get::<i64, _>("version") as u32,
+        role: CopyRole::parse(row.get::<&str, _>("role"))?,
+        position: row.get::<i64, _>("position") as u64,
+        collections: parse_collections(row.get::<&str, _>("collections")),
+        skipped: row.get::<i64, _>("skipped") as u64,
+        parked,
+        created_at: from_micros(row.get("created_at_us")),
+    })
+}
+
+pub(in crate::store) async fn copies(pool: &PgPool) -> Result<Vec<CopyRecord>, StoreError> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COPY_COLUMNS} FROM projection_copies ORDER BY projection, generation"
+    )))
+    .fetch_all(pool)
+    .await
+    .map_err(unavailable)?;
+    rows.iter().map(decode_copy).collect()
+}
+
+pub(in crate::store) async fn load_documents(
+    pool: &PgPool,
+    copy: &CopyId,
+    keys: &[DocumentKey],
+) -> Result<Vec<Option<String>>, StoreError> {
+    let (collections, names): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|k| (k.collection.as_str(), k.key.as_str())).unzip();
+    let rows = sqlx::query(
+        "SELECT collection, key, body::text FROM read_model_documents WHERE projection = $1 AND generation = $2 \
+         AND (collection, key) IN (SELECT * FROM UNNEST($3::text[], $4::text[]))",
+    )
+    .bind(&copy.projection)
+    .bind(copy.generation as i64)
+    .bind(&collections)
+    .bind(&names)
+    .fetch_all(pool)
+    .await
+    .map_err(unavailable)?;
+    let mut found: HashMap<DocumentKey, String> = rows
+        .into_iter()
+        .map(|row| (DocumentKey::new(row.get::<String, _>(0), row.get::<String, _>(1)), row.get(2)))
+        .collect();
+    Ok(keys.iter().map(|key| found.remove(key)).collect())
+}
+
+pub(in crate::store) async fn lookup(
+    pool: &PgPool,
+    projection: &str,
+    key: &DocumentKey,
+) -> Result<Option<DocumentLookup>, StoreError> {
+    let row = sqlx::query(
+        "SELECT c.generation, c.position, d.body::text FROM projection_copies c \
+         LEFT JOIN read_model_documents d ON d.projection = c.projection AND d.generation = c.generation \
+         AND d.collection = $1 AND d.key = $2 WHERE c.projection = $3 AND c.role = 'active'",
+    )
+    .bind(&key.collection)
+    .bind(&key.key)
+    .bind(projection)
+    .fetch_optional(pool)
+    .await
+    .map_err(unavailable)?;
+    Ok(row.map(|row| DocumentLookup {
+        generation: row.get::<i64, _>(0) as u64,
+        position: row.get::<i64, _>(1) as u64,
+        body: row.get(2),
+    }))
+}
+
+pub(in crate::store) async fn list(pool: &PgPool, query: &DocumentQuery) -> Result<Option<DocumentPage>, StoreError> {
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
+        "SELECT c.generation, c.position, d.key, d.body::text FROM projection_copies c \
+         LEFT JOIN read_model_documents d ON d.projection = c.projection AND d.generation = c.generation \
+         AND d.collection = ",
+    );
+    sql.push_bind(&query.collection);
+    if let Some(after) = &query.after {
+        sql.push(" AND d.key > ").push_bind(after);
+    }
+    for (field, candidates) in &query.filters {
+        sql.push(" AND d.body -> ").push_bind(field).push(" = ANY(").push_bind(candidates).push("::jsonb[])");
+    }
+    sql.push(" WHERE c.projection = ").push_bind(&query.projection);
+    sql.push(" AND c.role = 'active' ORDER BY d.key LIMIT ").push_bind((query.limit + 1) as i64);
+    let rows = sql.build().fetch_all(pool).await.map_err(unavailable)?;
+    let Some(first) = rows.first() else { return Ok(None) };
+    let mut page = DocumentPage {
+        generation: first.get::<i64, _>(0) as u64,
+        position: first.get::<i64, _>(1) as u64,
+        documents: Vec::new(),
+        more: false,
+    };
+    for row in &rows {
+        if let (Some(key), Some(body)) = (row.get::<Option<String>, _>(2), row.get::<Option<String>, _>(3)) {
+            page.documents.push((key, body));
+        }
+    }
+    if page.documents.len() > query.limit {
+        page.documents.truncate(query.limit);
+        page.more = true;
+    }
+    Ok(Some(page))
+}
+
+/// Run one change as one transaction, under `timeout`.
+pub(in crate::store) async fn apply(
+    pool: &PgPool,
+    change: ReadModelChange,
+    timeout: Duration,
+) -> Result<u64, StoreError> {
+    let work = async {
+        let mut transaction = pool.begin().await.map_err(unavailable)?;
+        let value = apply_in_transaction(&mut transaction, change).await?;
+        transaction.commit().await.map_err(unavailable)?;
+        Ok(value)
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Unavailable(format!("read-model transaction got no answer within {timeout:?}"))),
+    }
+}
+
+async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelChange) -> Result<u64, StoreError> {
+    match change {
+        ReadModelChange::CreateCopy { projection, module, version, role } => {
+            // Generation numbers per projection, serialised across hosts.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('orchestrix-copy:' || $1))")
+                .bind(&projection)
+                .execute(&mut *connection)
+                .await
+                .map_err(unavailable)?;
+            let inserted = sqlx::query_scalar::<_, i64>(
+                "INSERT INTO projection_copies (projection, generation, module, version, role, created_at_us) \
+                 SELECT $1, COALESCE(MAX(generation), 0) + 1, $2, $3, $4, $5 FROM projection_copies WHERE projection = $1 \
+                 RETURNING generation",
+            )
+            .bind(&projection)
+            .bind(&module)
+            .bind(i64::from(version))
+            .bind(role.as_str())
+            .bind(to_micros(chrono::Utc::now()))
+            .fetch_one(&mut *connection)
+            .await;
+            match inserted {
+                Ok(generation) => Ok(generation as u64),
+                Err(sqlx::Error::Database(error)) if error.is_unique_violation() => Err(StoreError::ReadModelConflict(
+                    format!("projection `{projection}` already has a {} copy", role.as_str()),
+                )),
+                Err(error) => Err(unavailable(error)),
+            }
+        }
+        ReadModelChange::Commit { copy, from, to, ops, collections, skipped } => {
+            let moved = sqlx::query(
+                "UPDATE projection_copies SET position = $1, skipped = skipped + $2, \
+                 collections = COALESCE($3, collections), parked_position = NULL, parked_event_id = NULL, \
+                 parked_error = NULL, parked_attempts = NULL, parked_at_us = NULL \
+                 WHERE projection = $4 AND generation = $5 AND position = $6 AND role <> 'retired'",
+            )
+            .bind(to as i64)
+            .bind(skipped as i64)
+            .bind(collections.map(|c| serde_json::to_string(&c).unwrap_or_default()))
+            .bind(&copy.projection)
+            .bind(copy.generation as i64)
+            .bind(from as i64)
+            .execute(&mut *connection)
+            .await
+            .map_err(unavailable)?;
+            if moved.rows_affected() != 1 {
+                return Err(conflict(
+                    &copy,
+                    &format!("checkpoint is no longer {from} (another runner moved it, or the copy was retired)"),
+                ));
+            }
+            write_ops(connection, &copy, super::collapse(ops)).await?;
+            Ok(1)
+        }
+        ReadModelChange::Park { copy, parked } => {
+            let updated = sqlx::query(
+                "UPDATE projection_copies SET parked_position = $1, parked_event_id = $2, parked_error = $3, \
+                 parked_attempts = $4, parked_at_us = $5 WHERE projection = $6 AND generation = $7 AND role <> 'retired'",
+            )
+            .bind(parked.position as i64)
+            .bind(&parked.event_id)
+            .bind(&parked.error)
+            .bind(i64::from(parked.attempts))
+            .bind(to_micros(parked.since))
+            .bind(&copy.projection)
+            .bind(copy.generation as i64)
+            .execute(&mut *connection)
+            .await
+            .map_err(unavailable)?;
+            Ok(updated.rows_affected())
+        }
+        ReadModelChange::Unpark { copy } => {
+            let updated = sqlx::query(
+                "UPDATE projection_copies SET parked_position = NULL, parked_event_id = NULL, parked_error = NULL, \
+                 parked_attempts = NULL, parked_at_us = NULL WHERE projection = $1 AND generation = $2",
+            )
+            .bind(&copy.projection)
+            .bind(copy.generation as i64)
+            .execute(&mut *connection)
+            .await
+            .map_err(unavailable)?;
+            Ok(updated.rows_affected())
+        }
+        ReadModelChange::Activate { copy } => {
+            // Two statements: the partial unique index is checked row by
+            // row, so the old copy leaves the `active` role first.
+            sqlx::query("UPDATE projection_copies SET role = 'retired' WHERE projection = $1 AND role = 'active'")
+                .bind(&copy.projection)
+                .execute(&mut *connection)
+                .await
+                .map_err(unavailable)?;
+            let activated = sqlx::query(
+                "UPDATE projection_copies SET role = 'active' WHERE projection = $1 AND generation = $2 AND role = 'building'",
+            )
+            .bind(&copy.projection)
+            .bind(copy.generation as i64)
+            .execute(&mut *connection)
+            .await
+            .map_err(unavailable)?;
+            if activated.rows_affected() != 1 {
+                return Err(conflict(&copy, "is not a building copy"));
+            }
+            Ok(1)
+        }
+        ReadModelChange::Retire { copy } => {
+            let retired = sqlx::query(
+                "UPDATE projection_copies SET role = 'retired' WHERE projection = $1 AND generation = $2 AND role = 'building'",
+            )
+            .bind(&copy.projection)
+            .bind(copy.generation as i64)
+            .execute(&mut *connection)
+            .await
+            .map_err(unavailable)?;
+            Ok(retired.rows_affected())
+        }
+        ReadModelChange::DropRetired { copy, limit } => {
+            let role: Option<String> =
+                sqlx::query_scalar("SELECT role FROM projection_copies WHERE projection = $1 AND generation = $2")
+                    .bind(&copy.projection)
+                    .bind(copy.generation as i64)
+                    .fetch_optional(&mut *connection)
+                    .await
+                    .map_err(unavailable)?;
+            match role.as_deref() {
+                None => return Ok(0),
+                Some("retired") => {}
+                Some(_) => return Err(conflict(&copy, "is not retired")),
+            }
+            let deleted = sqlx::query(
+                "DELETE FROM read_model_documents WHERE ctid IN (SELECT ctid FROM read_model_documents \
+                 WHERE projection = $1 AND generation = $2 LIMIT $3)",
+            )
+            .bind(&copy.projection)
+            .bind(copy.generation as i64)
+            .bind(limit as i64)
+            .execute(&mut *connection)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+            if deleted < limit as u64 {
+                sqlx::query("DELETE FROM projection_copies WHERE projection = $1 AND generation = $2")
+                    .bind(&copy.projection)
+                    .bind(copy.generation as i64)
+                    .execute(&mut *connection)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            Ok(deleted)
+        }
+    }
+}
+
+/// One `INSERT … SELECT FROM UNNEST … ON CONFLICT` for the upserts and one
+/// `DELETE … IN (UNNEST)` for the deletes. `ops` hold one operation per
+/// document.
+async fn write_ops(connection: &mut PgConnection, copy: &CopyId, ops: Vec<DocumentOp>) -> Result<(), StoreError> {
+    let mut upserts: (Vec<&str>, Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new(), Vec::new());
+    let mut deletes: (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    for op in &ops {
+        match op {
+            DocumentOp::Upsert(key, body) => {
+                upserts.0.push(&key.collection);
+                upserts.1.push(&key.key);
+                upserts.2.push(body);
+            }
+            DocumentOp::Delete(key) => {
+                deletes.0.push(&key.collection);
+                deletes.1.push(&key.key);
+            }
+        }
+    }
+    if !upserts.0.is_empty() {
+        sqlx::query(
+            "INSERT INTO read_model_documents (projection, generation, collection, key, body) \
+             SELECT $1, $2, c, k, b::jsonb FROM UNNEST($3::text[], $4::text[], $5::text[]) AS t(c, k, b) \
+             ON CONFLICT (projection, generation, collection, key) DO UPDATE SET body = EXCLUDED.body",
+        )
+        .bind(&copy.projection)
+        .bind(copy.generation as i64)
+        .bind(&upserts.0)
+        .bind(&upserts.1)
+        .bind(&upserts.2)
+        .execute(&mut *connection)
+        .await
+        .map_err(unavailable)?;
+    }
+    if !deletes.0.is_empty() {
+        sqlx::query(
+            "DELETE FROM read_model_documents WHERE projection = $1 AND generation = $2 \
+             AND (collection, key) IN (SELECT * FROM UNNEST($3::text[], $4::text[]))",
+        )
+        .bind(&copy.projection)
+        .bind(copy.generation as i64)
+        .bind(&deletes.0)
+        .bind(&deletes.1)
+        .execute(&mut *connection)
+        .await
+        .map_err(unavailable)?;
+    }
+    Ok(())
+}

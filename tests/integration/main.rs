@@ -7,6 +7,7 @@ mod commands;
 mod feed;
 mod lifecycle;
 mod plugins_dir;
+mod projections;
 mod sandbox_limits;
 mod store_conformance;
 mod support;

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use futures::future::join_all;
 use orchestrix_host::metrics::Metrics;
 use orchestrix_host::store::{
-    AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, PostgresStore, SqliteStore,
-    StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
+    AppendOutcome, AppendRequest, CopyId, CopyRole, DocumentKey, DocumentOp, DocumentQuery, EventData, EventMetadata,
+    EventStore, ExpectedVersion, PostgresStore, ReadModelChange, SqliteStore, StoreError, StoreOptions, StoredEvent,
+    StreamId, StreamRange,
 };
 
 use crate::support::{database_url, drop_schema, fresh_schema};
@@ -252,6 +253,106 @@ async fn payload_limit_and_unicode() {
         );
         assert_eq!(read[0].event_type, "Größe");
         assert_eq!(read[0], stored[0], "{name}: read back exactly as stored");
+        backend.finish().await;
+    }
+}
+
+fn upsert(collection: &str, key: &str, body: &str) -> DocumentOp {
+    DocumentOp::Upsert(DocumentKey::new(collection, key), body.to_owned())
+}
+
+fn page_query(projection: &str, collection: &str, filters: &[(&str, &str)], after: Option<&str>) -> DocumentQuery {
+    DocumentQuery {
+        projection: projection.into(),
+        collection: collection.into(),
+        filters: filters
+            .iter()
+            .map(|(field, value)| ((*field).to_owned(), orchestrix_host::store::read_models::filter_candidates(value)))
+            .collect(),
+        after: after.map(str::to_owned),
+        limit: 2,
+    }
+}
+
+#[tokio::test]
+async fn read_model_changes_are_atomic_and_checkpointed_exactly_once() {
+    for backend in backends("read_model_changes_are_atomic_and_checkpointed_exactly_once").await {
+        let (name, store) = (backend.name, backend.store.clone());
+        let create =
+            |role| ReadModelChange::CreateCopy { projection: "p".into(), module: "m".into(), version: 1, role };
+        let first = store.change_read_model(create(CopyRole::Active)).await.expect("first copy");
+        assert!(
+            matches!(store.change_read_model(create(CopyRole::Active)).await, Err(StoreError::ReadModelConflict(_))),
+            "{name}: one active copy per projection"
+        );
+        let copy = CopyId { projection: "p".into(), generation: first };
+        let commit = |from, to, ops| ReadModelChange::Commit {
+            copy: copy.clone(),
+            from,
+            to,
+            ops,
+            collections: Some(vec!["c".into()]),
+            skipped: 0,
+        };
+        let ops = vec![
+            upsert("c", "a", r#"{"n":1,"s":"x"}"#),
+            upsert("c", "b", r#"{"n":2,"s":"y"}"#),
+            upsert("c", "a", r#"{"n":3,"s":"x"}"#),
+            upsert("c", "gone", r#"{"n":0}"#),
+            DocumentOp::Delete(DocumentKey::new("c", "gone")),
+            upsert("c", "d", r#"{"n":3,"s":"3"}"#),
+        ];
+        store.change_read_model(commit(0, 5, ops)).await.expect("commit");
+        // A second commit from the old checkpoint (a runner that lost a race) writes nothing.
+        let stale = commit(0, 9, vec![upsert("c", "a", r#"{"n":99}"#)]);
+        assert!(matches!(store.change_read_model(stale).await, Err(StoreError::ReadModelConflict(_))), "{name}");
+        let looked = store.lookup_document("p", &DocumentKey::new("c", "a")).await.unwrap().expect("active copy");
+        assert_eq!((looked.position, looked.generation), (5, first), "{name}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&looked.body.unwrap()).unwrap()["n"], 3, "{name}");
+        assert!(store.lookup_document("p", &DocumentKey::new("c", "gone")).await.unwrap().unwrap().body.is_none());
+        assert!(store.lookup_document("nope", &DocumentKey::new("c", "a")).await.unwrap().is_none(), "{name}");
+        let copies = store.projection_copies().await.unwrap();
+        assert_eq!((copies[0].position, copies[0].collections.clone()), (5, vec!["c".to_owned()]), "{name}");
+
+        // Pages in key order, equality filters on JSON values (string or literal).
+        let page = store.list_documents(&page_query("p", "c", &[], None)).await.unwrap().unwrap();
+        let keys: Vec<&str> = page.documents.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!((keys, page.more), (vec!["a", "b"], true), "{name}");
+        let rest = store.list_documents(&page_query("p", "c", &[], Some("b"))).await.unwrap().unwrap();
+        assert_eq!((rest.documents.len(), rest.more), (1, false), "{name}");
+        let filtered = store.list_documents(&page_query("p", "c", &[("n", "3")], None)).await.unwrap().unwrap();
+        assert_eq!(filtered.documents.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a", "d"], "{name}");
+        let by_text = store.list_documents(&page_query("p", "c", &[("s", "3")], None)).await.unwrap().unwrap();
+        assert_eq!(by_text.documents.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["d"], "{name}");
+        let both = page_query("p", "c", &[("n", "3"), ("s", "x")], None);
+        assert_eq!(store.list_documents(&both).await.unwrap().unwrap().documents.len(), 1, "{name}");
+
+        // A shadow copy is invisible until activated; then the old one retires and drops.
+        let shadow = store.change_read_model(create(CopyRole::Building)).await.expect("shadow");
+        let shadow_copy = CopyId { projection: "p".into(), generation: shadow };
+        let shadow_commit = ReadModelChange::Commit {
+            copy: shadow_copy.clone(),
+            from: 0,
+            to: 7,
+            ops: vec![upsert("c", "z", r#"{"n":7}"#)],
+            collections: None,
+            skipped: 0,
+        };
+        store.change_read_model(shadow_commit).await.expect("shadow commit");
+        assert_eq!(store.list_documents(&page_query("p", "c", &[], None)).await.unwrap().unwrap().generation, first);
+        store.change_read_model(ReadModelChange::Activate { copy: shadow_copy.clone() }).await.expect("activate");
+        let switched = store.list_documents(&page_query("p", "c", &[], None)).await.unwrap().unwrap();
+        assert_eq!((switched.generation, switched.position, switched.documents.len()), (shadow, 7, 1), "{name}");
+        assert!(
+            matches!(store.change_read_model(commit(5, 6, Vec::new())).await, Err(StoreError::ReadModelConflict(_))),
+            "{name}: a retired copy takes no commits"
+        );
+        let dropped =
+            store.change_read_model(ReadModelChange::DropRetired { copy: copy.clone(), limit: 2 }).await.unwrap();
+        assert_eq!(dropped, 2, "{name}");
+        store.change_read_model(ReadModelChange::DropRetired { copy: copy.clone(), limit: 2 }).await.unwrap();
+        let left: Vec<u64> = store.projection_copies().await.unwrap().iter().map(|c| c.id.generation).collect();
+        assert_eq!(left, [shadow], "{name}: the retired copy is gone once empty");
         backend.finish().await;
     }
 }

@@ -7,6 +7,8 @@
 //!   in process, or over HTTP. Every command is acknowledged only after its
 //!   commit is durable, exactly as in `serve`.
 //! - `feed` and `live`: see [`super::bench_feed`].
+//! - `swap`, `start` and `sandbox`: see [`super::bench_lifecycle`].
+//! - `rebuild` and `lag`: see [`super::bench_projections`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use orchestrix_host::pipeline::{CommandRequest, CommandService};
+use orchestrix_host::projections::ProjectionSelection;
 use orchestrix_host::runtime::Runtime;
 use orchestrix_host::store::{StoreOptions, StreamId};
 use sqlx::Connection;
@@ -44,6 +47,10 @@ pub enum Suite {
     Start,
     /// Command throughput with deadlines and memory caps on, then off.
     Sandbox,
+    /// Rebuilding the bank summary projection from scratch over many events.
+    Rebuild,
+    /// Projection lag behind the head while the 64-client command load runs.
+    Lag,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -57,7 +64,12 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub host: HostArgs,
     /// What to measure (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "commands,feed,live,swap,start,sandbox")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag"
+    )]
     suites: Vec<Suite>,
     /// Backends to measure on (comma-separated); PostgreSQL needs --postgres-url.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "sqlite,postgres")]
@@ -73,7 +85,7 @@ pub struct BenchArgs {
     accounts: usize,
     /// Measured seconds per run (after a one-second warm-up).
     #[arg(long, default_value_t = 5.0)]
-    seconds: f64,
+    pub seconds: f64,
     /// Runs per client count; the median run is reported too.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
@@ -81,6 +93,9 @@ pub struct BenchArgs {
     mode: Mode,
     #[command(flatten)]
     pub feed: super::bench_feed::FeedArgs,
+    /// Events the rebuild benchmark projects.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rebuild_events: usize,
 }
 
 pub struct RunResult {
@@ -131,6 +146,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 Suite::Start if backend == Backend::Sqlite => super::bench_lifecycle::start(&args).await?,
                 Suite::Sandbox if backend == Backend::Sqlite => super::bench_lifecycle::sandbox(&args).await?,
                 Suite::Swap | Suite::Start | Suite::Sandbox => {}
+                Suite::Rebuild => super::bench_projections::rebuild(&args, backend).await?,
+                Suite::Lag => super::bench_projections::lag(&args, backend).await?,
             }
         }
     }
@@ -245,10 +262,15 @@ pub struct RunOptions {
     pub plugins_dir: Option<PathBuf>,
     /// Started when the clients start (e.g. swapping module versions);
     /// stopped when they finish.
-    pub meanwhile: Option<Box<dyn FnOnce() -> tokio::task::JoinHandle<Result<()>> + Send>>,
+    pub meanwhile: Option<Meanwhile>,
     /// Measured seconds instead of `--seconds`.
     pub seconds: Option<f64>,
+    /// Run the modules' projections too (off: the write path alone).
+    pub projections: bool,
 }
+
+/// Work started beside the clients of a run, given the running host.
+pub type Meanwhile = Box<dyn FnOnce(&Runtime) -> tokio::task::JoinHandle<Result<()>> + Send>;
 
 pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options: RunOptions) -> Result<RunResult> {
     let storage = BenchStorage::create(args, backend).await?;
@@ -256,6 +278,9 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
     config.store_url = storage.url.clone();
     config.store_options = storage.options.clone();
     config.sandbox.enforce = !options.unsandboxed;
+    if !options.projections {
+        config.projections.selection = ProjectionSelection::Only(Default::default());
+    }
     if let Some(dir) = options.plugins_dir {
         config.plugins_dir = dir;
     }
@@ -271,7 +296,7 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
             .context("opening the bench accounts")?;
     }
     let seconds = options.seconds.unwrap_or(args.seconds);
-    let meanwhile = options.meanwhile.map(|start| start());
+    let meanwhile = options.meanwhile.map(|start| start(&runtime));
     let result = match args.mode {
         Mode::Pipeline => drive(clients, args, seconds, Driver::Pipeline(service)).await?,
         Mode::Http => {

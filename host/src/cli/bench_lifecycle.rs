@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use orchestrix_host::runtime::Runtime;
 use orchestrix_host::sandbox::with_build_label;
 
-use super::bench::{Backend, BenchArgs, BenchStorage, RunOptions, median_by, one_run};
+use super::bench::{Backend, BenchArgs, BenchStorage, Meanwhile, RunOptions, median_by, one_run};
 
 /// A private copy of the plugins directory, removed on drop.
 struct PluginsCopy {
@@ -121,8 +121,8 @@ pub async fn swap(args: &BenchArgs) -> Result<()> {
             // Compile it ahead, so the drop measures a cache hit.
             let cache = args.host.config().cache_dir;
             compile_ahead(&build, &cache).await?;
-            let meanwhile: Option<Box<dyn FnOnce() -> tokio::task::JoinHandle<Result<()>> + Send>> = if swapping {
-                Some(Box::new(move || {
+            let meanwhile: Option<Meanwhile> = if swapping {
+                Some(Box::new(move |_: &orchestrix_host::runtime::Runtime| {
                     tokio::spawn(async move {
                         // The clients warm up for 1 s; the window starts after it.
                         tokio::time::sleep(Duration::from_millis(1_000 + u64::from(swap_at))).await;

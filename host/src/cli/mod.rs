@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod bench_feed;
 pub mod bench_lifecycle;
+pub mod bench_projections;
 pub mod client;
 pub mod read_side;

@@ -96,6 +96,16 @@ struct Breaker {
     quarantine: Mutex<Option<Quarantine>>,
 }
 
+/// Whether a call's outcome feeds the quarantine breaker. The breaker
+/// guards the command path; projection calls have their own failure
+/// handling (retry, then park on the event), so they neither trip nor
+/// reset it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Breaking {
+    Counts,
+    Ignored,
+}
+
 /// Fuel given to each call when metering: far more than any deadline lets a
 /// call burn, so fuel never stops a call.
 const FUEL_PER_CALL: u64 = u64::MAX / 2;
@@ -303,6 +313,16 @@ impl GuestModule {
         function: &'static str,
         call: impl FnOnce(&bindings::Module, &mut Store<GuestState>) -> wasmtime::Result<R>,
     ) -> Result<R, GuestFailure> {
+        self.call_with(function, Breaking::Counts, call)
+    }
+
+    /// [`Self::call`], choosing whether the outcome counts for the breaker.
+    fn call_with<R>(
+        &self,
+        function: &'static str,
+        breaking: Breaking,
+        call: impl FnOnce(&bindings::Module, &mut Store<GuestState>) -> wasmtime::Result<R>,
+    ) -> Result<R, GuestFailure> {
         let pooled = self.idle.lock().pop();
         let mut instance = match pooled {
             Some(instance) => instance,
@@ -339,7 +359,7 @@ impl GuestModule {
         }
         match result {
             Ok(value) => {
-                if self.breaker.failures_in_a_row.load(Ordering::Relaxed) != 0 {
+                if breaking == Breaking::Counts && self.breaker.failures_in_a_row.load(Ordering::Relaxed) != 0 {
                     self.breaker.failures_in_a_row.store(0, Ordering::Relaxed);
                 }
                 let mut idle = self.idle.lock();
@@ -351,7 +371,9 @@ impl GuestModule {
             Err(error) => {
                 let failure =
                     GuestFailure { module: self.name.clone(), function, reason: describe_trap(&error, &self.limits) };
-                self.record_failure(&failure);
+                if breaking == Breaking::Counts {
+                    self.record_failure(&failure);
+                }
                 Err(failure)
             }
         }
@@ -431,7 +453,9 @@ impl GuestModule {
         projection: &str,
         events: &[RecordedEvent],
     ) -> Result<Result<Vec<GuestDocumentKey>, DomainError>, GuestFailure> {
-        self.call("touches", |b, store| b.orchestrix_domain_projection().call_touches(store, projection, events))
+        self.call_with("touches", Breaking::Ignored, |b, store| {
+            b.orchestrix_domain_projection().call_touches(store, projection, events)
+        })
     }
 
     /// Project `events` given the documents they touch, before the batch.
@@ -441,7 +465,7 @@ impl GuestModule {
         events: &[RecordedEvent],
         documents: &[GuestDocument],
     ) -> Result<Result<Vec<ReadModelOp>, DomainError>, GuestFailure> {
-        self.call("project", |b, store| {
+        self.call_with("project", Breaking::Ignored, |b, store| {
             b.orchestrix_domain_projection().call_project(store, projection, events, documents)
         })
     }

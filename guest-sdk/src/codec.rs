@@ -53,6 +53,13 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Result<(String, String), Domain
 
 /// Decode `(variant name, JSON payload)` into a typed enum value.
 pub(crate) fn decode<T: DeserializeOwned>(name: &str, payload: &str) -> Result<T, DomainError> {
+    // Fast path: parse `{"<name>": <payload>}` in one pass. It can only
+    // succeed when `payload` is exactly one JSON value of the variant.
+    let tagged = format!("{{{}:{payload}}}", Value::String(name.to_owned()));
+    if let Ok(value) = serde_json::from_str(&tagged) {
+        return Ok(value);
+    }
+    // Unit variants, and precise errors.
     let body: Value = serde_json::from_str(payload)
         .map_err(|e| DomainError::Invalid(format!("`{name}` payload is not valid JSON: {e}")))?;
     let unit_candidate = matches!(&body, Value::Object(map) if map.is_empty()) || body.is_null();

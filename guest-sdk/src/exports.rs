@@ -129,7 +129,7 @@ impl<M: Module> projection::Guest for Exports<M> {
         name: String,
         events: Vec<types::RecordedEvent>,
     ) -> Result<Vec<projection::DocumentKey>, types::DomainError> {
-        let keys = registry::<M>().projection_named(&name)?.touches(&recorded(events))?;
+        let keys = registry::<M>().projection_named(&name)?.touches(recorded(events))?;
         Ok(keys.into_iter().map(Into::into).collect())
     }
 
@@ -150,7 +150,7 @@ impl<M: Module> projection::Guest for Exports<M> {
             loaded.push((DocumentKey::from(document.key), body));
         }
         let mut documents = Documents::new(loaded);
-        registry::<M>().projection_named(&name)?.project(&recorded(events), &mut documents)?;
+        registry::<M>().projection_named(&name)?.project(recorded(events), &mut documents)?;
         Ok(documents
             .into_ops()
             .into_iter()

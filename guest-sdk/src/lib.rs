@@ -182,6 +182,20 @@ pub struct Envelope<E> {
 }
 
 impl<E: serde::de::DeserializeOwned> Envelope<E> {
+    /// Decode an event the caller no longer needs, moving its strings.
+    pub(crate) fn decode_owned(event: RecordedEvent) -> Result<Self, DomainError> {
+        let body = codec::decode(&event.event_type, &event.payload)?;
+        Ok(Envelope {
+            id: event.id,
+            aggregate_type: event.aggregate_type,
+            aggregate_id: event.aggregate_id,
+            stream_version: event.stream_version,
+            position: event.position,
+            time: event.time,
+            event: body,
+        })
+    }
+
     pub(crate) fn decode(event: &RecordedEvent) -> Result<Self, DomainError> {
         Ok(Envelope {
             id: event.id.clone(),

@@ -55,25 +55,29 @@ pub trait Projection: Default + Send + Sync + 'static {
 }
 
 /// The documents a projection can see and change while it runs a batch.
+///
+/// Changes are kept as the documents' latest state: the batch returns one
+/// operation per changed document, serialized once, however many events
+/// wrote it.
 #[derive(Debug, Default)]
 pub struct Documents {
-    current: BTreeMap<DocumentKey, Option<Value>>,
-    ops: Vec<ReadModelOp>,
+    /// Each document's state, and whether this batch changed it.
+    current: BTreeMap<DocumentKey, (Option<Value>, bool)>,
 }
 
 impl Documents {
     pub(crate) fn new(loaded: impl IntoIterator<Item = (DocumentKey, Option<Value>)>) -> Self {
-        Self { current: loaded.into_iter().collect(), ops: Vec::new() }
+        Self { current: loaded.into_iter().map(|(key, body)| (key, (body, false))).collect() }
     }
 
     /// Read a document. It must have been named by `touches`.
     pub fn get<T: DeserializeOwned>(&self, collection: &str, key: &str) -> Result<Option<T>, DomainError> {
         let address = DocumentKey::new(collection, key);
         match self.current.get(&address) {
-            Some(Some(body)) => serde_json::from_value(body.clone())
+            Some((Some(body), _)) => T::deserialize(body)
                 .map(Some)
                 .map_err(|e| DomainError::Invalid(format!("document {collection}/{key} has an unexpected shape: {e}"))),
-            Some(None) => Ok(None),
+            Some((None, _)) => Ok(None),
             None => Err(DomainError::Invalid(format!(
                 "document {collection}/{key} was not loaded: return it from `touches`"
             ))),
@@ -84,21 +88,26 @@ impl Documents {
     pub fn upsert<T: Serialize>(&mut self, collection: &str, key: &str, body: &T) -> Result<(), DomainError> {
         let body = serde_json::to_value(body)
             .map_err(|e| DomainError::Invalid(format!("cannot serialize document {collection}/{key}: {e}")))?;
-        let address = DocumentKey::new(collection, key);
-        self.ops.push(ReadModelOp::Upsert(address.clone(), body.to_string()));
-        self.current.insert(address, Some(body));
+        self.current.insert(DocumentKey::new(collection, key), (Some(body), true));
         Ok(())
     }
 
     /// Remove a document (absent documents are fine).
     pub fn delete(&mut self, collection: &str, key: &str) {
-        let address = DocumentKey::new(collection, key);
-        self.ops.push(ReadModelOp::Delete(address.clone()));
-        self.current.insert(address, None);
+        self.current.insert(DocumentKey::new(collection, key), (None, true));
     }
 
+    /// One operation per changed document (in key order): its state at the
+    /// end of the batch.
     pub(crate) fn into_ops(self) -> Vec<ReadModelOp> {
-        self.ops
+        self.current
+            .into_iter()
+            .filter(|(_, (_, changed))| *changed)
+            .map(|(address, (body, _))| match body {
+                Some(body) => ReadModelOp::Upsert(address, body.to_string()),
+                None => ReadModelOp::Delete(address),
+            })
+            .collect()
     }
 }
 
@@ -106,8 +115,8 @@ pub(crate) trait ErasedProjection: Send + Sync {
     fn name(&self) -> &'static str;
     fn version(&self) -> u32;
     fn event_types(&self) -> Vec<String>;
-    fn touches(&self, events: &[RecordedEvent]) -> Result<Vec<DocumentKey>, DomainError>;
-    fn project(&self, events: &[RecordedEvent], documents: &mut Documents) -> Result<(), DomainError>;
+    fn touches(&self, events: Vec<RecordedEvent>) -> Result<Vec<DocumentKey>, DomainError>;
+    fn project(&self, events: Vec<RecordedEvent>, documents: &mut Documents) -> Result<(), DomainError>;
 }
 
 pub(crate) struct ProjectionAdapter<P> {
@@ -133,11 +142,12 @@ impl<P: Projection> ErasedProjection for ProjectionAdapter<P> {
         codec::variant_names::<P::Event>()
     }
 
-    fn touches(&self, events: &[RecordedEvent]) -> Result<Vec<DocumentKey>, DomainError> {
+    fn touches(&self, events: Vec<RecordedEvent>) -> Result<Vec<DocumentKey>, DomainError> {
+        let mut seen = std::collections::BTreeSet::new();
         let mut keys = Vec::new();
         for event in events {
-            for key in self.projection.touches(&Envelope::decode(event)?) {
-                if !keys.contains(&key) {
+            for key in self.projection.touches(&Envelope::decode_owned(event)?) {
+                if seen.insert(key.clone()) {
                     keys.push(key);
                 }
             }
@@ -145,9 +155,9 @@ impl<P: Projection> ErasedProjection for ProjectionAdapter<P> {
         Ok(keys)
     }
 
-    fn project(&self, events: &[RecordedEvent], documents: &mut Documents) -> Result<(), DomainError> {
+    fn project(&self, events: Vec<RecordedEvent>, documents: &mut Documents) -> Result<(), DomainError> {
         for event in events {
-            self.projection.project(&Envelope::decode(event)?, documents)?;
+            self.projection.project(&Envelope::decode_owned(event)?, documents)?;
         }
         Ok(())
     }

@@ -215,13 +215,13 @@ where
     }
 
     fn run(&mut self, batch: &[RecordedEvent]) -> Result<(), DomainError> {
-        let keys = self.adapter.touches(batch)?;
+        let keys = self.adapter.touches(batch.to_vec())?;
         let loaded = keys.into_iter().map(|k| {
             let body = self.documents.get(&k).cloned();
             (k, body)
         });
         let mut documents = Documents::new(loaded);
-        self.adapter.project(batch, &mut documents)?;
+        self.adapter.project(batch.to_vec(), &mut documents)?;
         let ops = documents.into_ops();
         for op in ops {
             match op {

@@ -256,6 +256,16 @@ impl Metrics {
         self.inner.projection_batch_seconds.with_label_values(&[projection]).observe(took.as_secs_f64());
     }
 
+    /// Batches a projection committed so far and their mean duration.
+    pub fn projection_batch_summary(&self, projection: &str) -> (u64, Duration) {
+        let histogram = self.inner.projection_batch_seconds.with_label_values(&[projection]);
+        let count = histogram.get_sample_count();
+        if count == 0 {
+            return (0, Duration::ZERO);
+        }
+        (count, Duration::from_secs_f64(histogram.get_sample_sum() / count as f64))
+    }
+
     /// A projection call or commit failed (`guest`, `store`).
     pub fn observe_projection_failure(&self, projection: &str, kind: &str) {
         self.inner.projection_failures.with_label_values(&[projection, kind]).inc();

@@ -580,8 +580,23 @@ pub(crate) fn fold_events(
 }
 
 /// An event as guests receive it.
+/// An event as the guest contract presents it, taking its strings.
+pub(crate) fn into_recorded(event: StoredEvent) -> RecordedEvent {
+    RecordedEvent {
+        id: event.id.to_string(),
+        time: event.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        aggregate_type: event.stream.aggregate_type,
+        aggregate_id: event.stream.aggregate_id,
+        stream_version: event.version,
+        position: event.position,
+        event_type: event.event_type,
+        schema_version: event.schema_version,
+        payload: event.data,
+    }
+}
+
 /// An event as the guest contract presents it.
-pub(crate) fn to_recorded(event: &StoredEvent) -> RecordedEvent {
+fn to_recorded(event: &StoredEvent) -> RecordedEvent {
     RecordedEvent {
         id: event.id.to_string(),
         aggregate_type: event.stream.aggregate_type.clone(),

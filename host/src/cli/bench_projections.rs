@@ -123,6 +123,14 @@ pub async fn rebuild(args: &BenchArgs, backend: Backend) -> Result<()> {
         println!("  rebuild={run} {:.2} s  {rate:>9.0} events/s", started.elapsed().as_secs_f64());
         rates.push(rate);
     }
+    let (batches, mean_batch) = runtime.metrics.projection_batch_summary(SUMMARY);
+    println!(
+        "    {batches} batches, mean {:.2} ms each (calls, document loads, commit); mean wasm touches {:.0} µs, \
+         project {:.0} µs per batch",
+        mean_batch.as_secs_f64() * 1000.0,
+        runtime.metrics.mean_wasm_call("bank", "touches").as_secs_f64() * 1e6,
+        runtime.metrics.mean_wasm_call("bank", "project").as_secs_f64() * 1e6,
+    );
     println!("median {} rebuild {SUMMARY} {:>9.0} events/s", describe(args, backend), median_by(rates, |r| *r));
     runtime.close().await;
     drop(runtime);

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::ProjectionConfig;
 use crate::metrics::Metrics;
-use crate::pipeline::to_recorded;
+use crate::pipeline::into_recorded;
 use crate::sandbox::{GuestDocument, GuestDocumentKey, GuestModule, ProjectionInfo, ReadModelOp, RecordedEvent};
 use crate::store::{
     CopyRecord, CopyRole, DocumentKey, DocumentOp, EventStore, Parked, ReadModelChange, StoreError, StoredEvent,
@@ -116,14 +116,21 @@ impl Runner {
         self.progress.position.store(self.copy.position, Ordering::Relaxed);
         let mut reader = ReadAhead::start(self.store.clone(), self.copy.position, self.config.batch_size);
         let subscribed: BTreeSet<String> = self.info.event_types.iter().cloned().collect();
+        let mut ahead: Option<Batch> = None;
         loop {
-            let chunk = reader.next().await?;
-            if let Some(through) = chunk.events.last().map(|e| e.position) {
-                let matched: Vec<StoredEvent> =
-                    chunk.events.into_iter().filter(|e| subscribed.contains(&e.event_type)).collect();
-                let exit = if !matched.is_empty() {
-                    self.project_and_commit(&matched, through).await?
-                } else if !chunk.full || through - self.copy.position >= CHECKPOINT_EVERY {
+            let batch = match ahead.take() {
+                Some(batch) => batch,
+                None => self.prepare(reader.next().await?, &subscribed),
+            };
+            // While this batch is projected, the next one's `touches` runs
+            // (it depends on the events only).
+            if let Some(chunk) = reader.ready() {
+                ahead = Some(self.prepare(chunk?, &subscribed));
+            }
+            if let Some(through) = batch.through {
+                let exit = if let Some(touched) = batch.touched {
+                    self.project_and_commit(&batch.events, touched, through).await?
+                } else if !batch.full || through - self.copy.position >= CHECKPOINT_EVERY {
                     self.commit(through, Vec::new(), 0, Instant::now()).await?
                 } else {
                     None
@@ -132,12 +139,21 @@ impl Runner {
                     return Ok(exit);
                 }
             }
-            self.progress.caught_up.store(!chunk.full, Ordering::Relaxed);
-            if !chunk.full && self.copy.role == CopyRole::Building && self.copy.position >= *self.store.head().borrow()
+            self.progress.caught_up.store(!batch.full, Ordering::Relaxed);
+            if !batch.full && self.copy.role == CopyRole::Building && self.copy.position >= *self.store.head().borrow()
             {
                 return self.activate().await;
             }
         }
+    }
+
+    /// Keep the subscribed events of a chunk and start their `touches`.
+    fn prepare(&self, chunk: Chunk, subscribed: &BTreeSet<String>) -> Batch {
+        let through = chunk.events.last().map(|e| e.position);
+        let events: Events =
+            chunk.events.into_iter().filter(|e| subscribed.contains(&e.event_type)).map(into_recorded).collect();
+        let touched = (!events.is_empty()).then(|| self.start_touches(events.clone()));
+        Batch { events, through, full: chunk.full, touched }
     }
 
     /// The rebuild has caught up with the head: switch it in.
@@ -156,9 +172,14 @@ impl Runner {
 
     /// Project `events` (all subscribed) and commit through `through`. On a
     /// guest failure, replay them one by one to isolate the poison event.
-    async fn project_and_commit(&mut self, events: &[StoredEvent], through: u64) -> Result<Option<Exit>, StoreError> {
+    async fn project_and_commit(
+        &mut self,
+        events: &Events,
+        touched: Touched,
+        through: u64,
+    ) -> Result<Option<Exit>, StoreError> {
         let started = Instant::now();
-        match self.project(events).await {
+        match self.finish_project(touched).await {
             Ok(ops) => return self.commit(through, ops, events.len(), started).await,
             Err(BatchFailure::Store(error)) => return Err(error),
             Err(BatchFailure::Guest(reason)) => {
@@ -166,12 +187,12 @@ impl Runner {
                 tracing::debug!(projection = %self.info.name, %reason, "batch failed; replaying it event by event");
             }
         }
-        for event in events {
+        for event in events.iter() {
             let mut attempts = 0;
             loop {
                 attempts += 1;
                 let started = Instant::now();
-                match self.project(std::slice::from_ref(event)).await {
+                match self.project(Arc::from([event.clone()])).await {
                     Ok(ops) => {
                         if let Some(exit) = self.commit(event.position, ops, 1, started).await? {
                             return Ok(Some(exit));
@@ -199,7 +220,7 @@ impl Runner {
     }
 
     /// Stop at `event`: move the checkpoint up to just before it, then park.
-    async fn park(&mut self, event: &StoredEvent, reason: String, attempts: u32) -> Result<Exit, StoreError> {
+    async fn park(&mut self, event: &RecordedEvent, reason: String, attempts: u32) -> Result<Exit, StoreError> {
         if self.copy.position + 1 < event.position
             && let Some(exit) = self.commit(event.position - 1, Vec::new(), 0, Instant::now()).await?
         {
@@ -207,7 +228,7 @@ impl Runner {
         }
         let parked = Parked {
             position: event.position,
-            event_id: event.id.to_string(),
+            event_id: event.id.clone(),
             error: reason.clone(),
             attempts,
             since: chrono::Utc::now(),
@@ -257,15 +278,23 @@ impl Runner {
     }
 
     /// `touches`, load, `project`: the operations for `events`.
-    async fn project(&self, events: &[StoredEvent]) -> Result<Vec<DocumentOp>, BatchFailure> {
-        let recorded: Vec<RecordedEvent> = events.iter().map(to_recorded).collect();
+    async fn project(&self, events: Events) -> Result<Vec<DocumentOp>, BatchFailure> {
+        self.finish_project(self.start_touches(events)).await
+    }
+
+    /// Call `touches` for `events` on a blocking thread.
+    fn start_touches(&self, events: Events) -> Touched {
         let (module, name) = (self.module.clone(), self.info.name.clone());
-        let (recorded, keys) = tokio::task::spawn_blocking(move || {
-            let keys = module.touches(&name, &recorded);
-            (recorded, keys)
+        tokio::task::spawn_blocking(move || {
+            let keys = module.touches(&name, &events);
+            (events, keys)
         })
-        .await
-        .map_err(|e| BatchFailure::Guest(format!("projection call panicked: {e}")))?;
+    }
+
+    /// Load what `touches` named, then `project`.
+    async fn finish_project(&self, touched: Touched) -> Result<Vec<DocumentOp>, BatchFailure> {
+        let (recorded, keys) =
+            touched.await.map_err(|e| BatchFailure::Guest(format!("projection call panicked: {e}")))?;
         let keys: Vec<DocumentKey> =
             guest_result(keys, "touches")?.into_iter().map(|k| DocumentKey::new(k.collection, k.key)).collect();
         let bodies = self.store.load_documents(&self.copy.id, &keys).await?;
@@ -283,6 +312,24 @@ impl Runner {
             .map_err(|e| BatchFailure::Guest(format!("projection call panicked: {e}")))?;
         guest_result(ops, "project")?.into_iter().map(checked_op).collect()
     }
+}
+
+/// A batch's events as the guest sees them, shared by the calls on it.
+type Events = Arc<[RecordedEvent]>;
+
+/// A `touches` call in flight, with the events it was given.
+type Touched = tokio::task::JoinHandle<(
+    Events,
+    Result<Result<Vec<GuestDocumentKey>, crate::sandbox::DomainError>, crate::sandbox::GuestFailure>,
+)>;
+
+/// The subscribed events of one chunk, with their `touches` under way.
+struct Batch {
+    events: Events,
+    /// Last position read (subscribed or not); `None` for an empty chunk.
+    through: Option<u64>,
+    full: bool,
+    touched: Option<Touched>,
 }
 
 /// A guest call's outcome as a batch result: traps and domain errors both
@@ -389,6 +436,11 @@ impl ReadAhead {
 
     async fn next(&mut self) -> Result<Chunk, StoreError> {
         self.chunks.recv().await.unwrap_or(Err(StoreError::ShuttingDown))
+    }
+
+    /// The next chunk, if it has already been read.
+    fn ready(&mut self) -> Option<Result<Chunk, StoreError>> {
+        self.chunks.try_recv().ok()
     }
 }
 

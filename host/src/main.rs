@@ -106,6 +106,10 @@ pub struct HostArgs {
     /// Pause before the first retry of a failing event, in milliseconds (doubles per retry).
     #[arg(long, env = "ORCHESTRIX_PROJECTION_BACKOFF_MS", default_value_t = 200)]
     projection_backoff_ms: u64,
+    /// Once a projection is caught up, wait this long after a partial read before the next, in milliseconds
+    /// (bigger batches on a busy log, for this much more lag).
+    #[arg(long, env = "ORCHESTRIX_PROJECTION_LINGER_MS", default_value_t = 10)]
+    projection_linger_ms: u64,
 }
 
 impl HostArgs {
@@ -130,6 +134,7 @@ impl HostArgs {
             batch_size: self.projection_batch.max(1),
             retry_attempts: self.projection_retries.max(1),
             retry_backoff: Duration::from_millis(self.projection_backoff_ms),
+            linger: Duration::from_millis(self.projection_linger_ms),
             selection: match self.projections.trim() {
                 "all" => ProjectionSelection::All,
                 "none" => ProjectionSelection::Only(Default::default()),

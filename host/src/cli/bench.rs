@@ -325,6 +325,18 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
         runtime.metrics.mean_wasm_call("bank", "handle").as_secs_f64() * 1e6,
         runtime.metrics.mean_wasm_call("bank", "apply").as_secs_f64() * 1e6,
     );
+    if options.projections {
+        for module in runtime.commands.modules().modules() {
+            for projection in &module.manifest.projections {
+                let (batches, mean) = runtime.metrics.projection_batch_summary(&projection.name);
+                println!(
+                    "    projection {}: {batches} batches, mean {:.2} ms each",
+                    projection.name,
+                    mean.as_secs_f64() * 1000.0
+                );
+            }
+        }
+    }
     drop(runtime);
     storage.remove().await?;
     Ok(result)

@@ -60,6 +60,10 @@ pub struct ProjectionConfig {
     pub retry_attempts: u32,
     /// Pause before the first retry; doubles for each further one.
     pub retry_backoff: Duration,
+    /// Once caught up, wait this long after a partial read before reading
+    /// again, so a busy log is projected in batches rather than a
+    /// transaction per few events (the price: this much more lag).
+    pub linger: Duration,
     pub selection: ProjectionSelection,
 }
 
@@ -69,6 +73,7 @@ impl Default for ProjectionConfig {
             batch_size: 1000,
             retry_attempts: 3,
             retry_backoff: Duration::from_millis(200),
+            linger: Duration::from_millis(10),
             selection: ProjectionSelection::All,
         }
     }

@@ -114,7 +114,8 @@ impl Runner {
 
     async fn run_from_checkpoint(&mut self) -> Result<Exit, StoreError> {
         self.progress.position.store(self.copy.position, Ordering::Relaxed);
-        let mut reader = ReadAhead::start(self.store.clone(), self.copy.position, self.config.batch_size);
+        let mut reader =
+            ReadAhead::start(self.store.clone(), self.copy.position, self.config.batch_size, self.config.linger);
         let subscribed: BTreeSet<String> = self.info.event_types.iter().cloned().collect();
         let mut ahead: Option<Batch> = None;
         loop {
@@ -387,7 +388,7 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
-    fn start(store: Arc<dyn EventStore>, mut after: u64, batch_size: usize) -> Self {
+    fn start(store: Arc<dyn EventStore>, mut after: u64, batch_size: usize, linger: Duration) -> Self {
         let (sender, chunks) = mpsc::channel(2);
         let task = tokio::spawn(async move {
             let mut head = store.head();
@@ -420,6 +421,9 @@ impl ReadAhead {
                         told_idle = !full;
                         if sender.send(Ok(Chunk { events, full })).await.is_err() {
                             return;
+                        }
+                        if !full {
+                            tokio::time::sleep(linger).await;
                         }
                     }
                     Err(error) => {

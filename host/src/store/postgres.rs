@@ -43,6 +43,9 @@ use crate::metrics::Metrics;
 pub struct PostgresStore {
     submitter: Submitter,
     reads: PgPool,
+    /// Read-model changes: a small pool whose sessions commit without
+    /// waiting for the WAL flush (see `read_models/postgres.rs`).
+    read_model_writes: PgPool,
     commit_timeout: Duration,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -103,6 +106,10 @@ impl PostgresStore {
             .max_connections(options.read_connections.max(2))
             .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(connect.clone());
+        let read_model_writes = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect.clone().options([("synchronous_commit", "off")]));
         let (submitter, queue, head_sender) = Submitter::new(options.queue_depth, options.max_event_bytes, head as u64);
         let channel = format!("orchestrix:{schema}");
         let listener = tokio::spawn(listen(reads.clone(), channel.clone(), head_sender.clone()));
@@ -120,7 +127,7 @@ impl PostgresStore {
             metrics,
         };
         tokio::spawn(writer.run(queue));
-        Ok(Self { submitter, reads, commit_timeout: options.commit_timeout, listener })
+        Ok(Self { submitter, reads, read_model_writes, commit_timeout: options.commit_timeout, listener })
     }
 }
 
@@ -289,7 +296,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn change_read_model(&self, change: ReadModelChange) -> Result<u64, StoreError> {
-        read_models::postgres::apply(&self.reads, change, self.commit_timeout).await
+        read_models::postgres::apply(&self.read_model_writes, change, self.commit_timeout).await
     }
 
     async fn load_documents(&self, copy: &CopyId, keys: &[DocumentKey]) -> Result<Vec<Option<String>>, StoreError> {

@@ -78,6 +78,7 @@ impl SqliteStore {
         let (submitter, queue, head_sender) = Submitter::new(options.queue_depth, options.max_event_bytes, head as u64);
         let state = Writer {
             connection: writer,
+            fsync_appends: options.fsync_every_commit,
             head: head as u64,
             versions: HashMap::new(),
             head_sender,
@@ -249,6 +250,8 @@ const ROWS_PER_INSERT: usize = 2000;
 /// last known version of recently written streams.
 struct Writer {
     connection: SqliteConnection,
+    /// Appends are fsynced (`synchronous=FULL`); read-model changes never are.
+    fsync_appends: bool,
     head: u64,
     versions: HashMap<StreamId, u64>,
     head_sender: watch::Sender<u64>,
@@ -263,7 +266,8 @@ impl Writer {
                 self.commit_batch(batch.appends).await;
             }
             if let Some((change, reply)) = batch.read_model {
-                let _ = reply.send(super::read_models::sqlite::apply(&mut self.connection, change).await);
+                let applied = super::read_models::sqlite::apply(&mut self.connection, change, self.fsync_appends).await;
+                let _ = reply.send(applied);
             }
             if let Some(done) = batch.shutdown {
                 refuse_remaining(&mut queue);

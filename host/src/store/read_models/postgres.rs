@@ -139,13 +139,21 @@ pub(in crate::store) async fn list(pool: &PgPool, query: &DocumentQuery) -> Resu
     Ok(Some(page))
 }
 
-/// Run one change as one transaction, under `timeout`.
+/// Run one change as one transaction, under `timeout`, on `pool`, whose
+/// sessions run with `synchronous_commit = off`: a server crash may lose the
+/// latest read-model commits, but each together with its checkpoint, so the
+/// projection re-projects them. A `Commit` — the hot path — is a single
+/// statement (one round trip, its own transaction); the rest use an explicit
+/// transaction.
 pub(in crate::store) async fn apply(
     pool: &PgPool,
     change: ReadModelChange,
     timeout: Duration,
 ) -> Result<u64, StoreError> {
     let work = async {
+        if let ReadModelChange::Commit { copy, from, to, ops, collections, skipped } = change {
+            return commit(pool, &copy, from, to, super::collapse(ops), collections, skipped).await;
+        }
         let mut transaction = pool.begin().await.map_err(unavailable)?;
         let value = apply_in_transaction(&mut transaction, change).await?;
         transaction.commit().await.map_err(unavailable)?;
@@ -155,6 +163,75 @@ pub(in crate::store) async fn apply(
         Ok(result) => result,
         Err(_) => Err(StoreError::Unavailable(format!("read-model transaction got no answer within {timeout:?}"))),
     }
+}
+
+/// Move the checkpoint (compare-and-set) and write the documents in one
+/// statement: the document changes only happen if the checkpoint moved
+/// (data-modifying `WITH` parts always run, on one snapshot).
+/// `ops` hold one operation per document (an upsert may not touch a row
+/// twice in one statement).
+async fn commit(
+    pool: &PgPool,
+    copy: &CopyId,
+    from: u64,
+    to: u64,
+    ops: Vec<DocumentOp>,
+    collections: Option<Vec<String>>,
+    skipped: u64,
+) -> Result<u64, StoreError> {
+    let mut upserts: (Vec<&str>, Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new(), Vec::new());
+    let mut deletes: (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    for op in &ops {
+        match op {
+            DocumentOp::Upsert(key, body) => {
+                upserts.0.push(&key.collection);
+                upserts.1.push(&key.key);
+                upserts.2.push(body);
+            }
+            DocumentOp::Delete(key) => {
+                deletes.0.push(&key.collection);
+                deletes.1.push(&key.key);
+            }
+        }
+    }
+    let moved: i64 = sqlx::query_scalar(
+        "WITH moved AS ( \
+           UPDATE projection_copies SET position = $1, skipped = skipped + $2, \
+             collections = COALESCE($3, collections), parked_position = NULL, parked_event_id = NULL, \
+             parked_error = NULL, parked_attempts = NULL, parked_at_us = NULL \
+           WHERE projection = $4 AND generation = $5 AND position = $6 AND role <> 'retired' RETURNING 1), \
+         upserted AS ( \
+           INSERT INTO read_model_documents (projection, generation, collection, key, body) \
+           SELECT $4, $5, c, k, b::jsonb FROM UNNEST($7::text[], $8::text[], $9::text[]) AS t(c, k, b) \
+           WHERE EXISTS (SELECT 1 FROM moved) \
+           ON CONFLICT (projection, generation, collection, key) DO UPDATE SET body = EXCLUDED.body), \
+         deleted AS ( \
+           DELETE FROM read_model_documents WHERE projection = $4 AND generation = $5 \
+           AND (collection, key) IN (SELECT * FROM UNNEST($10::text[], $11::text[])) \
+           AND EXISTS (SELECT 1 FROM moved)) \
+         SELECT count(*) FROM moved",
+    )
+    .bind(to as i64)
+    .bind(skipped as i64)
+    .bind(collections.map(|c| serde_json::to_string(&c).unwrap_or_default()))
+    .bind(&copy.projection)
+    .bind(copy.generation as i64)
+    .bind(from as i64)
+    .bind(&upserts.0)
+    .bind(&upserts.1)
+    .bind(&upserts.2)
+    .bind(&deletes.0)
+    .bind(&deletes.1)
+    .fetch_one(pool)
+    .await
+    .map_err(unavailable)?;
+    if moved != 1 {
+        return Err(conflict(
+            copy,
+            &format!("checkpoint is no longer {from} (another runner moved it, or the copy was retired)"),
+        ));
+    }
+    Ok(1)
 }
 
 async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelChange) -> Result<u64, StoreError> {
@@ -186,31 +263,7 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
                 Err(error) => Err(unavailable(error)),
             }
         }
-        ReadModelChange::Commit { copy, from, to, ops, collections, skipped } => {
-            let moved = sqlx::query(
-                "UPDATE projection_copies SET position = $1, skipped = skipped + $2, \
-                 collections = COALESCE($3, collections), parked_position = NULL, parked_event_id = NULL, \
-                 parked_error = NULL, parked_attempts = NULL, parked_at_us = NULL \
-                 WHERE projection = $4 AND generation = $5 AND position = $6 AND role <> 'retired'",
-            )
-            .bind(to as i64)
-            .bind(skipped as i64)
-            .bind(collections.map(|c| serde_json::to_string(&c).unwrap_or_default()))
-            .bind(&copy.projection)
-            .bind(copy.generation as i64)
-            .bind(from as i64)
-            .execute(&mut *connection)
-            .await
-            .map_err(unavailable)?;
-            if moved.rows_affected() != 1 {
-                return Err(conflict(
-                    &copy,
-                    &format!("checkpoint is no longer {from} (another runner moved it, or the copy was retired)"),
-                ));
-            }
-            write_ops(connection, &copy, super::collapse(ops)).await?;
-            Ok(1)
-        }
+        ReadModelChange::Commit { .. } => unreachable!("`apply` runs commits as one statement"),
         ReadModelChange::Park { copy, parked } => {
             let updated = sqlx::query(
                 "UPDATE projection_copies SET parked_position = $1, parked_event_id = $2, parked_error = $3, \
@@ -307,54 +360,4 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
             Ok(deleted)
         }
     }
-}
-
-/// One `INSERT … SELECT FROM UNNEST … ON CONFLICT` for the upserts and one
-/// `DELETE … IN (UNNEST)` for the deletes. `ops` hold one operation per
-/// document.
-async fn write_ops(connection: &mut PgConnection, copy: &CopyId, ops: Vec<DocumentOp>) -> Result<(), StoreError> {
-    let mut upserts: (Vec<&str>, Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new(), Vec::new());
-    let mut deletes: (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
-    for op in &ops {
-        match op {
-            DocumentOp::Upsert(key, body) => {
-                upserts.0.push(&key.collection);
-                upserts.1.push(&key.key);
-                upserts.2.push(body);
-            }
-            DocumentOp::Delete(key) => {
-                deletes.0.push(&key.collection);
-                deletes.1.push(&key.key);
-            }
-        }
-    }
-    if !upserts.0.is_empty() {
-        sqlx::query(
-            "INSERT INTO read_model_documents (projection, generation, collection, key, body) \
-             SELECT $1, $2, c, k, b::jsonb FROM UNNEST($3::text[], $4::text[], $5::text[]) AS t(c, k, b) \
-             ON CONFLICT (projection, generation, collection, key) DO UPDATE SET body = EXCLUDED.body",
-        )
-        .bind(&copy.projection)
-        .bind(copy.generation as i64)
-        .bind(&upserts.0)
-        .bind(&upserts.1)
-        .bind(&upserts.2)
-        .execute(&mut *connection)
-        .await
-        .map_err(unavailable)?;
-    }
-    if !deletes.0.is_empty() {
-        sqlx::query(
-            "DELETE FROM read_model_documents WHERE projection = $1 AND generation = $2 \
-             AND (collection, key) IN (SELECT * FROM UNNEST($3::text[], $4::text[]))",
-        )
-        .bind(&copy.projection)
-        .bind(copy.generation as i64)
-        .bind(&deletes.0)
-        .bind(&deletes.1)
-        .execute(&mut *connection)
-        .await
-        .map_err(unavailable)?;
-    }
-    Ok(())
 }

@@ -155,10 +155,29 @@ pub(in crate::store) async fn list(
 }
 
 /// Run one change as one transaction on the writer's connection.
+///
+/// The commit does not wait for an fsync even when appends do
+/// (`fsync_appends`): a power loss may lose the latest read-model commits,
+/// but each with its checkpoint, so the projection re-projects them; and the
+/// next fsynced append commit makes them durable anyway, the WAL being
+/// flushed in order. This keeps projection commits from costing the writer
+/// an fsync each.
 pub(in crate::store) async fn apply(
     connection: &mut SqliteConnection,
     change: ReadModelChange,
+    fsync_appends: bool,
 ) -> Result<u64, StoreError> {
+    if fsync_appends {
+        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *connection).await.map_err(unavailable)?;
+    }
+    let result = apply_transaction(connection, change).await;
+    if fsync_appends {
+        sqlx::query("PRAGMA synchronous = FULL").execute(&mut *connection).await.map_err(unavailable)?;
+    }
+    result
+}
+
+async fn apply_transaction(connection: &mut SqliteConnection, change: ReadModelChange) -> Result<u64, StoreError> {
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *connection).await.map_err(unavailable)?;
     let result = apply_in_transaction(connection, change).await;
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };

@@ -134,7 +134,7 @@ pub struct RebuildStatus {
 }
 
 struct RunnerHandle {
-    task: tokio::task::JoinHandle<()>,
+    runner: runner::RunnerThread,
     module_hash: String,
     progress: Arc<Progress>,
 }
@@ -206,7 +206,7 @@ impl ProjectionService {
             task.abort();
         }
         for (_, runner) in self.runners.lock().drain() {
-            runner.task.abort();
+            runner.runner.stop();
         }
     }
 
@@ -258,10 +258,10 @@ impl ProjectionService {
         {
             let mut runners = self.runners.lock();
             runners.retain(|id, runner| {
-                let keep = !runner.task.is_finished()
+                let keep = !runner.runner.is_finished()
                     && wanted.get(id).is_some_and(|(module, _, _)| module.content_hash == runner.module_hash);
                 if !keep {
-                    runner.task.abort();
+                    runner.runner.stop();
                 }
                 keep
             });
@@ -282,8 +282,8 @@ impl ProjectionService {
                     poke: self.poke.clone(),
                     service: Arc::downgrade(self),
                 };
-                let task = tokio::spawn(runner.run());
-                runners.insert(id, RunnerHandle { task, module_hash: module.content_hash.clone(), progress });
+                let runner = runner.spawn();
+                runners.insert(id, RunnerHandle { runner, module_hash: module.content_hash.clone(), progress });
             }
         }
         for copy in copies.iter().filter(|c| c.role == CopyRole::Retired) {

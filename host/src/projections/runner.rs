@@ -72,7 +72,51 @@ impl From<StoreError> for BatchFailure {
     }
 }
 
+/// A runner on its own thread, and the signal that stops it.
+pub(super) struct RunnerThread {
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RunnerThread {
+    /// Stop at the next await (like aborting a task: a commit under way
+    /// either completes or never happens).
+    pub(super) fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    pub(super) fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+}
+
 impl Runner {
+    /// Run on a thread of its own (with its read-ahead) that drives the
+    /// runner's futures with the host's tokio runtime (I/O, timers, blocking
+    /// pool). The runner is then
+    /// woken directly rather than queued behind every request task on the
+    /// runtime's workers — under a heavy command load that queueing, paid
+    /// at each of a batch's awaits, was most of the projection lag.
+    pub(super) fn spawn(self) -> RunnerThread {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let handle = tokio::runtime::Handle::current();
+        let name = format!("projection-{}-{}", self.info.name, self.copy.id.generation);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                // A local set, so the read-ahead task runs on this thread too.
+                let local = tokio::task::LocalSet::new();
+                handle.block_on(local.run_until(async move {
+                    tokio::select! {
+                        () = self.run() => {}
+                        _ = stopped.wait_for(|stop| *stop) => {}
+                    }
+                }));
+            })
+            .expect("the OS starts a projection thread");
+        RunnerThread { stop, thread }
+    }
+
     fn label(&self) -> String {
         self.copy.id.generation.to_string()
     }
@@ -390,7 +434,8 @@ struct ReadAhead {
 impl ReadAhead {
     fn start(store: Arc<dyn EventStore>, mut after: u64, batch_size: usize, linger: Duration) -> Self {
         let (sender, chunks) = mpsc::channel(2);
-        let task = tokio::spawn(async move {
+        // On the runner's thread (its local set), not the request workers.
+        let task = tokio::task::spawn_local(async move {
             let mut head = store.head();
             // Whether the runner has been told that the reads reached the head.
             let mut told_idle = false;

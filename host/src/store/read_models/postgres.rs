@@ -6,54 +6,27 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
 use super::{
-    CopyId, CopyRecord, CopyRole, DocumentKey, DocumentLookup, DocumentOp, DocumentPage, DocumentQuery, Parked,
-    ReadModelChange, conflict, from_micros, parse_collections, to_micros,
+    COPY_COLUMNS, CopyId, CopyRecord, CopyRow, DocumentKey, DocumentLookup, DocumentOp, DocumentPage, DocumentQuery,
+    ReadModelChange, conflict, to_micros,
 };
 use crate::store::StoreError;
-
-const COPY_COLUMNS: &str = "projection, generation, module, version, role, position, collections, skipped, \
-     parked_position, parked_event_id, parked_error, parked_attempts, parked_at_us, created_at_us";
 
 fn unavailable(error: sqlx::Error) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
 
-fn decode_copy(row: &PgRow) -> Result<CopyRecord, StoreError> {
-    let parked = match row.get::<Option<i64>, _>("parked_position") {
-        Some(position) => Some(Parked {
-            position: position as u64,
-            event_id: row.get::<Option<String>, _>("parked_event_id").unwrap_or_default(),
-            error: row.get::<Option<String>, _>("parked_error").unwrap_or_default(),
-            attempts: row.get::<Option<i64>, _>("parked_attempts").unwrap_or(0) as u32,
-            since: from_micros(row.get::<Option<i64>, _>("parked_at_us").unwrap_or(0)),
-        }),
-        None => None,
-    };
-    Ok(CopyRecord {
-        id: CopyId { projection: row.get("projection"), generation: row.get::<i64, _>("generation") as u64 },
-        module: row.get("module"),
-        version: row.get::<i64, _>("version") as u32,
-        role: CopyRole::parse(row.get::<&str, _>("role"))?,
-        position: row.get::<i64, _>("position") as u64,
-        collections: parse_collections(row.get::<&str, _>("collections")),
-        skipped: row.get::<i64, _>("skipped") as u64,
-        parked,
-        created_at: from_micros(row.get("created_at_us")),
-    })
-}
-
 pub(in crate::store) async fn copies(pool: &PgPool) -> Result<Vec<CopyRecord>, StoreError> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let rows: Vec<CopyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COPY_COLUMNS} FROM projection_copies ORDER BY projection, generation"
     )))
     .fetch_all(pool)
     .await
     .map_err(unavailable)?;
-    rows.iter().map(decode_copy).collect()
+    rows.into_iter().map(CopyRow::into_record).collect()
 }
 
 pub(in crate::store) async fn load_documents(

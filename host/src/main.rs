@@ -36,7 +36,7 @@ enum Command {
     Projections(cli::read_side::ProjectionsArgs),
     /// Read documents of a projection's read model: one by key, or a filtered page.
     Query(cli::read_side::QueryArgs),
-    /// Measure command throughput and latency through the real pipeline.
+    /// Measure the host: commands, the feed, hot swap, projection rebuilds and lag.
     Bench(cli::bench::BenchArgs),
 }
 

@@ -104,6 +104,9 @@ impl Runner {
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
+                // Inside the runtime's context for the whole thread: what the
+                // runner leaves behind (pooled connections) is dropped here.
+                let _context = handle.enter();
                 // A local set, so the read-ahead task runs on this thread too.
                 let local = tokio::task::LocalSet::new();
                 handle.block_on(local.run_until(async move {

@@ -3,7 +3,7 @@
 //! compare-and-set and the one-active/one-building indexes keep them
 //! honest); each query is one statement, so one snapshot.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use sqlx::postgres::PgPool;
@@ -34,23 +34,30 @@ pub(in crate::store) async fn load_documents(
     copy: &CopyId,
     keys: &[DocumentKey],
 ) -> Result<Vec<Option<String>>, StoreError> {
-    let (collections, names): (Vec<&str>, Vec<&str>) =
-        keys.iter().map(|k| (k.collection.as_str(), k.key.as_str())).unzip();
-    let rows = sqlx::query(
-        "SELECT collection, key, body::text FROM read_model_documents WHERE projection = $1 AND generation = $2 \
-         AND (collection, key) IN (SELECT * FROM UNNEST($3::text[], $4::text[]))",
-    )
-    .bind(&copy.projection)
-    .bind(copy.generation as i64)
-    .bind(&collections)
-    .bind(&names)
-    .fetch_all(pool)
-    .await
-    .map_err(unavailable)?;
-    let mut found: HashMap<DocumentKey, String> = rows
-        .into_iter()
-        .map(|row| (DocumentKey::new(row.get::<String, _>(0), row.get::<String, _>(1)), row.get(2)))
-        .collect();
+    // One `key = ANY(…)` query per collection: an index condition the planner
+    // uses whatever it believes about the table (a copy being built has no
+    // statistics yet, and a join on `UNNEST` then scans the whole copy).
+    let mut by_collection: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for key in keys {
+        by_collection.entry(&key.collection).or_default().push(&key.key);
+    }
+    let mut found: HashMap<DocumentKey, String> = HashMap::with_capacity(keys.len());
+    for (collection, names) in by_collection {
+        let rows = sqlx::query(
+            "SELECT key, body::text FROM read_model_documents WHERE projection = $1 AND generation = $2 \
+             AND collection = $3 AND key = ANY($4::text[])",
+        )
+        .bind(&copy.projection)
+        .bind(copy.generation as i64)
+        .bind(collection)
+        .bind(&names)
+        .fetch_all(pool)
+        .await
+        .map_err(unavailable)?;
+        for row in rows {
+            found.insert(DocumentKey::new(collection, row.get::<String, _>(0)), row.get(1));
+        }
+    }
     Ok(keys.iter().map(|key| found.remove(key)).collect())
 }
 
@@ -179,8 +186,8 @@ async fn commit(
            WHERE EXISTS (SELECT 1 FROM moved) \
            ON CONFLICT (projection, generation, collection, key) DO UPDATE SET body = EXCLUDED.body), \
          deleted AS ( \
-           DELETE FROM read_model_documents WHERE projection = $4 AND generation = $5 \
-           AND (collection, key) IN (SELECT * FROM UNNEST($10::text[], $11::text[])) \
+           DELETE FROM read_model_documents AS d USING UNNEST($10::text[], $11::text[]) AS k(c, k) \
+           WHERE d.projection = $4 AND d.generation = $5 AND d.collection = k.c AND d.key = k.k COLLATE \"C\" \
            AND EXISTS (SELECT 1 FROM moved)) \
          SELECT count(*) FROM moved",
     )

@@ -356,8 +356,9 @@ impl ProjectionService {
                             return;
                         }
                     }
+                    Err(StoreError::ShuttingDown) => return,
                     Err(error) => {
-                        tracing::warn!(projection = %copy.projection, copy = copy.generation, %error, "cannot drop a retired copy yet; retrying");
+                        tracing::warn!(projection = %copy.projection, copy = copy.generation, %error, "cannot drop a retired copy yet; the next reconcile retries");
                         this.droppers.lock().remove(&copy);
                         return;
                     }

@@ -250,7 +250,9 @@ impl ProjectionService {
                     continue;
                 }
                 tracing::info!(projection = %copy.id.projection, copy = copy.id.generation, "new build of `{}`: retrying the parked projection", module.name);
-                self.store.change_read_model(ReadModelChange::Unpark { copy: copy.id.clone() }).await?;
+                self.store
+                    .change_read_model(ReadModelChange::SetParked { copy: copy.id.clone(), parked: None })
+                    .await?;
                 self.parked_under.lock().remove(&copy.id);
             }
             wanted.insert(copy.id.clone(), (module.clone(), info.clone(), copy.clone()));
@@ -526,7 +528,7 @@ impl ProjectionService {
     /// Try the parked event(s) of `name` again.
     pub async fn retry(self: &Arc<Self>, name: &str) -> Result<ProjectionStatus, ProjectionError> {
         for copy in self.parked_copies(name).await? {
-            self.store.change_read_model(ReadModelChange::Unpark { copy: copy.id.clone() }).await?;
+            self.store.change_read_model(ReadModelChange::SetParked { copy: copy.id.clone(), parked: None }).await?;
             self.parked_under.lock().remove(&copy.id);
             tracing::warn!(projection = %name, copy = copy.id.generation, "operator asked to retry the parked event");
         }

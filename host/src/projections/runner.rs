@@ -281,7 +281,9 @@ impl Runner {
             attempts,
             since: chrono::Utc::now(),
         };
-        self.store.change_read_model(ReadModelChange::Park { copy: self.copy.id.clone(), parked }).await?;
+        self.store
+            .change_read_model(ReadModelChange::SetParked { copy: self.copy.id.clone(), parked: Some(parked) })
+            .await?;
         self.metrics.set_projection_parked(&self.info.name, &self.label(), true);
         if let Some(service) = self.service.upgrade() {
             service.parked(&self.copy.id, &self.module.content_hash);

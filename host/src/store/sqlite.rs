@@ -90,6 +90,25 @@ impl SqliteStore {
     }
 }
 
+/// Append `(COLUMNS) IN (VALUES (?, ?), …)`: SQLite has no array
+/// parameters, so a list of pairs is spelled out (two parameters each).
+pub(super) fn push_pairs_in<'a>(
+    query: &mut QueryBuilder<Sqlite>,
+    columns: &str,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) {
+    query.push("(").push(columns).push(") IN (VALUES ");
+    let mut separated = query.separated(", ");
+    for (first, second) in pairs {
+        separated.push("(");
+        separated.push_bind_unseparated(first);
+        separated.push_unseparated(", ");
+        separated.push_bind_unseparated(second);
+        separated.push_unseparated(")");
+    }
+    query.push(")");
+}
+
 fn unavailable(error: sqlx::Error) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
@@ -104,20 +123,13 @@ impl EventStore for SqliteStore {
         let mut events = Vec::new();
         // 2 parameters per stream; SQLite allows 32766.
         for chunk in streams.chunks(1000) {
-            let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(concat!(
-                "SELECT ",
-                columns!(),
-                " FROM events WHERE (aggregate_type, aggregate_id) IN (VALUES "
-            ));
-            let mut separated = query.separated(", ");
-            for stream in chunk {
-                separated.push("(");
-                separated.push_bind_unseparated(&stream.aggregate_type);
-                separated.push_unseparated(", ");
-                separated.push_bind_unseparated(&stream.aggregate_id);
-                separated.push_unseparated(")");
-            }
-            query.push(")");
+            let mut query: QueryBuilder<Sqlite> =
+                QueryBuilder::new(concat!("SELECT ", columns!(), " FROM events WHERE "));
+            push_pairs_in(
+                &mut query,
+                "aggregate_type, aggregate_id",
+                chunk.iter().map(|s| (s.aggregate_type.as_str(), s.aggregate_id.as_str())),
+            );
             let rows = query.build().fetch_all(&self.reads).await.map_err(unavailable)?;
             for row in &rows {
                 events.push(decode_event(row)?);

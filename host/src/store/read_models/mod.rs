@@ -149,10 +149,9 @@ pub enum ReadModelChange {
         /// Events skipped by an operator in this step.
         skipped: u64,
     },
-    /// Park the copy (its checkpoint stays where it is).
-    Park { copy: CopyId, parked: Parked },
-    /// Clear the parking, so the copy is retried.
-    Unpark { copy: CopyId },
+    /// Park the copy (its checkpoint stays where it is), or with `None`
+    /// clear the parking so the copy is retried.
+    SetParked { copy: CopyId, parked: Option<Parked> },
     /// Make a building copy active and retire the active one, atomically.
     Activate { copy: CopyId },
     /// Retire a copy that is not active (an abandoned rebuild).

@@ -10,8 +10,8 @@ use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
 use super::{
-    COPY_COLUMNS, CopyId, CopyRecord, CopyRow, DocumentKey, DocumentLookup, DocumentOp, DocumentPage, DocumentQuery,
-    ReadModelChange, conflict, to_micros,
+    COPY_COLUMNS, CopyId, CopyRecord, CopyRole, CopyRow, DocumentKey, DocumentLookup, DocumentOp, DocumentPage,
+    DocumentQuery, ReadModelChange, conflict, to_micros,
 };
 use crate::store::StoreError;
 
@@ -244,28 +244,16 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
             }
         }
         ReadModelChange::Commit { .. } => unreachable!("`apply` runs commits as one statement"),
-        ReadModelChange::Park { copy, parked } => {
+        ReadModelChange::SetParked { copy, parked } => {
             let updated = sqlx::query(
                 "UPDATE projection_copies SET parked_position = $1, parked_event_id = $2, parked_error = $3, \
                  parked_attempts = $4, parked_at_us = $5 WHERE projection = $6 AND generation = $7 AND role <> 'retired'",
             )
-            .bind(parked.position as i64)
-            .bind(&parked.event_id)
-            .bind(&parked.error)
-            .bind(i64::from(parked.attempts))
-            .bind(to_micros(parked.since))
-            .bind(&copy.projection)
-            .bind(copy.generation as i64)
-            .execute(&mut *connection)
-            .await
-            .map_err(unavailable)?;
-            Ok(updated.rows_affected())
-        }
-        ReadModelChange::Unpark { copy } => {
-            let updated = sqlx::query(
-                "UPDATE projection_copies SET parked_position = NULL, parked_event_id = NULL, parked_error = NULL, \
-                 parked_attempts = NULL, parked_at_us = NULL WHERE projection = $1 AND generation = $2",
-            )
+            .bind(parked.as_ref().map(|p| p.position as i64))
+            .bind(parked.as_ref().map(|p| p.event_id.clone()))
+            .bind(parked.as_ref().map(|p| p.error.clone()))
+            .bind(parked.as_ref().map(|p| i64::from(p.attempts)))
+            .bind(parked.as_ref().map(|p| to_micros(p.since)))
             .bind(&copy.projection)
             .bind(copy.generation as i64)
             .execute(&mut *connection)
@@ -281,30 +269,12 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
                 .execute(&mut *connection)
                 .await
                 .map_err(unavailable)?;
-            let activated = sqlx::query(
-                "UPDATE projection_copies SET role = 'active' WHERE projection = $1 AND generation = $2 AND role = 'building'",
-            )
-            .bind(&copy.projection)
-            .bind(copy.generation as i64)
-            .execute(&mut *connection)
-            .await
-            .map_err(unavailable)?;
-            if activated.rows_affected() != 1 {
+            if promote(connection, &copy, CopyRole::Active).await? != 1 {
                 return Err(conflict(&copy, "is not a building copy"));
             }
             Ok(1)
         }
-        ReadModelChange::Retire { copy } => {
-            let retired = sqlx::query(
-                "UPDATE projection_copies SET role = 'retired' WHERE projection = $1 AND generation = $2 AND role = 'building'",
-            )
-            .bind(&copy.projection)
-            .bind(copy.generation as i64)
-            .execute(&mut *connection)
-            .await
-            .map_err(unavailable)?;
-            Ok(retired.rows_affected())
-        }
+        ReadModelChange::Retire { copy } => promote(connection, &copy, CopyRole::Retired).await,
         ReadModelChange::DropRetired { copy, limit } => {
             let role: Option<String> =
                 sqlx::query_scalar("SELECT role FROM projection_copies WHERE projection = $1 AND generation = $2")
@@ -340,4 +310,18 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
             Ok(deleted)
         }
     }
+}
+
+/// Move a building copy to `role`; returns whether it was one (0 or 1).
+async fn promote(connection: &mut PgConnection, copy: &CopyId, role: CopyRole) -> Result<u64, StoreError> {
+    let moved = sqlx::query(
+        "UPDATE projection_copies SET role = $1 WHERE projection = $2 AND generation = $3 AND role = 'building'",
+    )
+    .bind(role.as_str())
+    .bind(&copy.projection)
+    .bind(copy.generation as i64)
+    .execute(&mut *connection)
+    .await
+    .map_err(unavailable)?;
+    Ok(moved.rows_affected())
 }

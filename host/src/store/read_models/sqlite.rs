@@ -9,10 +9,11 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::{
-    COPY_COLUMNS, CopyId, CopyRecord, CopyRow, DocumentKey, DocumentLookup, DocumentOp, DocumentPage, DocumentQuery,
-    ReadModelChange, conflict, to_micros,
+    COPY_COLUMNS, CopyId, CopyRecord, CopyRole, CopyRow, DocumentKey, DocumentLookup, DocumentOp, DocumentPage,
+    DocumentQuery, ReadModelChange, conflict, to_micros,
 };
 use crate::store::StoreError;
+use crate::store::sqlite::push_pairs_in;
 
 /// Documents per multi-row statement (5 parameters each; SQLite allows 32766).
 const ROWS_PER_STATEMENT: usize = 2000;
@@ -41,16 +42,8 @@ pub(in crate::store) async fn load_documents(
         let mut query: QueryBuilder<Sqlite> =
             QueryBuilder::new("SELECT collection, key, body FROM read_model_documents WHERE projection = ");
         query.push_bind(&copy.projection).push(" AND generation = ").push_bind(copy.generation as i64);
-        query.push(" AND (collection, key) IN (VALUES ");
-        let mut separated = query.separated(", ");
-        for key in chunk {
-            separated.push("(");
-            separated.push_bind_unseparated(&key.collection);
-            separated.push_unseparated(", ");
-            separated.push_bind_unseparated(&key.key);
-            separated.push_unseparated(")");
-        }
-        query.push(")");
+        query.push(" AND ");
+        push_pairs_in(&mut query, "collection, key", chunk.iter().map(|k| (k.collection.as_str(), k.key.as_str())));
         let rows = query.build().fetch_all(pool).await.map_err(unavailable)?;
         for row in rows {
             found.insert(DocumentKey::new(row.get::<String, _>(0), row.get::<String, _>(1)), row.get(2));
@@ -218,28 +211,16 @@ async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadMod
             write_ops(connection, &copy, super::collapse(ops)).await?;
             Ok(1)
         }
-        ReadModelChange::Park { copy, parked } => {
+        ReadModelChange::SetParked { copy, parked } => {
             let updated = sqlx::query(
                 "UPDATE projection_copies SET parked_position = ?, parked_event_id = ?, parked_error = ?, \
                  parked_attempts = ?, parked_at_us = ? WHERE projection = ? AND generation = ? AND role <> 'retired'",
             )
-            .bind(parked.position as i64)
-            .bind(&parked.event_id)
-            .bind(&parked.error)
-            .bind(i64::from(parked.attempts))
-            .bind(to_micros(parked.since))
-            .bind(&copy.projection)
-            .bind(copy.generation as i64)
-            .execute(&mut *connection)
-            .await
-            .map_err(unavailable)?;
-            Ok(updated.rows_affected())
-        }
-        ReadModelChange::Unpark { copy } => {
-            let updated = sqlx::query(
-                "UPDATE projection_copies SET parked_position = NULL, parked_event_id = NULL, parked_error = NULL, \
-                 parked_attempts = NULL, parked_at_us = NULL WHERE projection = ? AND generation = ?",
-            )
+            .bind(parked.as_ref().map(|p| p.position as i64))
+            .bind(parked.as_ref().map(|p| p.event_id.clone()))
+            .bind(parked.as_ref().map(|p| p.error.clone()))
+            .bind(parked.as_ref().map(|p| i64::from(p.attempts)))
+            .bind(parked.as_ref().map(|p| to_micros(p.since)))
             .bind(&copy.projection)
             .bind(copy.generation as i64)
             .execute(&mut *connection)
@@ -255,30 +236,12 @@ async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadMod
                 .execute(&mut *connection)
                 .await
                 .map_err(unavailable)?;
-            let activated = sqlx::query(
-                "UPDATE projection_copies SET role = 'active' WHERE projection = ? AND generation = ? AND role = 'building'",
-            )
-            .bind(&copy.projection)
-            .bind(copy.generation as i64)
-            .execute(&mut *connection)
-            .await
-            .map_err(unavailable)?;
-            if activated.rows_affected() != 1 {
+            if promote(connection, &copy, CopyRole::Active).await? != 1 {
                 return Err(conflict(&copy, "is not a building copy"));
             }
             Ok(1)
         }
-        ReadModelChange::Retire { copy } => {
-            let retired = sqlx::query(
-                "UPDATE projection_copies SET role = 'retired' WHERE projection = ? AND generation = ? AND role = 'building'",
-            )
-            .bind(&copy.projection)
-            .bind(copy.generation as i64)
-            .execute(&mut *connection)
-            .await
-            .map_err(unavailable)?;
-            Ok(retired.rows_affected())
-        }
+        ReadModelChange::Retire { copy } => promote(connection, &copy, CopyRole::Retired).await,
         ReadModelChange::DropRetired { copy, limit } => {
             let role: Option<String> =
                 sqlx::query_scalar("SELECT role FROM projection_copies WHERE projection = ? AND generation = ?")
@@ -317,6 +280,20 @@ async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadMod
     }
 }
 
+/// Move a building copy to `role`; returns whether it was one (0 or 1).
+async fn promote(connection: &mut SqliteConnection, copy: &CopyId, role: CopyRole) -> Result<u64, StoreError> {
+    let moved = sqlx::query(
+        "UPDATE projection_copies SET role = ? WHERE projection = ? AND generation = ? AND role = 'building'",
+    )
+    .bind(role.as_str())
+    .bind(&copy.projection)
+    .bind(copy.generation as i64)
+    .execute(&mut *connection)
+    .await
+    .map_err(unavailable)?;
+    Ok(moved.rows_affected())
+}
+
 /// Upserts with multi-row `INSERT … ON CONFLICT`, deletes with one `IN`
 /// list per chunk. `ops` hold one operation per document.
 async fn write_ops(connection: &mut SqliteConnection, copy: &CopyId, ops: Vec<DocumentOp>) -> Result<(), StoreError> {
@@ -341,17 +318,12 @@ async fn write_ops(connection: &mut SqliteConnection, copy: &CopyId, ops: Vec<Do
         let mut delete: QueryBuilder<Sqlite> =
             QueryBuilder::new("DELETE FROM read_model_documents WHERE projection = ");
         delete.push_bind(&copy.projection).push(" AND generation = ").push_bind(copy.generation as i64);
-        delete.push(" AND (collection, key) IN (VALUES ");
-        let mut separated = delete.separated(", ");
-        for op in chunk {
-            let key = op.key();
-            separated.push("(");
-            separated.push_bind_unseparated(&key.collection);
-            separated.push_unseparated(", ");
-            separated.push_bind_unseparated(&key.key);
-            separated.push_unseparated(")");
-        }
-        delete.push(")");
+        delete.push(" AND ");
+        push_pairs_in(
+            &mut delete,
+            "collection, key",
+            chunk.iter().map(|op| (op.key().collection.as_str(), op.key().key.as_str())),
+        );
         delete.build().execute(&mut *connection).await.map_err(unavailable)?;
     }
     Ok(())

@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-pub use runner::Progress;
+use runner::Progress;
 
 use crate::metrics::Metrics;
 use crate::sandbox::{GuestModule, ModuleRegistry, ProjectionInfo};

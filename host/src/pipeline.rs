@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::limits::{InvalidInput, check_id};
 use crate::metrics::Metrics;
 use crate::sandbox::{
     Command, DomainError, GuestFailure, GuestModule, ModuleRegistry, ModuleSet, RecordedEvent, SwapHook,
@@ -64,6 +65,9 @@ pub enum CommandError {
     UnknownCommand { aggregate_type: String, command_type: String },
     #[error("{0} does not exist")]
     NotFound(StreamId),
+    /// An id or header broke the limits every store shares ([`crate::limits`]).
+    #[error(transparent)]
+    InvalidInput(#[from] InvalidInput),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -114,7 +118,7 @@ impl CommandError {
             | CommandError::ModuleNotLoaded { .. }
             | CommandError::UnknownCommand { .. }
             | CommandError::NotFound(_) => "not_found",
-            CommandError::Invalid(_) => "invalid",
+            CommandError::Invalid(_) | CommandError::InvalidInput(_) => "invalid",
             CommandError::Rejected(_) => "rejected",
             CommandError::Conflict { .. } => "conflict",
             CommandError::Guest(_) | CommandError::Contract { .. } => "guest_failure",
@@ -258,6 +262,13 @@ impl CommandService {
     /// Execute one command end to end.
     pub async fn execute(&self, request: CommandRequest) -> Result<CommandReply, CommandError> {
         let started = Instant::now();
+        check_id("aggregate_id", &request.stream.aggregate_id)?;
+        if let Some(key) = &request.command_id {
+            check_id("idempotency_key", key)?;
+        }
+        if let Some(id) = &request.correlation_id {
+            check_id("correlation_id", id)?;
+        }
         let module = self.route(&request.stream.aggregate_type)?;
         let correlation_id = request.correlation_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string());
         let span = tracing::info_span!(
@@ -471,6 +482,7 @@ impl CommandService {
 
     /// The current version and state (rendered as JSON by the module) of an aggregate.
     pub async fn state(&self, stream: &StreamId) -> Result<(u64, serde_json::Value), CommandError> {
+        check_id("aggregate_id", &stream.aggregate_id)?;
         let module = self.route(&stream.aggregate_type)?;
         let slot = self.cache.slot(stream);
         let mut guard = slot.lock().await;

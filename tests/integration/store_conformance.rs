@@ -26,6 +26,7 @@ enum Storage {
     /// Removed on drop.
     Directory {
         _dir: tempfile::TempDir,
+        url: String,
     },
     Schema {
         url: String,
@@ -34,6 +35,23 @@ enum Storage {
 }
 
 impl Backend {
+    /// Run SQL on the backend's database over a connection of its own, as
+    /// an operator or another process would.
+    pub async fn execute_outside(&self, sql: &str) {
+        use sqlx::{Connection, Executor};
+        match &self.storage {
+            Storage::Directory { url, .. } => {
+                let mut connection = sqlx::SqliteConnection::connect(url).await.expect("open the SQLite file");
+                connection.execute(sqlx::AssertSqlSafe(sql.to_owned())).await.expect("SQL runs on SQLite");
+            }
+            Storage::Schema { url, schema } => {
+                let mut connection = sqlx::PgConnection::connect(url).await.expect("connect to PostgreSQL");
+                let sql = format!("SET search_path TO \"{schema}\"; {sql}");
+                connection.execute(sqlx::AssertSqlSafe(sql)).await.expect("SQL runs on PostgreSQL");
+            }
+        }
+    }
+
     /// Close the store and remove its storage.
     pub async fn finish(self) {
         self.store.close().await;
@@ -59,7 +77,7 @@ pub async fn backends(test: &str) -> Vec<Backend> {
     let url = format!("sqlite://{}", dir.path().join("conformance.db").display());
     let sqlite = SqliteStore::open(&url, &options(), Metrics::new()).await.expect("sqlite opens");
     let mut backends =
-        vec![Backend { name: "sqlite", store: Arc::new(sqlite), storage: Storage::Directory { _dir: dir } }];
+        vec![Backend { name: "sqlite", store: Arc::new(sqlite), storage: Storage::Directory { _dir: dir, url } }];
     if let Some(url) = database_url(test) {
         let schema = fresh_schema(&url).await;
         let store = open_postgres(&url, &schema).await;
@@ -353,6 +371,55 @@ async fn read_model_changes_are_atomic_and_checkpointed_exactly_once() {
         store.change_read_model(ReadModelChange::DropRetired { copy: copy.clone(), limit: 2 }).await.unwrap();
         let left: Vec<u64> = store.projection_copies().await.unwrap().iter().map(|c| c.id.generation).collect();
         assert_eq!(left, [shadow], "{name}: the retired copy is gone once empty");
+        backend.finish().await;
+    }
+}
+
+/// A trigger that refuses any event whose payload holds `refuse-me`, the
+/// way a database refuses one row of a batch (a constraint, a size limit,
+/// an encoding): SQLite answers `SQLITE_CONSTRAINT`, PostgreSQL SQLSTATE
+/// 23514 (check_violation).
+const REFUSING_TRIGGER: [&str; 2] = [
+    "CREATE TRIGGER refuse_marked BEFORE INSERT ON events WHEN NEW.data LIKE '%refuse-me%' \
+     BEGIN SELECT RAISE(ABORT, 'marked event refused'); END",
+    "CREATE FUNCTION refuse_marked() RETURNS trigger AS $$ BEGIN \
+       IF NEW.data LIKE '%refuse-me%' THEN RAISE EXCEPTION 'marked event refused' USING ERRCODE = '23514'; END IF; \
+       RETURN NEW; END $$ LANGUAGE plpgsql; \
+     CREATE TRIGGER refuse_marked BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse_marked()",
+];
+
+#[tokio::test]
+async fn a_refused_group_commit_fails_only_its_culprit() {
+    for backend in backends("a_refused_group_commit_fails_only_its_culprit").await {
+        let (name, store) = (backend.name, backend.store.clone());
+        backend.execute_outside(REFUSING_TRIGGER[usize::from(name == "postgres")]).await;
+        for round in 0..3 {
+            // 64 appends in flight at once, so they share group commits; one
+            // of them carries what the database refuses.
+            let appends = (0..64).map(|i| {
+                let store = store.clone();
+                let mut request =
+                    append(&StreamId::new("t", format!("r{round}-{i}")), ExpectedVersion::NoStream, &["A"]);
+                if i == 17 {
+                    request.events[0].data = r#"{"note":"refuse-me"}"#.into();
+                }
+                async move { store.append(request).await }
+            });
+            let outcomes = join_all(appends).await;
+            for (i, outcome) in outcomes.into_iter().enumerate() {
+                match (i, outcome) {
+                    (17, Err(StoreError::Refused(reason))) => {
+                        assert!(reason.contains("marked event refused"), "{name}: {reason}")
+                    }
+                    (17, other) => panic!("{name}: the culprit must be refused, got {other:?}"),
+                    (_, outcome) => assert_eq!(appended(outcome).len(), 1, "{name}: append {i} of round {round}"),
+                }
+            }
+        }
+        let log = store.read_all(0, 1000).await.unwrap();
+        assert_eq!(log.len(), 3 * 63, "{name}: every valid append committed");
+        assert!(log.iter().enumerate().all(|(i, e)| e.position == i as u64 + 1), "{name}: gap-free positions");
+        assert_eq!(store.write_failure(), None, "{name}: a refusal is not a failing store");
         backend.finish().await;
     }
 }

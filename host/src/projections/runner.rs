@@ -219,7 +219,9 @@ impl Runner {
     }
 
     /// Project `events` (all subscribed) and commit through `through`. On a
-    /// guest failure, replay them one by one to isolate the poison event.
+    /// guest failure, or the database refusing the batch's documents, replay
+    /// them one by one to isolate the poison event: a guest failure parks
+    /// after the retries, a refusal (deterministic) at once.
     async fn project_and_commit(
         &mut self,
         events: &Events,
@@ -227,38 +229,44 @@ impl Runner {
         through: u64,
     ) -> Result<Option<Exit>, StoreError> {
         let started = Instant::now();
-        match self.finish_project(touched).await {
-            Ok(ops) => return self.commit(through, ops, events.len(), started).await,
+        let failure = match self.finish_project(touched).await {
+            Ok(ops) => match self.commit(through, ops, events.len(), started).await {
+                Err(error) if error.is_refusal() => error.to_string(),
+                committed => return committed,
+            },
             Err(BatchFailure::Store(error)) => return Err(error),
-            Err(BatchFailure::Guest(reason)) => {
-                self.metrics.observe_projection_failure(&self.info.name, "guest");
-                tracing::debug!(projection = %self.info.name, %reason, "batch failed; replaying it event by event");
-            }
-        }
+            Err(BatchFailure::Guest(reason)) => reason,
+        };
+        tracing::debug!(projection = %self.info.name, %failure, "batch failed; replaying it event by event");
         for event in events.iter() {
             let mut attempts = 0;
             loop {
                 attempts += 1;
                 let started = Instant::now();
-                match self.project(Arc::from([event.clone()])).await {
-                    Ok(ops) => {
-                        if let Some(exit) = self.commit(event.position, ops, 1, started).await? {
-                            return Ok(Some(exit));
+                let reason = match self.project(Arc::from([event.clone()])).await {
+                    Ok(ops) => match self.commit(event.position, ops, 1, started).await {
+                        Ok(Some(exit)) => return Ok(Some(exit)),
+                        Ok(None) => break,
+                        // The database refuses what this event makes of the
+                        // documents: the same call would be refused again.
+                        Err(error) if error.is_refusal() => {
+                            self.metrics.observe_projection_failure(&self.info.name, "refused");
+                            *self.progress.last_error.lock() = Some(error.to_string());
+                            return self.park(event, error.to_string(), attempts).await.map(Some);
                         }
-                        break;
-                    }
+                        Err(error) => return Err(error),
+                    },
                     Err(BatchFailure::Store(error)) => return Err(error),
-                    Err(BatchFailure::Guest(reason)) => {
-                        self.metrics.observe_projection_failure(&self.info.name, "guest");
-                        *self.progress.last_error.lock() = Some(reason.clone());
-                        if attempts >= self.config.retry_attempts.max(1) {
-                            return self.park(event, reason, attempts).await.map(Some);
-                        }
-                        let pause = self.config.retry_backoff * 2u32.saturating_pow(attempts - 1);
-                        tracing::warn!(projection = %self.info.name, module = %self.module.name, event_id = %event.id, position = event.position, attempt = attempts, %reason, "projection failed on an event; retrying in {pause:?}");
-                        tokio::time::sleep(pause).await;
-                    }
+                    Err(BatchFailure::Guest(reason)) => reason,
+                };
+                self.metrics.observe_projection_failure(&self.info.name, "guest");
+                *self.progress.last_error.lock() = Some(reason.clone());
+                if attempts >= self.config.retry_attempts.max(1) {
+                    return self.park(event, reason, attempts).await.map(Some);
                 }
+                let pause = self.config.retry_backoff * 2u32.saturating_pow(attempts - 1);
+                tracing::warn!(projection = %self.info.name, module = %self.module.name, event_id = %event.id, position = event.position, attempt = attempts, %reason, "projection failed on an event; retrying in {pause:?}");
+                tokio::time::sleep(pause).await;
             }
         }
         if self.copy.position < through {

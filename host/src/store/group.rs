@@ -11,7 +11,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::read_models::ReadModelChange;
-use super::{AppendOutcome, AppendRequest, CommandRecord, StoreError, StoredEvent, StreamId};
+use super::{
+    AppendOutcome, AppendRequest, CommandRecord, EventData, EventMetadata, ExpectedVersion, StoreError, StoredEvent,
+    StreamId,
+};
 
 pub(super) type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
 
@@ -25,12 +28,42 @@ pub(super) enum Job {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// Whether the writer's last write attempt succeeded, shared between the
+/// writer (which records every commit and probe) and readers of the
+/// store's readiness.
+#[derive(Default)]
+pub(super) struct WriteHealth {
+    failure: parking_lot::Mutex<Option<String>>,
+}
+
+/// How often a writer whose writes fail tries a probe write while idle, so
+/// readiness comes back on its own once the database accepts writes.
+pub(super) const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl WriteHealth {
+    /// Record the outcome of a write: a success clears the failure; a store
+    /// that cannot write (not a refused request) sets it.
+    pub(super) fn record<T>(&self, outcome: &Result<T, StoreError>) {
+        match outcome {
+            Ok(_) => *self.failure.lock() = None,
+            Err(StoreError::Unavailable(reason)) => *self.failure.lock() = Some(reason.clone()),
+            Err(_) => {}
+        }
+    }
+
+    /// Why writes fail, if the last attempt failed.
+    pub(super) fn failure(&self) -> Option<String> {
+        self.failure.lock().clone()
+    }
+}
+
 /// The caller's side of a writer task: a bounded queue (back-pressure) and
 /// the payload limit, checked before anything is queued.
 pub(super) struct Submitter {
     jobs: mpsc::Sender<Job>,
     max_event_bytes: usize,
     head: watch::Receiver<u64>,
+    health: std::sync::Arc<WriteHealth>,
 }
 
 impl Submitter {
@@ -40,10 +73,16 @@ impl Submitter {
         depth: usize,
         max_event_bytes: usize,
         head: u64,
-    ) -> (Self, mpsc::Receiver<Job>, watch::Sender<u64>) {
+    ) -> (Self, mpsc::Receiver<Job>, watch::Sender<u64>, std::sync::Arc<WriteHealth>) {
         let (jobs, queue) = mpsc::channel(depth);
         let (head_sender, head) = watch::channel(head);
-        (Self { jobs, max_event_bytes, head }, queue, head_sender)
+        let health = std::sync::Arc::new(WriteHealth::default());
+        (Self { jobs, max_event_bytes, head, health: health.clone() }, queue, head_sender, health)
+    }
+
+    /// Why the writer's writes fail, if its last attempt failed.
+    pub(super) fn write_failure(&self) -> Option<String> {
+        self.health.failure()
     }
 
     pub(super) async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
@@ -75,7 +114,8 @@ impl Submitter {
     }
 }
 
-/// What the writer takes from the queue in one go.
+/// What the writer takes from the queue in one go (nothing at all: time for
+/// a probe write).
 pub(super) struct Batch {
     pub appends: Vec<(AppendRequest, Reply)>,
     /// A read-model transaction queued behind these appends: runs after them.
@@ -85,10 +125,20 @@ pub(super) struct Batch {
 }
 
 /// Wait for at least one job, then take everything already queued, up to
-/// `max` appends. `None` once every submitter is gone.
-pub(super) async fn next_batch(queue: &mut mpsc::Receiver<Job>, max: usize) -> Option<Batch> {
+/// `max` appends. `None` once every submitter is gone. While `health` says
+/// writes fail, an empty batch comes back after [`PROBE_EVERY`] without a
+/// job, for the writer to probe with.
+pub(super) async fn next_batch(queue: &mut mpsc::Receiver<Job>, max: usize, health: &WriteHealth) -> Option<Batch> {
     let mut batch = Batch { appends: Vec::new(), read_model: None, shutdown: None };
-    let mut job = Some(queue.recv().await?);
+    let first = if health.failure().is_some() {
+        match tokio::time::timeout(PROBE_EVERY, queue.recv()).await {
+            Ok(job) => job?,
+            Err(_) => return Some(batch),
+        }
+    } else {
+        queue.recv().await?
+    };
+    let mut job = Some(first);
     while let Some(next) = job.take() {
         match next {
             Job::Append(request, reply) => batch.appends.push((*request, reply)),
@@ -101,6 +151,18 @@ pub(super) async fn next_batch(queue: &mut mpsc::Receiver<Job>, max: usize) -> O
     }
     Some(batch)
 }
+
+impl Batch {
+    /// A batch with no job: the writer should probe whether it can write.
+    pub(super) fn is_probe(&self) -> bool {
+        self.appends.is_empty() && self.read_model.is_none() && self.shutdown.is_none()
+    }
+}
+
+/// The write a writer probes with while its writes fail: one row rewritten
+/// (`write_probe`, in both backends' migrations).
+pub(super) const PROBE_SQL: &str = "INSERT INTO write_probe (id, probed_at_us) VALUES (1, $1) \
+     ON CONFLICT (id) DO UPDATE SET probed_at_us = excluded.probed_at_us";
 
 /// Refuse everything still queued after a shutdown.
 pub(super) fn refuse_remaining(queue: &mut mpsc::Receiver<Job>) {
@@ -120,11 +182,35 @@ pub(super) fn refuse_remaining(queue: &mut mpsc::Receiver<Job>) {
     }
 }
 
-/// An append that passed its checks, waiting for the commit.
+/// An append that passed its checks, waiting for the commit. It keeps what
+/// it was asked, so a refused batch can be split and its appends planned
+/// again.
 pub(super) struct Accepted {
+    pub stream: StreamId,
+    pub expected: ExpectedVersion,
+    pub metadata: EventMetadata,
     pub events: Vec<StoredEvent>,
     pub command_id: Option<String>,
     pub reply: Reply,
+}
+
+impl Accepted {
+    /// The append as it was queued.
+    fn into_request(self) -> (AppendRequest, Reply) {
+        let events = self
+            .events
+            .into_iter()
+            .map(|e| EventData { event_type: e.event_type, schema_version: e.schema_version, data: e.data })
+            .collect();
+        let request = AppendRequest {
+            stream: self.stream,
+            expected: self.expected,
+            events,
+            metadata: self.metadata,
+            command_id: self.command_id,
+        };
+        (request, self.reply)
+    }
 }
 
 /// What the database says about the streams and command ids of a batch,
@@ -168,6 +254,22 @@ impl Plan {
         for append in self.accepted {
             let _ = append.reply.send(Err(error.clone()));
         }
+    }
+
+    /// After the database refused this batch's transaction: when the
+    /// refusal may belong to one member, the appends again in two halves
+    /// (queue order kept) to be planned and committed one after the other,
+    /// so the valid ones commit and only the culprit is refused; a single
+    /// append (or a failure of the store as a whole) is answered with the
+    /// error.
+    pub(super) fn isolate(self, error: &StoreError) -> Option<[Vec<(AppendRequest, Reply)>; 2]> {
+        if !error.is_refusal() || self.accepted.len() < 2 {
+            self.fail(error);
+            return None;
+        }
+        let mut first: Vec<(AppendRequest, Reply)> = self.accepted.into_iter().map(Accepted::into_request).collect();
+        let second = first.split_off(first.len() / 2);
+        Some([first, second])
     }
 }
 
@@ -217,7 +319,7 @@ pub(super) fn plan(appends: Vec<(AppendRequest, Reply)>, facts: Facts, time: Dat
             }));
             continue;
         }
-        let AppendRequest { stream, events, metadata, command_id, .. } = request;
+        let AppendRequest { stream, expected, events, metadata, command_id } = request;
         let events: Vec<StoredEvent> = events
             .into_iter()
             .enumerate()
@@ -240,12 +342,12 @@ pub(super) fn plan(appends: Vec<(AppendRequest, Reply)>, facts: Facts, time: Dat
             })
             .collect();
         if let Some(last) = events.last() {
-            versions.insert(stream, last.version);
+            versions.insert(stream.clone(), last.version);
         }
         if let Some(id) = &command_id {
             used_ids.insert(id.clone());
         }
-        accepted.push(Accepted { events, command_id, reply });
+        accepted.push(Accepted { stream, expected, metadata, events, command_id, reply });
     }
     Plan { accepted, head: next_position, versions }
 }

@@ -252,8 +252,19 @@ pub enum StoreError {
     PayloadTooLarge { size: usize, limit: usize },
     #[error("command id `{0}` was already used for a different stream")]
     CommandIdReused(String),
+    /// The database cannot be reached or cannot write right now (a lost
+    /// connection, a full disk, a lock held too long): retrying later may
+    /// succeed.
     #[error("event store unavailable: {0}")]
     Unavailable(String),
+    /// The database refused data one request carried (a size limit, an
+    /// encoding it cannot store, a constraint): the same request will fail
+    /// again, others are unaffected.
+    #[error("the event store refused the data: {0}")]
+    Refused(String),
+    /// The database holds data the host cannot read back.
+    #[error("the event store holds data it cannot read: {0}")]
+    Corrupt(String),
     #[error("event store is shutting down")]
     ShuttingDown,
     /// A read-model change lost a race (a checkpoint moved, a copy changed
@@ -262,6 +273,50 @@ pub enum StoreError {
     ReadModelConflict(String),
     #[error("unsupported store URL `{0}`: use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE")]
     UnsupportedUrl(String),
+}
+
+impl StoreError {
+    /// Whether the database refused something one request carried, rather
+    /// than failing as a whole.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, StoreError::Refused(_))
+    }
+}
+
+/// The one mapping of database errors to [`StoreError`] classes, for both
+/// backends: data a request carried and the database refuses (PostgreSQL
+/// classes 22 data exception, 23 integrity constraint, 54 program limit;
+/// SQLite `TOOBIG`, `CONSTRAINT`, `MISMATCH`, `RANGE`) is a refusal; data
+/// that cannot be decoded is corruption (so is SQLite `CORRUPT`/`NOTADB`);
+/// everything else — I/O, timeouts, a full disk, a lost connection — leaves
+/// the store unavailable.
+pub(crate) fn database_error(error: sqlx::Error) -> StoreError {
+    database_error_in("", error)
+}
+
+/// [`database_error`] with what the host was doing, for the message.
+pub(crate) fn database_error_in(context: &str, error: sqlx::Error) -> StoreError {
+    let message = if context.is_empty() { error.to_string() } else { format!("{context}: {error}") };
+    match &error {
+        sqlx::Error::Database(database) => {
+            let code = database.code().unwrap_or_default();
+            let refused = if database.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+                code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
+            } else {
+                // SQLite result codes, primary code in the low byte.
+                match code.parse::<i32>().map(|c| c & 0xff) {
+                    Ok(18 | 19 | 20 | 25) => true,
+                    Ok(11 | 26) => return StoreError::Corrupt(message),
+                    _ => false,
+                }
+            };
+            if refused { StoreError::Refused(message) } else { StoreError::Unavailable(message) }
+        }
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
+            StoreError::Corrupt(message)
+        }
+        _ => StoreError::Unavailable(message),
+    }
 }
 
 /// The durable event log, implemented by [`SqliteStore`] and
@@ -289,6 +344,11 @@ pub trait EventStore: Send + Sync + 'static {
     /// changes after each local commit and, on PostgreSQL, when another
     /// process commits; [`Subscription`]s wait on it.
     fn head(&self) -> watch::Receiver<u64>;
+
+    /// Why writes fail, if the writer's last attempt (a commit, or the probe
+    /// write it repeats every second while failing) failed: `/readyz`
+    /// reports not-ready while this is set.
+    fn write_failure(&self) -> Option<String>;
 
     /// What an idempotency key appended, if it did.
     async fn find_command(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError>;

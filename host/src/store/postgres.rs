@@ -31,11 +31,14 @@ use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use super::group::{Facts, Job, Plan, Reply, Submitter, batch_keys, commit_time, next_batch, plan, refuse_remaining};
+use super::group::{
+    Facts, Job, PROBE_SQL, Plan, Reply, Submitter, WriteHealth, batch_keys, commit_time, next_batch, plan,
+    refuse_remaining,
+};
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
     DocumentQuery, EventStore, ReadModelChange, StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
-    read_models,
+    database_error, database_error_in, read_models,
 };
 use crate::metrics::Metrics;
 
@@ -83,15 +86,15 @@ impl PostgresStore {
             // one transaction, committing the schema after the unlock.
             let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
             for statement in [format!("SELECT pg_advisory_lock({SETUP_LOCK})"), create] {
-                setup.execute(AssertSqlSafe(statement)).await.map_err(unavailable)?;
+                setup.execute(AssertSqlSafe(statement)).await.map_err(database_error)?;
             }
             setup
                 .execute(AssertSqlSafe(format!("SELECT pg_advisory_unlock({SETUP_LOCK})")))
                 .await
-                .map_err(unavailable)?;
+                .map_err(database_error)?;
             schema.clone()
         } else {
-            sqlx::query_scalar("SELECT current_schema()").fetch_one(&mut setup).await.map_err(unavailable)?
+            sqlx::query_scalar("SELECT current_schema()").fetch_one(&mut setup).await.map_err(database_error)?
         };
         sqlx::migrate!("./migrations/postgres")
             .run(&mut setup)
@@ -100,7 +103,7 @@ impl PostgresStore {
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
             .fetch_one(&mut setup)
             .await
-            .map_err(unavailable)?;
+            .map_err(database_error)?;
 
         let reads = PgPoolOptions::new()
             .max_connections(options.read_connections.max(2))
@@ -110,12 +113,14 @@ impl PostgresStore {
             .max_connections(2)
             .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(connect.clone().options([("synchronous_commit", "off")]));
-        let (submitter, queue, head_sender) = Submitter::new(options.queue_depth, options.max_event_bytes, head as u64);
+        let (submitter, queue, head_sender, health) =
+            Submitter::new(options.queue_depth, options.max_event_bytes, head as u64);
         let channel = format!("orchestrix:{schema}");
         let listener = tokio::spawn(listen(reads.clone(), channel.clone(), head_sender.clone()));
         let writer = Writer {
             connect,
             connection: Some(setup),
+            health,
             lock_key: lock_key(&schema),
             channel,
             acquire_timeout: options.acquire_timeout,
@@ -147,10 +152,6 @@ fn lock_key(schema: &str) -> i64 {
         .bytes()
         .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3));
     hash as i64
-}
-
-fn unavailable(error: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(error.to_string())
 }
 
 /// Turn other processes' commit notifications into head updates. After a
@@ -231,7 +232,7 @@ impl EventStore for PostgresStore {
         .bind(range.until)
         .fetch_all(&self.reads)
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
         Ok(rows.iter().map(decode_event).collect())
     }
 
@@ -242,7 +243,7 @@ impl EventStore for PostgresStore {
                 .bind(limit.min(i64::MAX as usize) as i64)
                 .fetch_all(&self.reads)
                 .await
-                .map_err(unavailable)?;
+                .map_err(database_error)?;
         Ok(rows.iter().map(decode_event).collect())
     }
 
@@ -258,7 +259,7 @@ impl EventStore for PostgresStore {
         .bind(&ids)
         .fetch_all(&self.reads)
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
         Ok(super::group_by_stream(streams, rows.iter().map(decode_event).collect()))
     }
 
@@ -271,12 +272,16 @@ impl EventStore for PostgresStore {
         .bind(limit.min(i64::MAX as usize) as i64)
         .fetch_all(&self.reads)
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
         Ok(ids.into_iter().map(|id| StreamId::new(aggregate_type, id)).collect())
     }
 
     fn head(&self) -> watch::Receiver<u64> {
         self.submitter.head()
+    }
+
+    fn write_failure(&self) -> Option<String> {
+        self.submitter.write_failure()
     }
 
     async fn find_command(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError> {
@@ -287,7 +292,7 @@ impl EventStore for PostgresStore {
         .bind(command_id)
         .fetch_optional(&self.reads)
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
         Ok(row.map(|row| decode_command(&row)))
     }
 
@@ -350,6 +355,8 @@ fn decode_command(row: &PgRow) -> CommandRecord {
 struct Writer {
     connect: PgConnectOptions,
     connection: Option<PgConnection>,
+    /// Outcome of the last write, for readiness.
+    health: std::sync::Arc<WriteHealth>,
     lock_key: i64,
     channel: String,
     acquire_timeout: Duration,
@@ -368,7 +375,12 @@ const VERSION_CACHE_LIMIT: usize = 200_000;
 
 impl Writer {
     async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
-        while let Some(batch) = next_batch(&mut queue, self.max_batch).await {
+        while let Some(batch) = next_batch(&mut queue, self.max_batch, &self.health).await {
+            if batch.is_probe() {
+                let probed = self.probe().await;
+                self.health.record(&probed);
+                continue;
+            }
             if !batch.appends.is_empty() {
                 self.commit_batch(batch.appends).await;
             }
@@ -389,11 +401,24 @@ impl Writer {
         }
     }
 
+    /// The write a failing writer repeats to learn when the database
+    /// accepts writes again, on its own connection.
+    async fn probe(&mut self) -> Result<(), StoreError> {
+        let mut connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => connect_within(&self.connect, self.acquire_timeout).await?,
+        };
+        let probe = sqlx::query(PROBE_SQL).bind(Utc::now().timestamp_micros()).execute(&mut connection);
+        self.step("probe write", probe).await?;
+        self.connection = Some(connection);
+        Ok(())
+    }
+
     /// Run one database step under the commit timeout.
     async fn step<T>(&self, what: &str, future: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
         match tokio::time::timeout(self.commit_timeout, future).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(StoreError::Unavailable(format!("{what}: {error}"))),
+            Ok(Err(error)) => Err(database_error_in(what, error)),
             Err(_) => Err(StoreError::Unavailable(format!("{what}: no answer within {:?}", self.commit_timeout))),
         }
     }
@@ -406,6 +431,7 @@ impl Writer {
             None => match connect_within(&self.connect, self.acquire_timeout).await {
                 Ok(connection) => connection,
                 Err(error) => {
+                    self.health.record::<()>(&Err(error.clone()));
                     for (_, reply) in appends {
                         let _ = reply.send(Err(error.clone()));
                     }
@@ -417,6 +443,7 @@ impl Writer {
             Ok(facts) => facts,
             Err(error) => {
                 self.known_head = None;
+                self.health.record::<()>(&Err(error.clone()));
                 tracing::warn!(%error, "group commit could not start; nothing was written");
                 for (_, reply) in appends {
                     let _ = reply.send(Err(error.clone()));
@@ -434,7 +461,9 @@ impl Writer {
             return;
         }
         let commit_started = Instant::now();
-        match self.write_and_commit(&mut connection, &plan).await {
+        let written = self.write_and_commit(&mut connection, &plan).await;
+        self.health.record(&written);
+        match written {
             Ok(()) => {
                 self.connection = Some(connection);
                 self.metrics.observe_batch(plan.accepted.len(), commit_started.elapsed());
@@ -449,6 +478,19 @@ impl Writer {
                     }
                     newer
                 });
+            }
+            Err(error) if error.is_refusal() => {
+                // The transaction is aborted but the connection is sound.
+                if self.step("ROLLBACK", connection.execute("ROLLBACK")).await.is_ok() {
+                    self.connection = Some(connection);
+                }
+                self.known_head = None;
+                tracing::warn!(%error, appends = plan.accepted.len(), "the database refused a group commit; isolating the append it belongs to");
+                if let Some(halves) = plan.isolate(&error) {
+                    for half in halves {
+                        Box::pin(self.commit_batch(half)).await;
+                    }
+                }
             }
             Err(error) => {
                 self.known_head = None;

@@ -21,11 +21,14 @@ use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use super::group::{Facts, Job, Plan, Reply, Submitter, batch_keys, commit_time, next_batch, plan, refuse_remaining};
+use super::group::{
+    Facts, Job, PROBE_SQL, Plan, Reply, Submitter, WriteHealth, batch_keys, commit_time, next_batch, plan,
+    refuse_remaining,
+};
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
     DocumentQuery, EventStore, ReadModelChange, StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
-    read_models,
+    database_error, read_models,
 };
 use crate::metrics::Metrics;
 
@@ -57,10 +60,13 @@ impl SqliteStore {
             // Statement journals of multi-row INSERTs stay in memory
             // instead of a temporary file written on every commit.
             .pragma("temp_store", "memory")
-            // The writer checkpoints the WAL inside a commit; doing it every
-            // 10,000 pages (~40 MB) instead of 1,000 makes the stall rarer.
-            .pragma("wal_autocheckpoint", "10000");
-        let mut writer = SqliteConnection::connect_with(&connect).await.map_err(unavailable)?;
+            // The writer checkpoints the WAL itself, passively, between
+            // group commits (see `Writer::checkpoint`); SQLite's own
+            // checkpoint inside a commit stays as a backstop.
+            .pragma("wal_autocheckpoint", "10000")
+            // After a checkpoint, a WAL file larger than this is truncated.
+            .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT);
+        let mut writer = SqliteConnection::connect_with(&connect).await.map_err(database_error)?;
         sqlx::migrate!("./migrations/sqlite")
             .run(&mut writer)
             .await
@@ -68,16 +74,19 @@ impl SqliteStore {
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
             .fetch_one(&mut writer)
             .await
-            .map_err(unavailable)?;
+            .map_err(database_error)?;
         let reads = SqlitePoolOptions::new()
             .max_connections(options.read_connections)
             .connect_with(connect.read_only(true))
             .await
-            .map_err(unavailable)?;
+            .map_err(database_error)?;
 
-        let (submitter, queue, head_sender) = Submitter::new(options.queue_depth, options.max_event_bytes, head as u64);
+        let (submitter, queue, head_sender, health) =
+            Submitter::new(options.queue_depth, options.max_event_bytes, head as u64);
         let state = Writer {
             connection: writer,
+            health,
+            commits_since_checkpoint: 0,
             fsync_appends: options.fsync_every_commit,
             head: head as u64,
             versions: HashMap::new(),
@@ -109,10 +118,6 @@ pub(super) fn push_pairs_in<'a>(
     query.push(")");
 }
 
-fn unavailable(error: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(error.to_string())
-}
-
 #[async_trait::async_trait]
 impl EventStore for SqliteStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
@@ -130,7 +135,7 @@ impl EventStore for SqliteStore {
                 "aggregate_type, aggregate_id",
                 chunk.iter().map(|s| (s.aggregate_type.as_str(), s.aggregate_id.as_str())),
             );
-            let rows = query.build().fetch_all(&self.reads).await.map_err(unavailable)?;
+            let rows = query.build().fetch_all(&self.reads).await.map_err(database_error)?;
             for row in &rows {
                 events.push(decode_event(row)?);
             }
@@ -147,12 +152,16 @@ impl EventStore for SqliteStore {
         .bind(limit.min(i64::MAX as usize) as i64)
         .fetch_all(&self.reads)
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
         Ok(ids.into_iter().map(|id| StreamId::new(aggregate_type, id)).collect())
     }
 
     fn head(&self) -> watch::Receiver<u64> {
         self.submitter.head()
+    }
+
+    fn write_failure(&self) -> Option<String> {
+        self.submitter.write_failure()
     }
 
     async fn read_stream(&self, stream: &StreamId, range: StreamRange) -> Result<Vec<StoredEvent>, StoreError> {
@@ -171,7 +180,7 @@ impl EventStore for SqliteStore {
         .bind(until)
         .fetch_all(&self.reads)
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
         rows.iter().map(decode_event).collect()
     }
 
@@ -182,7 +191,7 @@ impl EventStore for SqliteStore {
                 .bind(limit.min(i64::MAX as usize) as i64)
                 .fetch_all(&self.reads)
                 .await
-                .map_err(unavailable)?;
+                .map_err(database_error)?;
         rows.iter().map(decode_event).collect()
     }
 
@@ -194,7 +203,7 @@ impl EventStore for SqliteStore {
         .bind(command_id)
         .fetch_optional(&self.reads)
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
         Ok(row.map(|row| decode_command(&row)))
     }
 
@@ -231,7 +240,7 @@ fn decode_event(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
         position: row.get::<i64, _>("position") as u64,
         stream: StreamId::new(row.get::<String, _>("aggregate_type"), row.get::<String, _>("aggregate_id")),
         version: row.get::<i64, _>("version") as u64,
-        id: Uuid::parse_str(&event_id).map_err(|e| StoreError::Unavailable(format!("corrupt event id: {e}")))?,
+        id: Uuid::parse_str(&event_id).map_err(|e| StoreError::Corrupt(format!("event id: {e}")))?,
         event_type: row.get("event_type"),
         schema_version: row.get::<i64, _>("schema_version") as u32,
         time: Utc.timestamp_micros(time_us).single().unwrap_or(DateTime::<Utc>::MIN_UTC),
@@ -257,11 +266,25 @@ fn decode_command(row: &SqliteRow) -> CommandRecord {
 const VERSION_CACHE_LIMIT: usize = 200_000;
 /// Rows per INSERT statement (13 parameters each; SQLite allows 32766).
 const ROWS_PER_INSERT: usize = 2000;
+/// Group commits between two passive checkpoints of the writer.
+const CHECKPOINT_EVERY_COMMITS: u32 = 32;
+/// WAL frames (pages, 4 KiB) left after a passive checkpoint beyond which
+/// the writer runs a `RESTART` checkpoint: readers that kept the passive
+/// ones from finishing are waited for (they are short), and the WAL starts
+/// over from its beginning.
+const RESTART_AFTER_FRAMES: i64 = 2048;
+/// `journal_size_limit`: the WAL file is truncated to this after a
+/// checkpoint that reset it.
+const JOURNAL_SIZE_LIMIT: &str = "8388608";
 
 /// The single writer: owns the write connection, the head position and the
 /// last known version of recently written streams.
 struct Writer {
     connection: SqliteConnection,
+    /// Outcome of the last write, for readiness.
+    health: std::sync::Arc<WriteHealth>,
+    /// Group commits since the last checkpoint.
+    commits_since_checkpoint: u32,
     /// Appends are fsynced (`synchronous=FULL`); read-model changes never are.
     fsync_appends: bool,
     head: u64,
@@ -273,9 +296,21 @@ struct Writer {
 
 impl Writer {
     async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
-        while let Some(batch) = next_batch(&mut queue, self.max_batch).await {
+        while let Some(batch) = next_batch(&mut queue, self.max_batch, &self.health).await {
+            if batch.is_probe() {
+                let probed = sqlx::query(PROBE_SQL)
+                    .bind(Utc::now().timestamp_micros())
+                    .execute(&mut self.connection)
+                    .await
+                    .map_err(database_error);
+                self.health.record(&probed);
+                continue;
+            }
             if !batch.appends.is_empty() {
                 self.commit_batch(batch.appends).await;
+                if self.commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS {
+                    self.checkpoint().await;
+                }
             }
             if let Some((change, reply)) = batch.read_model {
                 let applied = super::read_models::sqlite::apply(&mut self.connection, change, self.fsync_appends).await;
@@ -334,12 +369,36 @@ impl Writer {
         Ok(Facts { head: self.head, versions, commands })
     }
 
+    /// Copy the WAL's frames into the database without waiting for
+    /// readers (`PASSIVE`), so the WAL can start over from its beginning
+    /// instead of growing. Readers that keep reading older frames can stop
+    /// a passive checkpoint short; when that has left more than
+    /// [`RESTART_AFTER_FRAMES`] in the WAL, a `RESTART` checkpoint waits for
+    /// them (up to the busy timeout). `journal_size_limit` then truncates the
+    /// file.
+    async fn checkpoint(&mut self) {
+        self.commits_since_checkpoint = 0;
+        let passive: Result<(i64, i64, i64), sqlx::Error> =
+            sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut self.connection).await;
+        let outcome = match passive {
+            Ok((_, frames, checkpointed)) if frames - checkpointed > 0 && frames > RESTART_AFTER_FRAMES => {
+                sqlx::query("PRAGMA wal_checkpoint(RESTART)").execute(&mut self.connection).await.map(drop)
+            }
+            other => other.map(drop),
+        };
+        if let Err(error) = outcome {
+            tracing::warn!(%error, "WAL checkpoint failed; SQLite's own checkpoint remains");
+        }
+    }
+
     async fn commit_batch(&mut self, appends: Vec<(AppendRequest, Reply)>) {
         let facts = match self.facts(&appends).await {
             Ok(facts) => facts,
             Err(error) => {
+                let error = database_error(error);
+                self.health.record::<()>(&Err(error.clone()));
                 for (_, reply) in appends {
-                    let _ = reply.send(Err(unavailable_ref(&error)));
+                    let _ = reply.send(Err(error.clone()));
                 }
                 return;
             }
@@ -349,8 +408,11 @@ impl Writer {
             return;
         }
         let commit_started = std::time::Instant::now();
-        match self.write(&plan).await {
+        let written = self.write(&plan).await.map_err(database_error);
+        self.health.record(&written);
+        match written {
             Ok(()) => {
+                self.commits_since_checkpoint += 1;
                 self.head = plan.head;
                 if self.versions.len() + plan.versions.len() > VERSION_CACHE_LIMIT {
                     self.versions.clear();
@@ -361,7 +423,11 @@ impl Writer {
                 self.head_sender.send_replace(self.head);
             }
             Err(error) => {
-                tracing::error!(%error, "group commit failed; no append of the batch was written");
+                if error.is_refusal() {
+                    tracing::warn!(%error, appends = plan.accepted.len(), "the database refused a group commit; isolating the append it belongs to");
+                } else {
+                    tracing::error!(%error, "group commit failed; no append of the batch was written");
+                }
                 // Positions and versions are re-read from the database next time.
                 self.versions.clear();
                 if let Ok(head) = sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(position), 0) FROM events")
@@ -370,7 +436,11 @@ impl Writer {
                 {
                     self.head = head as u64;
                 }
-                plan.fail(&unavailable_ref(&error));
+                if let Some(halves) = plan.isolate(&error) {
+                    for half in halves {
+                        Box::pin(self.commit_batch(half)).await;
+                    }
+                }
             }
         }
     }
@@ -423,8 +493,4 @@ impl Writer {
         }
         result.map(|_| ())
     }
-}
-
-fn unavailable_ref(error: &sqlx::Error) -> StoreError {
-    StoreError::Unavailable(error.to_string())
 }

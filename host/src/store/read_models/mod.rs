@@ -50,6 +50,27 @@ impl DocumentOp {
     }
 }
 
+/// Check a batch's operations against what every backend can store, then
+/// [`collapse`] them. A document containing a NUL character (in its key or
+/// as `\u0000` in its JSON body) is refused on both backends alike:
+/// PostgreSQL's JSONB cannot hold it, and a read model must not hold on one
+/// store what the other refuses. The refusal names the document, so the
+/// projection parks on the event that produced it.
+pub(crate) fn checked_ops(ops: Vec<DocumentOp>) -> Result<Vec<DocumentOp>, StoreError> {
+    for op in &ops {
+        let key = op.key();
+        let nul_in_body = matches!(op, DocumentOp::Upsert(_, body) if crate::limits::json_has_nul(body));
+        if key.collection.contains('\0') || key.key.contains('\0') || nul_in_body {
+            return Err(StoreError::Refused(format!(
+                "document `{}/{}` contains a NUL character, which read models cannot store",
+                key.collection.escape_debug(),
+                key.key.escape_debug()
+            )));
+        }
+    }
+    Ok(collapse(ops))
+}
+
 /// Keep only the last operation on each document, in first-touched order:
 /// applying the result has the same effect as applying `ops` in order.
 pub fn collapse(ops: Vec<DocumentOp>) -> Vec<DocumentOp> {
@@ -86,7 +107,7 @@ impl CopyRole {
             "active" => Ok(Self::Active),
             "building" => Ok(Self::Building),
             "retired" => Ok(Self::Retired),
-            other => Err(StoreError::Unavailable(format!("corrupt projection copy role `{other}`"))),
+            other => Err(StoreError::Corrupt(format!("projection copy role `{other}`"))),
         }
     }
 }

@@ -13,11 +13,7 @@ use super::{
     COPY_COLUMNS, CopyId, CopyRecord, CopyRole, CopyRow, DocumentKey, DocumentLookup, DocumentOp, DocumentPage,
     DocumentQuery, ReadModelChange, conflict, to_micros,
 };
-use crate::store::StoreError;
-
-fn unavailable(error: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(error.to_string())
-}
+use crate::store::{StoreError, database_error};
 
 pub(in crate::store) async fn copies(pool: &PgPool) -> Result<Vec<CopyRecord>, StoreError> {
     let rows: Vec<CopyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -25,7 +21,7 @@ pub(in crate::store) async fn copies(pool: &PgPool) -> Result<Vec<CopyRecord>, S
     )))
     .fetch_all(pool)
     .await
-    .map_err(unavailable)?;
+    .map_err(database_error)?;
     rows.into_iter().map(CopyRow::into_record).collect()
 }
 
@@ -53,7 +49,7 @@ pub(in crate::store) async fn load_documents(
         .bind(&names)
         .fetch_all(pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
         for row in rows {
             found.insert(DocumentKey::new(collection, row.get::<String, _>(0)), row.get(1));
         }
@@ -76,7 +72,7 @@ pub(in crate::store) async fn lookup(
     .bind(projection)
     .fetch_optional(pool)
     .await
-    .map_err(unavailable)?;
+    .map_err(database_error)?;
     Ok(row.map(|row| DocumentLookup {
         generation: row.get::<i64, _>(0) as u64,
         position: row.get::<i64, _>(1) as u64,
@@ -99,7 +95,7 @@ pub(in crate::store) async fn list(pool: &PgPool, query: &DocumentQuery) -> Resu
     }
     sql.push(" WHERE c.projection = ").push_bind(&query.projection);
     sql.push(" AND c.role = 'active' ORDER BY d.key LIMIT ").push_bind((query.limit + 1) as i64);
-    let rows = sql.build().fetch_all(pool).await.map_err(unavailable)?;
+    let rows = sql.build().fetch_all(pool).await.map_err(database_error)?;
     let Some(first) = rows.first() else { return Ok(None) };
     let mut page = DocumentPage {
         generation: first.get::<i64, _>(0) as u64,
@@ -132,11 +128,11 @@ pub(in crate::store) async fn apply(
 ) -> Result<u64, StoreError> {
     let work = async {
         if let ReadModelChange::Commit { copy, from, to, ops, collections, skipped } = change {
-            return commit(pool, &copy, from, to, super::collapse(ops), collections, skipped).await;
+            return commit(pool, &copy, from, to, super::checked_ops(ops)?, collections, skipped).await;
         }
-        let mut transaction = pool.begin().await.map_err(unavailable)?;
+        let mut transaction = pool.begin().await.map_err(database_error)?;
         let value = apply_in_transaction(&mut transaction, change).await?;
-        transaction.commit().await.map_err(unavailable)?;
+        transaction.commit().await.map_err(database_error)?;
         Ok(value)
     };
     match tokio::time::timeout(timeout, work).await {
@@ -204,7 +200,7 @@ async fn commit(
     .bind(&deletes.1)
     .fetch_one(pool)
     .await
-    .map_err(unavailable)?;
+    .map_err(database_error)?;
     if moved != 1 {
         return Err(conflict(
             copy,
@@ -222,7 +218,7 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
                 .bind(&projection)
                 .execute(&mut *connection)
                 .await
-                .map_err(unavailable)?;
+                .map_err(database_error)?;
             let inserted = sqlx::query_scalar::<_, i64>(
                 "INSERT INTO projection_copies (projection, generation, module, version, role, created_at_us) \
                  SELECT $1, COALESCE(MAX(generation), 0) + 1, $2, $3, $4, $5 FROM projection_copies WHERE projection = $1 \
@@ -240,7 +236,7 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
                 Err(sqlx::Error::Database(error)) if error.is_unique_violation() => Err(StoreError::ReadModelConflict(
                     format!("projection `{projection}` already has a {} copy", role.as_str()),
                 )),
-                Err(error) => Err(unavailable(error)),
+                Err(error) => Err(database_error(error)),
             }
         }
         ReadModelChange::Commit { .. } => unreachable!("`apply` runs commits as one statement"),
@@ -258,7 +254,7 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
             .bind(copy.generation as i64)
             .execute(&mut *connection)
             .await
-            .map_err(unavailable)?;
+            .map_err(database_error)?;
             Ok(updated.rows_affected())
         }
         ReadModelChange::Activate { copy } => {
@@ -268,7 +264,7 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
                 .bind(&copy.projection)
                 .execute(&mut *connection)
                 .await
-                .map_err(unavailable)?;
+                .map_err(database_error)?;
             if promote(connection, &copy, CopyRole::Active).await? != 1 {
                 return Err(conflict(&copy, "is not a building copy"));
             }
@@ -282,7 +278,7 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
                     .bind(copy.generation as i64)
                     .fetch_optional(&mut *connection)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(database_error)?;
             match role.as_deref() {
                 None => return Ok(0),
                 Some("retired") => {}
@@ -297,7 +293,7 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
             .bind(limit as i64)
             .execute(&mut *connection)
             .await
-            .map_err(unavailable)?
+            .map_err(database_error)?
             .rows_affected();
             if deleted < limit as u64 {
                 sqlx::query("DELETE FROM projection_copies WHERE projection = $1 AND generation = $2")
@@ -305,7 +301,7 @@ async fn apply_in_transaction(connection: &mut PgConnection, change: ReadModelCh
                     .bind(copy.generation as i64)
                     .execute(&mut *connection)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(database_error)?;
             }
             Ok(deleted)
         }
@@ -322,6 +318,6 @@ async fn promote(connection: &mut PgConnection, copy: &CopyId, role: CopyRole) -
     .bind(copy.generation as i64)
     .execute(&mut *connection)
     .await
-    .map_err(unavailable)?;
+    .map_err(database_error)?;
     Ok(moved.rows_affected())
 }

@@ -12,15 +12,11 @@ use super::{
     COPY_COLUMNS, CopyId, CopyRecord, CopyRole, CopyRow, DocumentKey, DocumentLookup, DocumentOp, DocumentPage,
     DocumentQuery, ReadModelChange, conflict, to_micros,
 };
-use crate::store::StoreError;
 use crate::store::sqlite::push_pairs_in;
+use crate::store::{StoreError, database_error};
 
 /// Documents per multi-row statement (5 parameters each; SQLite allows 32766).
 const ROWS_PER_STATEMENT: usize = 2000;
-
-fn unavailable(error: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(error.to_string())
-}
 
 pub(in crate::store) async fn copies(pool: &SqlitePool) -> Result<Vec<CopyRecord>, StoreError> {
     let rows: Vec<CopyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -28,7 +24,7 @@ pub(in crate::store) async fn copies(pool: &SqlitePool) -> Result<Vec<CopyRecord
     )))
     .fetch_all(pool)
     .await
-    .map_err(unavailable)?;
+    .map_err(database_error)?;
     rows.into_iter().map(CopyRow::into_record).collect()
 }
 
@@ -44,7 +40,7 @@ pub(in crate::store) async fn load_documents(
         query.push_bind(&copy.projection).push(" AND generation = ").push_bind(copy.generation as i64);
         query.push(" AND ");
         push_pairs_in(&mut query, "collection, key", chunk.iter().map(|k| (k.collection.as_str(), k.key.as_str())));
-        let rows = query.build().fetch_all(pool).await.map_err(unavailable)?;
+        let rows = query.build().fetch_all(pool).await.map_err(database_error)?;
         for row in rows {
             found.insert(DocumentKey::new(row.get::<String, _>(0), row.get::<String, _>(1)), row.get(2));
         }
@@ -67,7 +63,7 @@ pub(in crate::store) async fn lookup(
     .bind(projection)
     .fetch_optional(pool)
     .await
-    .map_err(unavailable)?;
+    .map_err(database_error)?;
     Ok(row.map(|row| DocumentLookup {
         generation: row.get::<i64, _>(0) as u64,
         position: row.get::<i64, _>(1) as u64,
@@ -100,7 +96,7 @@ pub(in crate::store) async fn list(
     }
     sql.push(" WHERE c.projection = ").push_bind(&query.projection);
     sql.push(" AND c.role = 'active' ORDER BY d.key LIMIT ").push_bind((query.limit + 1) as i64);
-    let rows = sql.build().fetch_all(pool).await.map_err(unavailable)?;
+    let rows = sql.build().fetch_all(pool).await.map_err(database_error)?;
     let Some(first) = rows.first() else { return Ok(None) };
     let mut page = DocumentPage {
         generation: first.get::<i64, _>(0) as u64,
@@ -134,17 +130,17 @@ pub(in crate::store) async fn apply(
     fsync_appends: bool,
 ) -> Result<u64, StoreError> {
     if fsync_appends {
-        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *connection).await.map_err(unavailable)?;
+        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *connection).await.map_err(database_error)?;
     }
     let result = apply_transaction(connection, change).await;
     if fsync_appends {
-        sqlx::query("PRAGMA synchronous = FULL").execute(&mut *connection).await.map_err(unavailable)?;
+        sqlx::query("PRAGMA synchronous = FULL").execute(&mut *connection).await.map_err(database_error)?;
     }
     result
 }
 
 async fn apply_transaction(connection: &mut SqliteConnection, change: ReadModelChange) -> Result<u64, StoreError> {
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *connection).await.map_err(unavailable)?;
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *connection).await.map_err(database_error)?;
     let result = apply_in_transaction(connection, change).await;
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
     let ended = sqlx::query(end).execute(&mut *connection).await;
@@ -152,7 +148,7 @@ async fn apply_transaction(connection: &mut SqliteConnection, change: ReadModelC
         (Ok(value), Ok(_)) => Ok(value),
         (Ok(_), Err(error)) => {
             let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
-            Err(unavailable(error))
+            Err(database_error(error))
         }
         (Err(error), _) => Err(error),
     }
@@ -167,7 +163,7 @@ async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadMod
             .bind(&projection)
             .fetch_one(&mut *connection)
             .await
-            .map_err(unavailable)?;
+            .map_err(database_error)?;
             let inserted = sqlx::query(
                 "INSERT INTO projection_copies (projection, generation, module, version, role, created_at_us) \
                  VALUES (?, ?, ?, ?, ?, ?)",
@@ -185,7 +181,7 @@ async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadMod
                 Err(sqlx::Error::Database(error)) if error.is_unique_violation() => Err(StoreError::ReadModelConflict(
                     format!("projection `{projection}` already has a {} copy", role.as_str()),
                 )),
-                Err(error) => Err(unavailable(error)),
+                Err(error) => Err(database_error(error)),
             }
         }
         ReadModelChange::Commit { copy, from, to, ops, collections, skipped } => {
@@ -201,14 +197,14 @@ async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadMod
             update.push(" WHERE projection = ").push_bind(&copy.projection);
             update.push(" AND generation = ").push_bind(copy.generation as i64);
             update.push(" AND position = ").push_bind(from as i64).push(" AND role <> 'retired'");
-            let moved = update.build().execute(&mut *connection).await.map_err(unavailable)?;
+            let moved = update.build().execute(&mut *connection).await.map_err(database_error)?;
             if moved.rows_affected() != 1 {
                 return Err(conflict(
                     &copy,
                     &format!("checkpoint is no longer {from} (another runner moved it, or the copy was retired)"),
                 ));
             }
-            write_ops(connection, &copy, super::collapse(ops)).await?;
+            write_ops(connection, &copy, super::checked_ops(ops)?).await?;
             Ok(1)
         }
         ReadModelChange::SetParked { copy, parked } => {
@@ -225,7 +221,7 @@ async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadMod
             .bind(copy.generation as i64)
             .execute(&mut *connection)
             .await
-            .map_err(unavailable)?;
+            .map_err(database_error)?;
             Ok(updated.rows_affected())
         }
         ReadModelChange::Activate { copy } => {
@@ -235,7 +231,7 @@ async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadMod
                 .bind(&copy.projection)
                 .execute(&mut *connection)
                 .await
-                .map_err(unavailable)?;
+                .map_err(database_error)?;
             if promote(connection, &copy, CopyRole::Active).await? != 1 {
                 return Err(conflict(&copy, "is not a building copy"));
             }
@@ -249,7 +245,7 @@ async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadMod
                     .bind(copy.generation as i64)
                     .fetch_optional(&mut *connection)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(database_error)?;
             match role.as_deref() {
                 None => return Ok(0),
                 Some("retired") => {}
@@ -265,7 +261,7 @@ async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadMod
             .bind(limit as i64)
             .execute(&mut *connection)
             .await
-            .map_err(unavailable)?
+            .map_err(database_error)?
             .rows_affected();
             if deleted < limit as u64 {
                 sqlx::query("DELETE FROM projection_copies WHERE projection = ? AND generation = ?")
@@ -273,7 +269,7 @@ async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadMod
                     .bind(copy.generation as i64)
                     .execute(&mut *connection)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(database_error)?;
             }
             Ok(deleted)
         }
@@ -290,7 +286,7 @@ async fn promote(connection: &mut SqliteConnection, copy: &CopyId, role: CopyRol
     .bind(copy.generation as i64)
     .execute(&mut *connection)
     .await
-    .map_err(unavailable)?;
+    .map_err(database_error)?;
     Ok(moved.rows_affected())
 }
 
@@ -312,7 +308,7 @@ async fn write_ops(connection: &mut SqliteConnection, copy: &CopyId, ops: Vec<Do
             }
         });
         insert.push(" ON CONFLICT (projection, generation, collection, key) DO UPDATE SET body = excluded.body");
-        insert.build().execute(&mut *connection).await.map_err(unavailable)?;
+        insert.build().execute(&mut *connection).await.map_err(database_error)?;
     }
     for chunk in deletes.chunks(ROWS_PER_STATEMENT) {
         let mut delete: QueryBuilder<Sqlite> =
@@ -324,7 +320,7 @@ async fn write_ops(connection: &mut SqliteConnection, copy: &CopyId, ops: Vec<Do
             "collection, key",
             chunk.iter().map(|op| (op.key().collection.as_str(), op.key().key.as_str())),
         );
-        delete.build().execute(&mut *connection).await.map_err(unavailable)?;
+        delete.build().execute(&mut *connection).await.map_err(database_error)?;
     }
     Ok(())
 }

@@ -17,7 +17,9 @@ use crate::{DomainError, NewEvent, RecordedEvent};
 /// `Command` and `Event` are enums in serde's default (externally tagged)
 /// representation: each variant name is a command or event type as seen on
 /// the wire, and its fields are the JSON body. Use `Variant {}` for a
-/// variant without fields whose body is `{}`.
+/// variant without fields whose body is `{}`. Bodies are read strictly: a
+/// struct (the variant's fields or one nested in them) must be a JSON object,
+/// never an array, and no object may repeat a key.
 ///
 /// Both methods must be pure: no clock, randomness or I/O (the sandbox has
 /// none). The host stamps ids and times on stored events.

@@ -5,6 +5,10 @@
 //! its fields are the JSON payload. This module splits such a value into
 //! `(type, payload)` for the wire, joins them back, and reads the list of
 //! variant names (for the manifest) straight from the `Deserialize` impl.
+//!
+//! Joining them back is strict (see [`strict`]): a struct variant's payload,
+//! and every struct inside it, must be a JSON object, and no object in the
+//! payload may repeat a key.
 
 use std::cell::Cell;
 use std::fmt;
@@ -14,6 +18,9 @@ use serde::de::{self, DeserializeOwned, Visitor};
 use serde_json::Value;
 
 use crate::DomainError;
+use strict::DecodeError;
+
+mod strict;
 
 /// The variant names of a serde enum, read from its `Deserialize` impl.
 ///
@@ -52,27 +59,19 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Result<(String, String), Domain
 }
 
 /// Decode `(variant name, JSON payload)` into a typed enum value.
+///
+/// Every failure is [`DomainError::Invalid`], naming the variant: malformed
+/// JSON, a value the type rejects, or a shape the strict rules refuse, such
+/// as "`DepositMoney`: expected a JSON object with named fields, got an
+/// array" or "`OpenAccount`: duplicate field `owner`".
 pub(crate) fn decode<T: DeserializeOwned>(name: &str, payload: &str) -> Result<T, DomainError> {
-    // Fast path: parse `{"<name>": <payload>}` in one pass. It can only
-    // succeed when `payload` is exactly one JSON value of the variant.
-    let tagged = format!("{{{}:{payload}}}", Value::String(name.to_owned()));
-    if let Ok(value) = serde_json::from_str(&tagged) {
-        return Ok(value);
-    }
-    // Unit variants, and precise errors.
-    let body: Value = serde_json::from_str(payload)
-        .map_err(|e| DomainError::Invalid(format!("`{name}` payload is not valid JSON: {e}")))?;
-    let unit_candidate = matches!(&body, Value::Object(map) if map.is_empty()) || body.is_null();
-    let tagged = Value::Object([(name.to_owned(), body)].into_iter().collect());
-    match serde_json::from_value(tagged) {
-        Ok(value) => Ok(value),
-        Err(first_error) => {
-            if unit_candidate && let Ok(value) = serde_json::from_value(Value::String(name.to_owned())) {
-                return Ok(value);
-            }
-            Err(DomainError::Invalid(format!("invalid `{name}`: {first_error}")))
-        }
-    }
+    strict::decode_variant(name, payload).map_err(|error| {
+        DomainError::Invalid(match error {
+            DecodeError::Shape(violation) => format!("`{name}`: {violation}"),
+            DecodeError::Json(error) if error.is_data() => format!("invalid `{name}`: {error}"),
+            DecodeError::Json(error) => format!("`{name}` payload is not valid JSON: {error}"),
+        })
+    })
 }
 
 /// Decode a state blob (JSON bytes); the empty blob is the initial state.
@@ -136,6 +135,8 @@ impl<'de> de::Deserializer<'de> for VariantNameProbe<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use serde::Deserialize;
 
@@ -171,5 +172,245 @@ mod tests {
         assert!(matches!(decode::<Sample>("Opened", "{"), Err(DomainError::Invalid(_))));
         assert!(matches!(decode::<Sample>("Opened", "{}"), Err(DomainError::Invalid(_))));
         assert!(matches!(decode::<Sample>("Nope", "{}"), Err(DomainError::Invalid(_))));
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    enum Account {
+        OpenAccount { owner: String, initial_balance: i64 },
+        DepositMoney { amount: i64 },
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Line {
+        sku: String,
+        quantity: u32,
+    }
+
+    #[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+    enum Size {
+        Small,
+        Large,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Carrier {
+        Post,
+        Courier { name: String },
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Order {
+        Placed {
+            lines: Vec<Line>,
+            #[serde(default)]
+            gift: Option<Line>,
+            #[serde(default)]
+            tags: BTreeMap<String, u32>,
+            #[serde(default)]
+            bins: BTreeMap<u32, Size>,
+            #[serde(default)]
+            sizes: BTreeMap<Size, u32>,
+            #[serde(default)]
+            dimensions: (u32, u32),
+        },
+        Shipped(Vec<Line>),
+        Moved(i32, i32),
+        Labelled {
+            carrier: Carrier,
+        },
+    }
+
+    fn invalid<T: DeserializeOwned + fmt::Debug>(name: &str, payload: &str) -> String {
+        match decode::<T>(name, payload) {
+            Err(DomainError::Invalid(message)) => message,
+            other => panic!("expected `{payload}` to be invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_an_array_for_the_variant_fields() {
+        assert_eq!(
+            invalid::<Account>("DepositMoney", "[3]"),
+            "`DepositMoney`: expected a JSON object with named fields, got an array"
+        );
+        assert_eq!(
+            invalid::<Sample>("Touched", "[]"),
+            "`Touched`: expected a JSON object with named fields, got an array"
+        );
+    }
+
+    #[test]
+    fn refuses_an_array_for_a_nested_struct() {
+        assert_eq!(
+            invalid::<Order>("Placed", r#"{"lines": [{"sku": "a", "quantity": 1}, ["b", 2]]}"#),
+            "`Placed`: expected a JSON object with named fields at `lines[1]`, got an array"
+        );
+        assert_eq!(
+            invalid::<Order>("Placed", r#"{"lines": [], "gift": ["b", 2]}"#),
+            "`Placed`: expected a JSON object with named fields at `gift`, got an array"
+        );
+        assert_eq!(
+            invalid::<Order>("Shipped", r#"[["b", 2]]"#),
+            "`Shipped`: expected a JSON object with named fields at `[0]`, got an array"
+        );
+        assert_eq!(
+            invalid::<Order>("Labelled", r#"{"carrier": {"Courier": ["Speedy"]}}"#),
+            "`Labelled`: expected a JSON object with named fields at `carrier.Courier`, got an array"
+        );
+    }
+
+    #[test]
+    fn refuses_repeated_keys_at_the_top() {
+        assert_eq!(
+            invalid::<Account>("OpenAccount", r#"{"owner":"a","owner":"b","initial_balance":1}"#),
+            "`OpenAccount`: duplicate field `owner`"
+        );
+        // The same key spelled with an escape is the same key.
+        assert_eq!(
+            invalid::<Account>("OpenAccount", r#"{"owner":"a","\u006fwner":"b","initial_balance":1}"#),
+            "`OpenAccount`: duplicate field `owner`"
+        );
+    }
+
+    #[test]
+    fn refuses_repeated_keys_at_any_depth() {
+        let cases = [
+            (r#"{"lines": [{"sku": "a", "quantity": 1}, {"sku": "b", "sku": "c", "quantity": 2}]}"#, "lines[1].sku"),
+            (r#"{"lines": [], "tags": {"red": 1, "red": 2}}"#, "tags.red"),
+            (r#"{"lines": [], "bins": {"7": "Small", "7": "Large"}}"#, "bins.7"),
+            (r#"{"lines": [], "sizes": {"Small": 1, "Small": 2}}"#, "sizes.Small"),
+            // `note` is no field of `Placed`: ignored values are checked too.
+            (r#"{"lines": [], "note": {"by": "ann", "by": "bob"}}"#, "note.by"),
+            (r#"{"lines": [], "note": [{"x": [{"y": 1, "y": 2}]}]}"#, "note[0].x[0].y"),
+        ];
+        for (payload, path) in cases {
+            assert_eq!(invalid::<Order>("Placed", payload), format!("`Placed`: duplicate field `{path}`"), "{payload}");
+        }
+        assert_eq!(
+            invalid::<Order>("Labelled", r#"{"carrier": {"Courier": {"name": "a", "name": "b"}}}"#),
+            "`Labelled`: duplicate field `carrier.Courier.name`"
+        );
+    }
+
+    #[test]
+    fn large_objects_are_checked_for_repeats_too() {
+        let tags = |keys: &[usize]| {
+            let entries: Vec<String> = keys.iter().map(|key| format!(r#""t{key}": {key}"#)).collect();
+            format!(r#"{{"lines": [], "tags": {{{}}}}}"#, entries.join(", "))
+        };
+        let distinct: Vec<usize> = (0..40).collect();
+        match decode::<Order>("Placed", &tags(&distinct)).unwrap() {
+            Order::Placed { tags, .. } => assert_eq!(tags.len(), 40),
+            other => panic!("decoded {other:?}"),
+        }
+        for repeated in [0, 7, 8, 39] {
+            let mut keys = distinct.clone();
+            keys.push(repeated);
+            assert_eq!(
+                invalid::<Order>("Placed", &tags(&keys)),
+                format!("`Placed`: duplicate field `tags.t{repeated}`")
+            );
+        }
+    }
+
+    #[test]
+    fn declared_sequences_still_read_arrays() {
+        let line = |sku: &str, quantity| Line { sku: sku.into(), quantity };
+        let placed: Order = decode(
+            "Placed",
+            r#"{"lines": [{"sku": "a", "quantity": 1}], "tags": {"red": 1}, "bins": {"7": "Large"},
+                "sizes": {"Small": 2}, "dimensions": [3, 4], "note": [1, {"free": "text"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            placed,
+            Order::Placed {
+                lines: vec![line("a", 1)],
+                gift: None,
+                tags: [("red".to_owned(), 1)].into(),
+                bins: [(7, Size::Large)].into(),
+                sizes: [(Size::Small, 2)].into(),
+                dimensions: (3, 4),
+            }
+        );
+        assert_eq!(
+            decode::<Order>("Shipped", r#"[{"sku": "b", "quantity": 2}]"#).unwrap(),
+            Order::Shipped(vec![line("b", 2)])
+        );
+        assert_eq!(decode::<Order>("Moved", "[1, -2]").unwrap(), Order::Moved(1, -2));
+        assert_eq!(
+            decode::<Order>("Labelled", r#"{"carrier": {"Courier": {"name": "Speedy"}}}"#).unwrap(),
+            Order::Labelled { carrier: Carrier::Courier { name: "Speedy".into() } }
+        );
+        assert_eq!(
+            decode::<Order>("Labelled", r#"{"carrier": "Post"}"#).unwrap(),
+            Order::Labelled { carrier: Carrier::Post }
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_unless_denied() {
+        assert_eq!(
+            decode::<Sample>("Opened", r#"{"owner": "ann", "extra": [1, {"a": 2}]}"#).unwrap(),
+            Sample::Opened { owner: "ann".into() }
+        );
+        assert!(
+            invalid::<Account>("DepositMoney", r#"{"amount": 1, "extra": true}"#).contains("unknown field `extra`")
+        );
+    }
+
+    #[test]
+    fn unit_variants_take_an_empty_object_or_null() {
+        for payload in ["{}", " { } ", "null"] {
+            assert_eq!(decode::<Sample>("Unit", payload).unwrap(), Sample::Unit, "{payload}");
+        }
+        for payload in [r#"{"a": 1}"#, "[]", "1", ""] {
+            invalid::<Sample>("Unit", payload);
+        }
+        assert_eq!(decode::<Sample>("Touched", "{}").unwrap(), Sample::Touched {});
+    }
+
+    #[test]
+    fn other_errors_name_the_variant_and_the_cause() {
+        assert!(
+            invalid::<Account>("DepositMoney", r#"{"amount": "ten"}"#)
+                .starts_with("invalid `DepositMoney`: invalid type")
+        );
+        assert!(
+            invalid::<Account>("DepositMoney", "3").starts_with("invalid `DepositMoney`: invalid type: integer `3`")
+        );
+        assert!(invalid::<Sample>("Nope", "{}").starts_with("invalid `Nope`: unknown variant `Nope`"));
+        assert!(
+            invalid::<Sample>("Opened", r#"{"owner": "a"} x"#)
+                .starts_with("`Opened` payload is not valid JSON: trailing")
+        );
+        assert!(invalid::<Sample>("Opened", "{").starts_with("`Opened` payload is not valid JSON: EOF"));
+        assert!(invalid::<Sample>("Opened", r#"{"owner": "a"}, "x": 1"#).contains("not valid JSON"));
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Node {
+        children: Vec<Node>,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Tree {
+        Grown { root: Node },
+    }
+
+    #[test]
+    fn deep_payloads_decode_up_to_serde_jsons_nesting_limit() {
+        let nested = |depth: usize| {
+            let mut node = Node { children: Vec::new() };
+            for _ in 0..depth {
+                node = Node { children: vec![node] };
+            }
+            Tree::Grown { root: node }
+        };
+        let (name, payload) = encode(&nested(60)).unwrap();
+        assert_eq!(decode::<Tree>(&name, &payload).unwrap(), nested(60));
+        let (name, payload) = encode(&nested(200)).unwrap();
+        assert!(invalid::<Tree>(&name, &payload).contains("recursion limit exceeded"));
     }
 }

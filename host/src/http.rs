@@ -2,15 +2,16 @@
 //! is `{"error": {"code": ..., "message": ...}}` with a status that tells the
 //! client what to do about it.
 
+mod extract;
+mod live;
 mod projections;
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,10 +19,12 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use self::extract::{ApiPath, ApiQuery};
 use crate::cloudevents::{self, BATCH_CONTENT_TYPE};
+use crate::limits::{InvalidInput, check_id, json_has_nul};
 use crate::metrics::Metrics;
 use crate::pipeline::{CommandError, CommandRequest, CommandService};
-use crate::store::{EventFilter, StoreError, StreamId, StreamRange, Subscription};
+use crate::store::{StoreError, StreamId, StreamRange};
 
 /// What the handlers share.
 pub struct ApiState {
@@ -43,7 +46,7 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .route("/v1/aggregates/{aggregate_type}/{aggregate_id}", get(aggregate_state))
         .route("/v1/aggregates/{aggregate_type}/{aggregate_id}/events", get(stream_events))
         .route("/v1/events", get(global_events))
-        .route("/v1/events/stream", get(live_events))
+        .route("/v1/events/stream", get(live::live_events))
         .route("/v1/modules", get(modules))
         .route("/v1/modules/reload", post(reload_modules))
         .route("/v1/modules/{name}/release", post(release_module))
@@ -52,8 +55,40 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        // After every route: it applies to the routes registered so far.
+        // axum still adds the `Allow` header.
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on this route (see the Allow header)"),
+            )
+        })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(request_limits))
         .with_state(state)
+}
+
+/// Longest request target (path and query) the API reads, in bytes.
+pub const MAX_URI_BYTES: usize = 16 * 1024;
+/// Most bytes of request headers (names and values) the API reads.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Refuse, in the API's error shape, a request target or headers larger
+/// than any route needs (414 `uri_too_long`, 431 `headers_too_large`).
+async fn request_limits(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let uri = request.uri().path_and_query().map_or(0, |target| target.as_str().len());
+    if uri > MAX_URI_BYTES {
+        let message = format!("the request target is {uri} bytes; the limit is {MAX_URI_BYTES}");
+        return ApiError::new(StatusCode::URI_TOO_LONG, "uri_too_long", message).into_response();
+    }
+    let headers: usize = request.headers().iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+    if headers > MAX_HEADER_BYTES {
+        let message = format!("the request headers are {headers} bytes; the limit is {MAX_HEADER_BYTES}");
+        return ApiError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", message)
+            .into_response();
+    }
+    next.run(request).await
 }
 
 /// An error response.
@@ -84,6 +119,7 @@ impl From<CommandError> for ApiError {
             CommandError::UnknownCommand { .. } => (StatusCode::NOT_FOUND, "unknown_command"),
             CommandError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             CommandError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_command"),
+            CommandError::InvalidInput(input) => (StatusCode::BAD_REQUEST, invalid_input_code(input)),
             CommandError::Rejected(_) => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
             CommandError::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
             CommandError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "module_failure"),
@@ -102,18 +138,37 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<InvalidInput> for ApiError {
+    fn from(input: InvalidInput) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, invalid_input_code(&input), input.to_string())
+    }
+}
+
+/// The error code naming the part of the request that broke a limit.
+fn invalid_input_code(input: &InvalidInput) -> &'static str {
+    match input.field {
+        "aggregate_id" => "invalid_aggregate_id",
+        "idempotency_key" => "invalid_idempotency_key",
+        "correlation_id" => "invalid_correlation_id",
+        "key" | "collection" => "invalid_path",
+        _ => "invalid_query",
+    }
+}
+
 fn store_status(error: &StoreError) -> (StatusCode, &'static str) {
     match error {
         StoreError::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
         StoreError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
         StoreError::CommandIdReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
         StoreError::Unavailable(_) | StoreError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+        StoreError::Refused(_) => (StatusCode::BAD_REQUEST, "refused_by_store"),
+        StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt"),
         StoreError::UnsupportedUrl(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_misconfigured"),
         StoreError::ReadModelConflict(_) => (StatusCode::CONFLICT, "read_model_conflict"),
     }
 }
 
-fn header_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+pub(crate) fn header_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
     match headers.get(name) {
         None => Ok(None),
         Some(value) => value
@@ -140,7 +195,7 @@ fn expected_version(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 
 async fn send_command(
     State(state): State<Arc<ApiState>>,
-    Path((aggregate_type, aggregate_id, command)): Path<(String, String, String)>,
+    ApiPath((aggregate_type, aggregate_id, command)): ApiPath<(String, String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -157,6 +212,13 @@ async fn send_command(
             StatusCode::BAD_REQUEST,
             "malformed_json",
             format!("body is not valid JSON: {error}"),
+        ));
+    }
+    if json_has_nul(text) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_command",
+            "body: a string contains a NUL character (\\u0000), which is not allowed",
         ));
     }
     let request = CommandRequest {
@@ -184,7 +246,7 @@ async fn send_command(
 
 async fn aggregate_state(
     State(state): State<Arc<ApiState>>,
-    Path((aggregate_type, aggregate_id)): Path<(String, String)>,
+    ApiPath((aggregate_type, aggregate_id)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (version, body) = state.commands.state(&StreamId::new(aggregate_type, aggregate_id)).await?;
     let mut response = Json(json!({"version": version, "state": body})).into_response();
@@ -207,8 +269,8 @@ fn batch_response(events: Value) -> Response {
 
 async fn stream_events(
     State(state): State<Arc<ApiState>>,
-    Path((aggregate_type, aggregate_id)): Path<(String, String)>,
-    Query(query): Query<StreamQuery>,
+    ApiPath((aggregate_type, aggregate_id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> Result<Response, ApiError> {
     // Reading stored events needs no guest call: a quarantined module's
     // streams stay readable.
@@ -216,6 +278,7 @@ async fn stream_events(
         Ok(_) | Err(CommandError::Quarantined { .. }) => {}
         Err(error) => return Err(error.into()),
     }
+    check_id("aggregate_id", &aggregate_id)?;
     let range = StreamRange { from_version: query.from.unwrap_or(1), to_version: query.to, until: query.until };
     let events = state.commands.store().read_stream(&StreamId::new(aggregate_type, aggregate_id), range).await?;
     Ok(batch_response(cloudevents::to_batch(&events)))
@@ -229,7 +292,7 @@ struct FeedQuery {
 
 async fn global_events(
     State(state): State<Arc<ApiState>>,
-    Query(query): Query<FeedQuery>,
+    ApiQuery(query): ApiQuery<FeedQuery>,
 ) -> Result<Response, ApiError> {
     let after = query.after.unwrap_or(0);
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_PAGE);
@@ -242,93 +305,6 @@ async fn global_events(
         response.headers_mut().insert(name, HeaderValue::from(value));
     }
     Ok(response)
-}
-
-#[derive(Deserialize)]
-struct LiveQuery {
-    after: Option<u64>,
-    /// Comma-separated event types.
-    #[serde(rename = "type")]
-    event_types: Option<String>,
-    stream_prefix: Option<String>,
-}
-
-/// What the live stream still has to do.
-enum LiveState {
-    Following(Subscription, std::collections::VecDeque<crate::store::StoredEvent>, crate::metrics::LiveStreamGuard),
-    Finished,
-}
-
-/// `GET /v1/events/stream`: the global feed as Server-Sent Events, from
-/// `Last-Event-ID` (or `?after=`) on, history first, then live. Each event's
-/// `id` is its global position and its `data` a structured-mode CloudEvent.
-/// A store failure ends the stream with an `error` event; the client
-/// resumes with `Last-Event-ID`.
-async fn live_events(
-    State(state): State<Arc<ApiState>>,
-    Query(query): Query<LiveQuery>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let after = match header_text(&headers, "last-event-id")?.filter(|id| !id.is_empty()) {
-        Some(id) => id.parse().map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_header",
-                format!("Last-Event-ID must be a global position, got `{id}`"),
-            )
-        })?,
-        None => query.after.unwrap_or(0),
-    };
-    let filter = EventFilter {
-        event_types: query
-            .event_types
-            .iter()
-            .flat_map(|types| types.split(','))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        stream_prefix: query.stream_prefix.filter(|p| !p.is_empty()),
-    };
-    let subscription = Subscription::new(state.commands.store().clone(), after).with_filter(filter);
-    let stopping = state.stopping.clone();
-    let events = futures_util::stream::unfold(
-        LiveState::Following(subscription, Default::default(), state.metrics.live_stream_opened()),
-        move |live| {
-            let mut stopping = stopping.clone();
-            async move {
-                let LiveState::Following(mut subscription, mut pending, open) = live else {
-                    return None;
-                };
-                loop {
-                    if let Some(event) = pending.pop_front() {
-                        let message = SseEvent::default()
-                            .id(event.position.to_string())
-                            .data(cloudevents::to_cloudevent(&event).to_string());
-                        return Some((
-                            Ok::<_, std::convert::Infallible>(message),
-                            LiveState::Following(subscription, pending, open),
-                        ));
-                    }
-                    let batch = tokio::select! {
-                        batch = subscription.next_batch() => batch,
-                        _ = stopping.wait_for(|stopping| *stopping) => return None,
-                    };
-                    match batch {
-                        Ok(batch) => pending.extend(batch),
-                        Err(error) => {
-                            let message = SseEvent::default().event("error").data(
-                                json!({"error": {"code": "store_unavailable", "message": error.to_string()}})
-                                    .to_string(),
-                            );
-                            return Some((Ok(message), LiveState::Finished));
-                        }
-                    }
-                }
-            }
-        },
-    );
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
 }
 
 async fn modules(State(state): State<Arc<ApiState>>) -> Json<Value> {
@@ -370,7 +346,10 @@ async fn modules(State(state): State<Arc<ApiState>>) -> Json<Value> {
 }
 
 /// `POST /v1/modules/{name}/release`: lift a module's quarantine.
-async fn release_module(State(state): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn release_module(
+    State(state): State<Arc<ApiState>>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
     let modules = state.commands.modules();
     let module = modules.by_name(&name).ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "unknown_module", format!("no module `{name}` is loaded"))
@@ -395,19 +374,30 @@ async fn health(State(state): State<Arc<ApiState>>) -> Json<Value> {
     Json(json!({"status": "ok", "modules": state.commands.modules().modules().count()}))
 }
 
-/// `GET /readyz`: 200 when the event store answers a read within 2 s, 503
-/// (with the cause) otherwise — for load balancers and orchestrators.
-async fn ready(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
+/// `GET /readyz`: 200 when the event store answers a read within 2 s and
+/// its last write went through; 503 otherwise, with the reason — for load
+/// balancers and orchestrators. While writes fail (a full disk, a database
+/// refusing writes), the writer retries a probe write every second, so
+/// readiness comes back on its own.
+async fn ready(State(state): State<Arc<ApiState>>) -> Response {
     let store = state.commands.store();
     let head = *store.head().borrow();
+    let not_ready = |reason: String| {
+        let body = json!({
+            "status": "not_ready",
+            "reason": reason,
+            "error": {"code": "store_unavailable", "message": reason},
+        });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    };
     match tokio::time::timeout(std::time::Duration::from_secs(2), store.read_all(head, 1)).await {
-        Ok(Ok(_)) => Ok(Json(json!({"status": "ready", "head_position": head}))),
-        Ok(Err(error)) => Err(error.into()),
-        Err(_) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            "the event store did not answer within 2 s",
-        )),
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => return not_ready(format!("reads fail: {error}")),
+        Err(_) => return not_ready("the event store did not answer a read within 2 s".into()),
+    }
+    match store.write_failure() {
+        Some(failure) => not_ready(format!("writes fail: {failure}")),
+        None => Json(json!({"status": "ready", "head_position": head})).into_response(),
     }
 }
 

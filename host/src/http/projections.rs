@@ -4,14 +4,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use super::extract::{ApiPath, ApiQuery};
 use super::{ApiError, ApiState};
+use crate::limits::check_no_nul;
 use crate::projections::{ProjectionError, ProjectionStatus};
 use crate::store::read_models::{filter_candidates, valid_field_name};
 use crate::store::{DocumentKey, DocumentQuery};
@@ -54,20 +56,20 @@ async fn list_projections(State(state): State<Arc<ApiState>>) -> Result<Json<Val
 
 async fn projection(
     State(state): State<Arc<ApiState>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
     Ok(Json(state.projections.status_one(&name).await?))
 }
 
 /// `POST /v1/projections/{name}/rebuild`: 202, the rebuild runs in the background.
-async fn rebuild(State(state): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn rebuild(State(state): State<Arc<ApiState>>, ApiPath(name): ApiPath<String>) -> Result<Response, ApiError> {
     let status = state.projections.rebuild(&name).await?;
     Ok((StatusCode::ACCEPTED, Json(status)).into_response())
 }
 
 async fn retry(
     State(state): State<Arc<ApiState>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
     Ok(Json(state.projections.retry(&name).await?))
 }
@@ -76,8 +78,8 @@ async fn retry(
 /// if that is the event the projection is parked on.
 async fn skip(
     State(state): State<Arc<ApiState>>,
-    Path(name): Path<String>,
-    Query(query): Query<BTreeMap<String, String>>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<BTreeMap<String, String>>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
     Ok(Json(state.projections.skip(&name, query.get("event_id").map(String::as_str)).await?))
 }
@@ -96,8 +98,10 @@ fn unknown_projection(name: &str) -> ApiError {
 /// `GET /v1/projections/{name}/{collection}/{key}`: the document itself.
 async fn document(
     State(state): State<Arc<ApiState>>,
-    Path((name, collection, key)): Path<(String, String, String)>,
+    ApiPath((name, collection, key)): ApiPath<(String, String, String)>,
 ) -> Result<Response, ApiError> {
+    check_no_nul("collection", &collection)?;
+    check_no_nul("key", &key)?;
     let store = state.commands.store();
     let lookup = store
         .lookup_document(&name, &DocumentKey::new(collection.clone(), key.clone()))
@@ -130,13 +134,15 @@ fn decode_cursor(cursor: &str) -> Result<(u64, String), ApiError> {
 /// `GET /v1/projections/{name}/{collection}?limit=&cursor=&FIELD=VALUE…`
 async fn list_documents(
     State(state): State<Arc<ApiState>>,
-    Path((name, collection)): Path<(String, String)>,
-    Query(params): Query<Vec<(String, String)>>,
+    ApiPath((name, collection)): ApiPath<(String, String)>,
+    ApiQuery(params): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     let mut limit = DEFAULT_PAGE;
     let mut cursor = None;
     let mut filters: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    check_no_nul("collection", &collection)?;
     for (name, value) in params {
+        check_no_nul("query", &value)?;
         match name.as_str() {
             "limit" => {
                 limit = value.parse().ok().filter(|l| (1..=MAX_PAGE).contains(l)).ok_or_else(|| {

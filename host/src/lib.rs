@@ -11,14 +11,18 @@
 //!   parking of poison events.
 //! - [`http`]: the JSON HTTP API; [`cloudevents`]: the event wire format;
 //!   [`sse`]: the Server-Sent Events parser of the CLI's `--follow`.
+//! - [`limits`]: what a request may name, the same on every store.
+//! - [`server`]: the HTTP server (accept loop, connection limits and timeouts).
 //! - [`metrics`]: Prometheus metrics; [`runtime`]: wiring it all together.
 
 pub mod cloudevents;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod pipeline;
 pub mod projections;
 pub mod runtime;
 pub mod sandbox;
+pub mod server;
 pub mod sse;
 pub mod store;

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use orchestrix_host::projections::{ProjectionConfig, ProjectionSelection};
 use orchestrix_host::runtime::{Runtime, RuntimeConfig};
 use orchestrix_host::sandbox::SandboxLimits;
+use orchestrix_host::server::ServerConfig;
 use orchestrix_host::store::StoreOptions;
 
 #[derive(Parser)]
@@ -173,6 +174,35 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "ORCHESTRIX_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Longest wait for a complete request head, in milliseconds, from the accept or from the first byte of the
+    /// next request on a keep-alive connection; then the connection is closed.
+    #[arg(long, env = "ORCHESTRIX_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    header_read_timeout_ms: u64,
+    /// Close a keep-alive connection after this long without a request or traffic, in milliseconds.
+    #[arg(long, env = "ORCHESTRIX_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    idle_timeout_ms: u64,
+    /// Connections served fully; beyond them, 32 more get only /healthz, /readyz and /metrics (others: 503),
+    /// the oldest evicted for a newcomer [default: the open-file limit (raised to the hard limit at start)
+    /// minus 160, at most 16384].
+    #[arg(long, env = "ORCHESTRIX_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+    /// Drop a live feed (`/v1/events/stream`) subscriber whose buffer stays full this long, in milliseconds
+    /// (it resumes with Last-Event-ID).
+    #[arg(long, env = "ORCHESTRIX_SSE_STALL_TIMEOUT_MS", default_value_t = 30_000)]
+    sse_stall_timeout_ms: u64,
+}
+
+impl ServeArgs {
+    fn config(&self) -> RuntimeConfig {
+        let mut config = self.host.config();
+        config.server = ServerConfig {
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            sse_stall_timeout: Duration::from_millis(self.sse_stall_timeout_ms),
+        };
+        config
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -210,7 +240,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let config = args.host.config();
+    orchestrix_host::server::raise_descriptor_limit();
+    let config = args.config();
     let runtime = Runtime::start(config.clone()).await.context("starting the host")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -280,5 +311,10 @@ mod tests {
         assert_eq!(args.listen.to_string(), "127.0.0.1:7070");
         assert_eq!(args.host.store, "sqlite://orchestrix.db");
         assert_eq!(args.host.config().sandbox.max_memory_bytes, 64 << 20);
+        let server = args.config().server;
+        assert_eq!(server.header_read_timeout.as_millis(), 10_000);
+        assert_eq!(server.idle_timeout.as_millis(), 60_000);
+        assert_eq!(server.max_connections, None);
+        assert_eq!(server.sse_stall_timeout.as_millis(), 30_000);
     }
 }

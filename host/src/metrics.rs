@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 #[derive(Clone)]
@@ -28,6 +29,9 @@ struct Inner {
     quarantines: IntCounterVec,
     head_position: IntGauge,
     live_streams: IntGauge,
+    live_streams_dropped: IntCounter,
+    http_connections: IntGaugeVec,
+    http_connections_closed: IntCounterVec,
     projection_position: IntGaugeVec,
     projection_events: IntCounterVec,
     projection_batch_seconds: HistogramVec,
@@ -108,6 +112,27 @@ impl Metrics {
                 .expect("valid metric");
         let live_streams = IntGauge::new("orchestrix_live_event_streams", "Open Server-Sent Event feed connections")
             .expect("valid metric");
+        let live_streams_dropped = IntCounter::new(
+            "orchestrix_live_event_streams_dropped_total",
+            "Server-Sent Event feed connections closed because the client stopped reading",
+        )
+        .expect("valid metric");
+        let http_connections = IntGaugeVec::new(
+            Opts::new(
+                "orchestrix_http_connections",
+                "Open HTTP connections, by pool (main; reserve: beyond --max-connections, probes only)",
+            ),
+            &["pool"],
+        )
+        .expect("valid metric");
+        let http_connections_closed = IntCounterVec::new(
+            Opts::new(
+                "orchestrix_http_connections_closed_total",
+                "HTTP connections closed by the host, by reason (header_timeout, idle_timeout, evicted)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let projection_position = IntGaugeVec::new(
             Opts::new("orchestrix_projection_position", "Checkpoint (global position) of each projection copy"),
             &["projection", "copy"],
@@ -161,6 +186,9 @@ impl Metrics {
             Box::new(quarantines.clone()),
             Box::new(head_position.clone()),
             Box::new(live_streams.clone()),
+            Box::new(live_streams_dropped.clone()),
+            Box::new(http_connections.clone()),
+            Box::new(http_connections_closed.clone()),
         ] {
             registry.register(collector).expect("metric names are unique");
         }
@@ -179,6 +207,9 @@ impl Metrics {
                 quarantines,
                 head_position,
                 live_streams,
+                live_streams_dropped,
+                http_connections,
+                http_connections_closed,
                 projection_position,
                 projection_events,
                 projection_batch_seconds,
@@ -280,9 +311,26 @@ impl Metrics {
     }
 
     /// Count an open live feed connection until the returned guard drops.
-    pub fn live_stream_opened(&self) -> LiveStreamGuard {
+    pub fn live_stream_opened(&self) -> GaugeGuard {
         self.inner.live_streams.inc();
-        LiveStreamGuard { gauge: self.inner.live_streams.clone() }
+        GaugeGuard { gauge: self.inner.live_streams.clone() }
+    }
+
+    /// Count a live feed subscriber dropped for not reading.
+    pub fn live_stream_dropped(&self) {
+        self.inner.live_streams_dropped.inc();
+    }
+
+    /// Count an open HTTP connection of `pool` until the returned guard drops.
+    pub fn http_connection_opened(&self, pool: &str) -> GaugeGuard {
+        let gauge = self.inner.http_connections.with_label_values(&[pool]);
+        gauge.inc();
+        GaugeGuard { gauge }
+    }
+
+    /// Count an HTTP connection the host closed, and why.
+    pub fn http_connection_closed(&self, reason: &str) {
+        self.inner.http_connections_closed.with_label_values(&[reason]).inc();
     }
 
     pub fn render(&self) -> String {
@@ -298,12 +346,12 @@ impl Default for Metrics {
     }
 }
 
-/// Decrements the open-live-streams gauge when dropped.
-pub struct LiveStreamGuard {
+/// Decrements a gauge of open things (live streams, connections) when dropped.
+pub struct GaugeGuard {
     gauge: IntGauge,
 }
 
-impl Drop for LiveStreamGuard {
+impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.gauge.dec();
     }

@@ -15,6 +15,7 @@ use crate::projections::{ProjectionConfig, ProjectionService};
 use crate::sandbox::{
     LoadFailure, ModuleRegistry, PluginsWatcher, RegistryConfig, Sandbox, SandboxLimits, watch_plugins,
 };
+use crate::server::{self, ServerConfig};
 use crate::store::{self, StoreError, StoreOptions};
 
 /// Everything the host needs to start.
@@ -38,6 +39,8 @@ pub struct RuntimeConfig {
     pub watch_plugins: Option<std::time::Duration>,
     pub store_options: StoreOptions,
     pub projections: ProjectionConfig,
+    /// Connection limits and timeouts of [`Runtime::serve`].
+    pub server: ServerConfig,
 }
 
 impl RuntimeConfig {
@@ -54,6 +57,7 @@ impl RuntimeConfig {
             watch_plugins: Some(std::time::Duration::from_millis(10)),
             store_options: StoreOptions::default(),
             projections: ProjectionConfig::default(),
+            server: ServerConfig::default(),
         }
     }
 }
@@ -148,8 +152,10 @@ impl Runtime {
         router(state, self.config.max_body_bytes)
     }
 
-    /// Serve HTTP until `shutdown` resolves, let in-flight requests finish,
-    /// then flush and close the store.
+    /// Serve HTTP (see [`server`]) until `shutdown` resolves; then open
+    /// event streams end, in-flight requests finish, and the store is
+    /// flushed and closed. Serving itself does not fail: accept errors are
+    /// retried.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -160,9 +166,18 @@ impl Runtime {
             shutdown.await;
             stopping.send_replace(true);
         };
-        let served = axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await;
+        let router = self.router();
+        server::serve(
+            listener,
+            router,
+            &self.config.server,
+            self.config.max_body_bytes,
+            self.metrics.clone(),
+            shutdown,
+        )
+        .await;
         self.close().await;
-        served
+        Ok(())
     }
 
     /// Stop watching the plugins directory and running projections, finish

@@ -4,10 +4,12 @@
 
 mod bank_rules;
 mod commands;
+mod connections;
 mod feed;
 mod lifecycle;
 mod plugins_dir;
 mod projections;
+mod robustness;
 mod sandbox_limits;
 mod store_conformance;
 mod support;

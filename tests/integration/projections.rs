@@ -14,60 +14,7 @@ use orchestrix_host::store::{AppendRequest, EventData, EventMetadata, EventStore
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Sandbox, TestHost, database_url, drop_schema, error_code, fresh_schema, rand_u64, wasm};
-
-/// Where a test's host keeps its events: the sandbox's SQLite file, or a
-/// fresh schema on the PostgreSQL server.
-struct StoreUnderTest {
-    name: &'static str,
-    url: String,
-    schema: Option<String>,
-}
-
-impl StoreUnderTest {
-    async fn all(sandbox: &Sandbox, test: &str) -> Vec<Self> {
-        let mut stores = vec![Self { name: "sqlite", url: sandbox.config().store_url, schema: None }];
-        if let Some(url) = database_url(test) {
-            let schema = fresh_schema(&url).await;
-            stores.push(Self { name: "postgres", url, schema: Some(schema) });
-        }
-        stores
-    }
-
-    fn config(&self, sandbox: &Sandbox) -> RuntimeConfig {
-        let mut config = sandbox.config();
-        config.store_url = self.url.clone();
-        config.store_options.schema = self.schema.clone();
-        config.projections.retry_attempts = 2;
-        config.projections.retry_backoff = Duration::from_millis(10);
-        config
-    }
-
-    async fn finish(self) {
-        if let Some(schema) = self.schema {
-            drop_schema(&self.url, &schema).await;
-        }
-    }
-}
-
-/// Poll `GET /v1/projections/{name}` until `done` holds (or fail after 60 s).
-async fn wait_for(host: &TestHost, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let started = Instant::now();
-    loop {
-        let (status, body) = host.get(&format!("/v1/projections/{name}")).await;
-        if status == StatusCode::OK && done(&body) {
-            return body;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "{name} never became {what}: {status} {body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Running and reflecting every event of the log.
-async fn caught_up(host: &TestHost, name: &str) -> Value {
-    wait_for(host, name, "caught up", |s| s["state"] == "running" && s["lag_events"] == 0 && s["rebuild"].is_null())
-        .await
-}
+use crate::support::{Sandbox, StoreUnderTest, TestHost, caught_up, error_code, rand_u64, wait_for, wasm};
 
 /// Every document of a collection, through the paginated list route.
 async fn dump(host: &TestHost, projection: &str, collection: &str) -> BTreeMap<String, Value> {

@@ -2,6 +2,7 @@
 //! to them over HTTP.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use orchestrix_host::runtime::{Runtime, RuntimeConfig};
 use reqwest::StatusCode;
@@ -195,4 +196,57 @@ impl TestHost {
 
 pub fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+/// Where a test's host keeps its events: the sandbox's SQLite file, or a
+/// fresh schema on the PostgreSQL server.
+pub struct StoreUnderTest {
+    pub name: &'static str,
+    pub url: String,
+    pub schema: Option<String>,
+}
+
+impl StoreUnderTest {
+    pub async fn all(sandbox: &Sandbox, test: &str) -> Vec<Self> {
+        let mut stores = vec![Self { name: "sqlite", url: sandbox.config().store_url, schema: None }];
+        if let Some(url) = database_url(test) {
+            let schema = fresh_schema(&url).await;
+            stores.push(Self { name: "postgres", url, schema: Some(schema) });
+        }
+        stores
+    }
+
+    pub fn config(&self, sandbox: &Sandbox) -> RuntimeConfig {
+        let mut config = sandbox.config();
+        config.store_url = self.url.clone();
+        config.store_options.schema = self.schema.clone();
+        config.projections.retry_attempts = 2;
+        config.projections.retry_backoff = Duration::from_millis(10);
+        config
+    }
+
+    pub async fn finish(self) {
+        if let Some(schema) = self.schema {
+            drop_schema(&self.url, &schema).await;
+        }
+    }
+}
+
+/// Poll `GET /v1/projections/{name}` until `done` holds (or fail after 60 s).
+pub async fn wait_for(host: &TestHost, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, body) = host.get(&format!("/v1/projections/{name}")).await;
+        if status == StatusCode::OK && done(&body) {
+            return body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{name} never became {what}: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Running and reflecting every event of the log.
+pub async fn caught_up(host: &TestHost, name: &str) -> Value {
+    wait_for(host, name, "caught up", |s| s["state"] == "running" && s["lag_events"] == 0 && s["rebuild"].is_null())
+        .await
 }

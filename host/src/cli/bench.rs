@@ -9,6 +9,7 @@
 //! - `feed` and `live`: see [`super::bench_feed`].
 //! - `swap`, `start` and `sandbox`: see [`super::bench_lifecycle`].
 //! - `rebuild` and `lag`: see [`super::bench_projections`].
+//! - `robustness`: see [`super::bench_robustness`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,6 +52,9 @@ pub enum Suite {
     Rebuild,
     /// Projection lag behind the head while the 64-client command load runs.
     Lag,
+    /// Hostile, slow and half-open clients beside 64 valid ones; the WAL's
+    /// peak under load.
+    Robustness,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -68,7 +72,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag"
+        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness"
     )]
     suites: Vec<Suite>,
     /// Backends to measure on (comma-separated); PostgreSQL needs --postgres-url.
@@ -148,6 +152,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 Suite::Swap | Suite::Start | Suite::Sandbox => {}
                 Suite::Rebuild => super::bench_projections::rebuild(&args, backend).await?,
                 Suite::Lag => super::bench_projections::lag(&args, backend).await?,
+                Suite::Robustness => super::bench_robustness::robustness(&args, backend).await?,
             }
         }
     }
@@ -284,7 +289,8 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
     if let Some(dir) = options.plugins_dir {
         config.plugins_dir = dir;
     }
-    let runtime = Runtime::start(config).await.context("starting the host")?;
+    let max_body_bytes = config.max_body_bytes;
+    let runtime = Runtime::start(config.clone()).await.context("starting the host")?;
     if runtime.commands.modules().route("account").is_none() {
         bail!("the bank module is not in {}: build the plugins first (cargo xtask dist)", args.host.plugins.display());
     }
@@ -302,11 +308,19 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
         Mode::Http => {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("http://{}", listener.local_addr()?);
-            let router = runtime.router();
-            let server = tokio::spawn(async move { axum::serve(listener, router).await });
+            let (router, metrics, server_config) = (runtime.router(), runtime.metrics.clone(), config.server.clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(async move {
+                let shutdown = async {
+                    let _ = stopped.await;
+                };
+                orchestrix_host::server::serve(listener, router, &server_config, max_body_bytes, metrics, shutdown)
+                    .await
+            });
             let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
             let result = drive(clients, args, seconds, Driver::Http { client, url }).await;
-            server.abort();
+            let _ = stop.send(());
+            let _ = server.await;
             result?
         }
     };

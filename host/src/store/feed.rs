@@ -21,8 +21,9 @@ use super::{EventStore, StoreError, StoredEvent};
 /// Which events a subscriber wants. Empty fields match everything.
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {
-    /// Event types to deliver: bare (`MoneyDeposited`) or as CloudEvents
-    /// types (`bank.account.MoneyDeposited`).
+    /// Event types to deliver: bare (`MoneyDeposited`, any module's),
+    /// qualified by aggregate type (`account.MoneyDeposited`) or as
+    /// CloudEvents types (`bank.account.MoneyDeposited`).
     pub event_types: Vec<String>,
     /// Deliver only streams whose `aggregate_type/aggregate_id` starts with
     /// this text (`account/` for every account, `account/acc-1` for one).
@@ -32,7 +33,7 @@ pub struct EventFilter {
 impl EventFilter {
     pub fn matches(&self, event: &StoredEvent) -> bool {
         let type_matches = self.event_types.is_empty()
-            || self.event_types.iter().any(|t| *t == event.event_type || *t == crate::cloudevents::event_type(event));
+            || self.event_types.iter().any(|t| *t == event.event_type || event.is_named_by(t));
         type_matches
             && self.stream_prefix.as_deref().is_none_or(|prefix| {
                 let kind = &event.stream.aggregate_type;
@@ -81,12 +82,6 @@ impl Subscription {
     /// Most events read from the store at once.
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
-        self
-    }
-
-    /// How often to look for new events when no wake-up arrives.
-    pub fn with_poll_interval(mut self, poll_interval: Duration) -> Self {
-        self.poll_interval = poll_interval;
         self
     }
 

@@ -10,7 +10,6 @@ use chrono::{DateTime, TimeZone, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use super::read_models::ReadModelChange;
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, EventData, EventMetadata, ExpectedVersion, StoreError, StoredEvent,
     StreamId,
@@ -18,15 +17,30 @@ use super::{
 
 pub(super) type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
 
-pub(super) type ReadModelReply = oneshot::Sender<Result<u64, StoreError>>;
-
-pub(super) enum Job {
+/// What a writer task takes from its queue. `W` is work of the backend's
+/// own that its writer runs on its connection, after the appends queued
+/// before it (SQLite: read-model changes; PostgreSQL has none).
+pub(super) enum Job<W> {
     Append(Box<AppendRequest>, Reply),
-    /// A read-model transaction, for a backend whose writer task is the only
-    /// one allowed to write (SQLite).
-    ReadModel(Box<ReadModelChange>, ReadModelReply),
+    Work(W),
     Shutdown(oneshot::Sender<()>),
 }
+
+/// A backend's own kind of [`Job::Work`].
+pub(super) trait WriterWork: Send + 'static {
+    /// Answer the work without doing it: the writer is shutting down.
+    fn refuse(self);
+}
+
+/// A writer with no work of its own besides appends.
+impl WriterWork for std::convert::Infallible {
+    fn refuse(self) {
+        match self {}
+    }
+}
+
+/// Stream versions a writer remembers before it starts forgetting.
+pub(super) const VERSION_CACHE_LIMIT: usize = 200_000;
 
 /// Whether the writer's last write attempt succeeded, shared between the
 /// writer (which records every commit and probe) and readers of the
@@ -46,7 +60,7 @@ impl WriteHealth {
     pub(super) fn record<T>(&self, outcome: &Result<T, StoreError>) {
         match outcome {
             Ok(_) => *self.failure.lock() = None,
-            Err(StoreError::Unavailable(reason)) => *self.failure.lock() = Some(reason.clone()),
+            Err(StoreError::Unavailable { reason, .. }) => *self.failure.lock() = Some(reason.clone()),
             Err(_) => {}
         }
     }
@@ -59,21 +73,21 @@ impl WriteHealth {
 
 /// The caller's side of a writer task: a bounded queue (back-pressure) and
 /// the payload limit, checked before anything is queued.
-pub(super) struct Submitter {
-    jobs: mpsc::Sender<Job>,
+pub(super) struct Submitter<W> {
+    jobs: mpsc::Sender<Job<W>>,
     max_event_bytes: usize,
     head: watch::Receiver<u64>,
     health: std::sync::Arc<WriteHealth>,
 }
 
-impl Submitter {
-    /// A queue of `depth` appends, the receiving end for the writer task, and
+impl<W: WriterWork> Submitter<W> {
+    /// A queue of `depth` jobs, the receiving end for the writer task, and
     /// the head channel the writer publishes committed positions on.
     pub(super) fn new(
         depth: usize,
         max_event_bytes: usize,
         head: u64,
-    ) -> (Self, mpsc::Receiver<Job>, watch::Sender<u64>, std::sync::Arc<WriteHealth>) {
+    ) -> (Self, mpsc::Receiver<Job<W>>, watch::Sender<u64>, std::sync::Arc<WriteHealth>) {
         let (jobs, queue) = mpsc::channel(depth);
         let (head_sender, head) = watch::channel(head);
         let health = std::sync::Arc::new(WriteHealth::default());
@@ -94,11 +108,9 @@ impl Submitter {
         outcome.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
-    /// Queue a read-model transaction behind the appends already queued.
-    pub(super) async fn change_read_model(&self, change: ReadModelChange) -> Result<u64, StoreError> {
-        let (reply, outcome) = oneshot::channel();
-        self.jobs.send(Job::ReadModel(Box::new(change), reply)).await.map_err(|_| StoreError::ShuttingDown)?;
-        outcome.await.map_err(|_| StoreError::ShuttingDown)?
+    /// Queue the backend's own work behind the appends already queued.
+    pub(super) async fn queue_work(&self, work: W) -> Result<(), StoreError> {
+        self.jobs.send(Job::Work(work)).await.map_err(|_| StoreError::ShuttingDown)
     }
 
     pub(super) fn head(&self) -> watch::Receiver<u64> {
@@ -116,10 +128,10 @@ impl Submitter {
 
 /// What the writer takes from the queue in one go (nothing at all: time for
 /// a probe write).
-pub(super) struct Batch {
+pub(super) struct Batch<W> {
     pub appends: Vec<(AppendRequest, Reply)>,
-    /// A read-model transaction queued behind these appends: runs after them.
-    pub read_model: Option<(ReadModelChange, ReadModelReply)>,
+    /// The backend's own work queued behind these appends: runs after them.
+    pub work: Option<W>,
     /// Set when a shutdown was queued behind these appends.
     pub shutdown: Option<oneshot::Sender<()>>,
 }
@@ -128,8 +140,12 @@ pub(super) struct Batch {
 /// `max` appends. `None` once every submitter is gone. While `health` says
 /// writes fail, an empty batch comes back after [`PROBE_EVERY`] without a
 /// job, for the writer to probe with.
-pub(super) async fn next_batch(queue: &mut mpsc::Receiver<Job>, max: usize, health: &WriteHealth) -> Option<Batch> {
-    let mut batch = Batch { appends: Vec::new(), read_model: None, shutdown: None };
+pub(super) async fn next_batch<W>(
+    queue: &mut mpsc::Receiver<Job<W>>,
+    max: usize,
+    health: &WriteHealth,
+) -> Option<Batch<W>> {
+    let mut batch = Batch { appends: Vec::new(), work: None, shutdown: None };
     let first = if health.failure().is_some() {
         match tokio::time::timeout(PROBE_EVERY, queue.recv()).await {
             Ok(job) => job?,
@@ -142,20 +158,20 @@ pub(super) async fn next_batch(queue: &mut mpsc::Receiver<Job>, max: usize, heal
     while let Some(next) = job.take() {
         match next {
             Job::Append(request, reply) => batch.appends.push((*request, reply)),
-            Job::ReadModel(change, reply) => batch.read_model = Some((*change, reply)),
+            Job::Work(work) => batch.work = Some(work),
             Job::Shutdown(done) => batch.shutdown = Some(done),
         }
-        if batch.shutdown.is_none() && batch.read_model.is_none() && batch.appends.len() < max {
+        if batch.shutdown.is_none() && batch.work.is_none() && batch.appends.len() < max {
             job = queue.try_recv().ok();
         }
     }
     Some(batch)
 }
 
-impl Batch {
+impl<W> Batch<W> {
     /// A batch with no job: the writer should probe whether it can write.
     pub(super) fn is_probe(&self) -> bool {
-        self.appends.is_empty() && self.read_model.is_none() && self.shutdown.is_none()
+        self.appends.is_empty() && self.work.is_none() && self.shutdown.is_none()
     }
 }
 
@@ -165,16 +181,14 @@ pub(super) const PROBE_SQL: &str = "INSERT INTO write_probe (id, probed_at_us) V
      ON CONFLICT (id) DO UPDATE SET probed_at_us = excluded.probed_at_us";
 
 /// Refuse everything still queued after a shutdown.
-pub(super) fn refuse_remaining(queue: &mut mpsc::Receiver<Job>) {
+pub(super) fn refuse_remaining<W: WriterWork>(queue: &mut mpsc::Receiver<Job<W>>) {
     queue.close();
     while let Ok(job) = queue.try_recv() {
         match job {
             Job::Append(_, reply) => {
                 let _ = reply.send(Err(StoreError::ShuttingDown));
             }
-            Job::ReadModel(_, reply) => {
-                let _ = reply.send(Err(StoreError::ShuttingDown));
-            }
+            Job::Work(work) => work.refuse(),
             Job::Shutdown(done) => {
                 let _ = done.send(());
             }
@@ -278,6 +292,13 @@ pub(super) fn batch_keys(appends: &[(AppendRequest, Reply)]) -> (Vec<StreamId>, 
     let streams: HashSet<&StreamId> = appends.iter().map(|(request, _)| &request.stream).collect();
     let ids: HashSet<&String> = appends.iter().filter_map(|(request, _)| request.command_id.as_ref()).collect();
     (streams.into_iter().cloned().collect(), ids.into_iter().cloned().collect())
+}
+
+/// Answer every append of a batch that cannot be planned with `error`.
+pub(super) fn fail_appends(appends: Vec<(AppendRequest, Reply)>, error: &StoreError) {
+    for (_, reply) in appends {
+        let _ = reply.send(Err(error.clone()));
+    }
 }
 
 /// The commit time stamped on a batch, at the microsecond precision both

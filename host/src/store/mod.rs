@@ -101,7 +101,9 @@ pub async fn open(url: &str, options: &StoreOptions, metrics: Metrics) -> Result
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(PostgresStore::open(url, options, metrics).await?))
     } else {
-        Err(StoreError::UnsupportedUrl(url.to_owned()))
+        Err(StoreError::Configuration(format!(
+            "unsupported store URL `{url}`: use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE"
+        )))
     }
 }
 
@@ -202,6 +204,28 @@ pub struct StoredEvent {
     pub module_version: String,
 }
 
+impl StoredEvent {
+    /// The event's CloudEvents `type`: `<module>.<aggregate type>.<event
+    /// type>` — its name across every module.
+    pub fn cloudevents_type(&self) -> String {
+        format!("{}.{}.{}", self.module, self.stream.aggregate_type, self.event_type)
+    }
+
+    /// Whether `name` names this event: `aggregate_type.EventType`, or
+    /// `module.aggregate_type.EventType`. A bare `EventType` names nothing:
+    /// two modules may well both have a `Created` event.
+    pub fn is_named_by(&self, name: &str) -> bool {
+        let Some((owner, event_type)) = name.rsplit_once('.') else { return false };
+        if event_type != self.event_type {
+            return false;
+        }
+        match owner.split_once('.') {
+            None => owner == self.stream.aggregate_type,
+            Some((module, aggregate_type)) => module == self.module && aggregate_type == self.stream.aggregate_type,
+        }
+    }
+}
+
 /// What a command id appended the first time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandRecord {
@@ -255,27 +279,40 @@ pub enum StoreError {
     /// The database cannot be reached or cannot write right now (a lost
     /// connection, a full disk, a lock held too long): retrying later may
     /// succeed.
-    #[error("event store unavailable: {0}")]
-    Unavailable(String),
+    #[error("event store unavailable: {reason}")]
+    Unavailable {
+        reason: String,
+        /// The database error behind it, when there is one.
+        #[source]
+        source: Option<Arc<sqlx::Error>>,
+    },
     /// The database refused data one request carried (a size limit, an
     /// encoding it cannot store, a constraint): the same request will fail
     /// again, others are unaffected.
     #[error("the event store refused the data: {0}")]
     Refused(String),
-    /// The database holds data the host cannot read back.
+    /// The database holds data the host cannot read back (answered 500 and
+    /// logged as an error).
     #[error("the event store holds data it cannot read: {0}")]
     Corrupt(String),
+    /// The store cannot be used as configured (its URL, its schema name):
+    /// the host refuses to start.
+    #[error("event store misconfigured: {0}")]
+    Configuration(String),
     #[error("event store is shutting down")]
     ShuttingDown,
     /// A read-model change lost a race (a checkpoint moved, a copy changed
     /// role): nothing was written.
     #[error("read model changed concurrently: {0}")]
     ReadModelConflict(String),
-    #[error("unsupported store URL `{0}`: use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE")]
-    UnsupportedUrl(String),
 }
 
 impl StoreError {
+    /// An unavailable store, for a reason the host found itself.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        StoreError::Unavailable { reason: reason.into(), source: None }
+    }
+
     /// Whether the database refused something one request carried, rather
     /// than failing as a whole.
     pub fn is_refusal(&self) -> bool {
@@ -310,13 +347,17 @@ pub(crate) fn database_error_in(context: &str, error: sqlx::Error) -> StoreError
                     _ => false,
                 }
             };
-            if refused { StoreError::Refused(message) } else { StoreError::Unavailable(message) }
+            if refused { StoreError::Refused(message) } else { unavailable_from(message, error) }
         }
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
             StoreError::Corrupt(message)
         }
-        _ => StoreError::Unavailable(message),
+        _ => unavailable_from(message, error),
     }
+}
+
+fn unavailable_from(reason: String, error: sqlx::Error) -> StoreError {
+    StoreError::Unavailable { reason, source: Some(Arc::new(error)) }
 }
 
 /// The durable event log, implemented by [`SqliteStore`] and

@@ -22,19 +22,21 @@
 //! updates; subscriptions also poll, so a lost notification only delays.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Postgres, Row};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use super::group::{
-    Facts, Job, PROBE_SQL, Plan, Reply, Submitter, WriteHealth, batch_keys, commit_time, next_batch, plan,
-    refuse_remaining,
+    Facts, Job, PROBE_SQL, Plan, Reply, Submitter, VERSION_CACHE_LIMIT, WriteHealth, batch_keys, commit_time,
+    fail_appends, next_batch, plan, refuse_remaining,
 };
+use super::read_models::ReadModelSql;
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
     DocumentQuery, EventStore, ReadModelChange, StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
@@ -44,7 +46,8 @@ use crate::metrics::Metrics;
 
 /// The PostgreSQL event store.
 pub struct PostgresStore {
-    submitter: Submitter,
+    /// Appends only: read-model changes do not go through the writer.
+    submitter: Submitter<Infallible>,
     reads: PgPool,
     /// Read-model changes: a small pool whose sessions commit without
     /// waiting for the WAL flush (see `read_models/postgres.rs`).
@@ -70,11 +73,11 @@ impl PostgresStore {
     /// may start at once) and start the writer and the listener.
     pub async fn open(url: &str, options: &StoreOptions, metrics: Metrics) -> Result<Self, StoreError> {
         let mut connect = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid PostgreSQL URL: {e}")))?
+            .map_err(|e| StoreError::Configuration(format!("invalid PostgreSQL URL: {e}")))?
             .application_name("orchestrix");
         if let Some(schema) = &options.schema {
             if schema.is_empty() || !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(StoreError::Unavailable(format!(
+                return Err(StoreError::Configuration(format!(
                     "invalid schema name `{schema}`: use letters, digits and `_`"
                 )));
             }
@@ -99,7 +102,7 @@ impl PostgresStore {
         sqlx::migrate!("./migrations/postgres")
             .run(&mut setup)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
+            .map_err(|e| StoreError::unavailable(format!("migrations failed: {e}")))?;
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
             .fetch_one(&mut setup)
             .await
@@ -139,8 +142,8 @@ impl PostgresStore {
 async fn connect_within(connect: &PgConnectOptions, timeout: Duration) -> Result<PgConnection, StoreError> {
     match tokio::time::timeout(timeout, PgConnection::connect_with(connect)).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) => Err(StoreError::Unavailable(format!("cannot connect to PostgreSQL: {error}"))),
-        Err(_) => Err(StoreError::Unavailable(format!("cannot connect to PostgreSQL within {timeout:?}"))),
+        Ok(Err(error)) => Err(StoreError::unavailable(format!("cannot connect to PostgreSQL: {error}"))),
+        Err(_) => Err(StoreError::unavailable(format!("cannot connect to PostgreSQL within {timeout:?}"))),
     }
 }
 
@@ -297,7 +300,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn projection_copies(&self) -> Result<Vec<CopyRecord>, StoreError> {
-        read_models::postgres::copies(&self.reads).await
+        Postgres::projection_copies(&self.reads).await
     }
 
     async fn change_read_model(&self, change: ReadModelChange) -> Result<u64, StoreError> {
@@ -305,15 +308,15 @@ impl EventStore for PostgresStore {
     }
 
     async fn load_documents(&self, copy: &CopyId, keys: &[DocumentKey]) -> Result<Vec<Option<String>>, StoreError> {
-        read_models::postgres::load_documents(&self.reads, copy, keys).await
+        Postgres::load_documents(&self.reads, copy, keys).await
     }
 
     async fn lookup_document(&self, projection: &str, key: &DocumentKey) -> Result<Option<DocumentLookup>, StoreError> {
-        read_models::postgres::lookup(&self.reads, projection, key).await
+        Postgres::lookup_document(&self.reads, projection, key).await
     }
 
     async fn list_documents(&self, query: &DocumentQuery) -> Result<Option<DocumentPage>, StoreError> {
-        read_models::postgres::list(&self.reads, query).await
+        Postgres::list_documents(&self.reads, query).await
     }
 
     async fn close(&self) {
@@ -370,11 +373,8 @@ struct Writer {
     metrics: Metrics,
 }
 
-/// Stream versions a writer remembers before it starts forgetting.
-const VERSION_CACHE_LIMIT: usize = 200_000;
-
 impl Writer {
-    async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+    async fn run(mut self, mut queue: mpsc::Receiver<Job<Infallible>>) {
         while let Some(batch) = next_batch(&mut queue, self.max_batch, &self.health).await {
             if batch.is_probe() {
                 let probed = self.probe().await;
@@ -383,12 +383,6 @@ impl Writer {
             }
             if !batch.appends.is_empty() {
                 self.commit_batch(batch.appends).await;
-            }
-            if let Some((_, reply)) = batch.read_model {
-                // Read-model changes use the pool (`PostgresStore::change_read_model`).
-                let _ = reply.send(Err(StoreError::Unavailable(
-                    "read-model changes do not go through the append writer".into(),
-                )));
             }
             if let Some(done) = batch.shutdown {
                 refuse_remaining(&mut queue);
@@ -419,7 +413,7 @@ impl Writer {
         match tokio::time::timeout(self.commit_timeout, future).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(database_error_in(what, error)),
-            Err(_) => Err(StoreError::Unavailable(format!("{what}: no answer within {:?}", self.commit_timeout))),
+            Err(_) => Err(StoreError::unavailable(format!("{what}: no answer within {:?}", self.commit_timeout))),
         }
     }
 
@@ -432,9 +426,7 @@ impl Writer {
                 Ok(connection) => connection,
                 Err(error) => {
                     self.health.record::<()>(&Err(error.clone()));
-                    for (_, reply) in appends {
-                        let _ = reply.send(Err(error.clone()));
-                    }
+                    fail_appends(appends, &error);
                     return;
                 }
             },
@@ -445,9 +437,7 @@ impl Writer {
                 self.known_head = None;
                 self.health.record::<()>(&Err(error.clone()));
                 tracing::warn!(%error, "group commit could not start; nothing was written");
-                for (_, reply) in appends {
-                    let _ = reply.send(Err(error.clone()));
-                }
+                fail_appends(appends, &error);
                 return;
             }
         };
@@ -519,7 +509,7 @@ impl Writer {
         let head = rows
             .last()
             .and_then(|row| row.try_get::<i64, _>(0).ok())
-            .ok_or_else(|| StoreError::Unavailable("BEGIN: the head position was not returned".into()))?
+            .ok_or_else(|| StoreError::unavailable("BEGIN: the head position was not returned"))?
             as u64;
         if self.known_head != Some(head) || self.versions.len() > VERSION_CACHE_LIMIT {
             self.versions.clear();
@@ -610,7 +600,7 @@ impl Writer {
         .bind(plan.head.to_string());
         self.step("writing the batch", insert.execute(&mut *connection)).await?;
         self.step("COMMIT", connection.execute("COMMIT")).await.map_err(|error| {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "{error}; whether the batch committed is unknown — resend with the same idempotency key"
             ))
         })?;

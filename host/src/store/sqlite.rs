@@ -6,8 +6,10 @@
 //! versions, writes all accepted events with multi-row INSERTs in one
 //! transaction, and only after COMMIT answers each append with its own
 //! result. Being the only writer, it assigns global positions itself, in
-//! commit order, with no gaps. Reads go through a separate read-only pool
-//! (WAL lets them run beside the writer).
+//! commit order, with no gaps. Read-model changes are the writer's too: they
+//! travel the same queue (as the writer's own work), so each runs on its
+//! connection after the appends queued before it. Reads go through a
+//! separate read-only pool (WAL lets them run beside the writer).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -18,13 +20,14 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::group::{
-    Facts, Job, PROBE_SQL, Plan, Reply, Submitter, WriteHealth, batch_keys, commit_time, next_batch, plan,
-    refuse_remaining,
+    Facts, Job, PROBE_SQL, Plan, Reply, Submitter, VERSION_CACHE_LIMIT, WriteHealth, WriterWork, batch_keys,
+    commit_time, fail_appends, next_batch, plan, refuse_remaining,
 };
+use super::read_models::ReadModelSql;
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
     DocumentQuery, EventStore, ReadModelChange, StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
@@ -34,8 +37,20 @@ use crate::metrics::Metrics;
 
 /// The SQLite event store.
 pub struct SqliteStore {
-    submitter: Submitter,
+    submitter: Submitter<ReadModelWork>,
     reads: SqlitePool,
+}
+
+/// A read-model change queued to the writer, and where its result goes.
+struct ReadModelWork {
+    change: Box<ReadModelChange>,
+    reply: oneshot::Sender<Result<u64, StoreError>>,
+}
+
+impl WriterWork for ReadModelWork {
+    fn refuse(self) {
+        let _ = self.reply.send(Err(StoreError::ShuttingDown));
+    }
 }
 
 /// The columns of `events`, in the order every query selects and inserts them.
@@ -52,7 +67,7 @@ impl SqliteStore {
     /// apply the embedded migrations.
     pub async fn open(url: &str, options: &StoreOptions, metrics: Metrics) -> Result<Self, StoreError> {
         let connect = SqliteConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid SQLite URL `{url}`: {e}")))?
+            .map_err(|e| StoreError::Configuration(format!("invalid SQLite URL `{url}`: {e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(if options.fsync_every_commit { SqliteSynchronous::Full } else { SqliteSynchronous::Normal })
@@ -70,7 +85,7 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
             .run(&mut writer)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
+            .map_err(|e| StoreError::unavailable(format!("migrations failed: {e}")))?;
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
             .fetch_one(&mut writer)
             .await
@@ -208,23 +223,26 @@ impl EventStore for SqliteStore {
     }
 
     async fn projection_copies(&self) -> Result<Vec<CopyRecord>, StoreError> {
-        read_models::sqlite::copies(&self.reads).await
+        Sqlite::projection_copies(&self.reads).await
     }
 
+    /// Queued to the writer behind the appends already queued.
     async fn change_read_model(&self, change: ReadModelChange) -> Result<u64, StoreError> {
-        self.submitter.change_read_model(change).await
+        let (reply, outcome) = oneshot::channel();
+        self.submitter.queue_work(ReadModelWork { change: Box::new(change), reply }).await?;
+        outcome.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
     async fn load_documents(&self, copy: &CopyId, keys: &[DocumentKey]) -> Result<Vec<Option<String>>, StoreError> {
-        read_models::sqlite::load_documents(&self.reads, copy, keys).await
+        Sqlite::load_documents(&self.reads, copy, keys).await
     }
 
     async fn lookup_document(&self, projection: &str, key: &DocumentKey) -> Result<Option<DocumentLookup>, StoreError> {
-        read_models::sqlite::lookup(&self.reads, projection, key).await
+        Sqlite::lookup_document(&self.reads, projection, key).await
     }
 
     async fn list_documents(&self, query: &DocumentQuery) -> Result<Option<DocumentPage>, StoreError> {
-        read_models::sqlite::list(&self.reads, query).await
+        Sqlite::list_documents(&self.reads, query).await
     }
 
     async fn close(&self) {
@@ -262,8 +280,6 @@ fn decode_command(row: &SqliteRow) -> CommandRecord {
     }
 }
 
-/// Stream versions the writer remembers before it starts forgetting.
-const VERSION_CACHE_LIMIT: usize = 200_000;
 /// Rows per INSERT statement (13 parameters each; SQLite allows 32766).
 const ROWS_PER_INSERT: usize = 2000;
 /// Group commits between two passive checkpoints of the writer.
@@ -295,7 +311,7 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+    async fn run(mut self, mut queue: mpsc::Receiver<Job<ReadModelWork>>) {
         while let Some(batch) = next_batch(&mut queue, self.max_batch, &self.health).await {
             if batch.is_probe() {
                 let probed = sqlx::query(PROBE_SQL)
@@ -312,8 +328,8 @@ impl Writer {
                     self.checkpoint().await;
                 }
             }
-            if let Some((change, reply)) = batch.read_model {
-                let applied = super::read_models::sqlite::apply(&mut self.connection, change, self.fsync_appends).await;
+            if let Some(ReadModelWork { change, reply }) = batch.work {
+                let applied = read_models::sqlite::apply(&mut self.connection, *change, self.fsync_appends).await;
                 let _ = reply.send(applied);
             }
             if let Some(done) = batch.shutdown {
@@ -397,9 +413,7 @@ impl Writer {
             Err(error) => {
                 let error = database_error(error);
                 self.health.record::<()>(&Err(error.clone()));
-                for (_, reply) in appends {
-                    let _ = reply.send(Err(error.clone()));
-                }
+                fail_appends(appends, &error);
                 return;
             }
         };

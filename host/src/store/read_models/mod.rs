@@ -9,11 +9,17 @@
 //! under a compare-and-set on its previous value — so document changes and
 //! the position they reflect are committed together, exactly once.
 //!
-//! The backends implement the SQL (`sqlite.rs`, `postgres.rs`); on SQLite
-//! changes go through the single writer task, like appends.
+//! The SQL that is the same on both backends is written once
+//! (`common.rs`: the `ReadModelSql` trait, generic over the sqlx
+//! database); `sqlite.rs` and `postgres.rs` hold only what differs, and
+//! run each change as one transaction — on SQLite on the single writer's
+//! connection, queued behind the appends.
 
+mod common;
 pub(super) mod postgres;
 pub(super) mod sqlite;
+
+pub(super) use common::ReadModelSql;
 
 use std::collections::HashMap;
 
@@ -215,52 +221,6 @@ pub struct DocumentLookup {
     pub body: Option<String>,
 }
 
-/// The columns of `projection_copies`, in the order [`CopyRow`] reads them.
-const COPY_COLUMNS: &str = "projection, generation, module, version, role, position, collections, skipped, \
-     parked_position, parked_event_id, parked_error, parked_attempts, parked_at_us, created_at_us";
-
-/// A `projection_copies` row as both backends return it.
-#[derive(sqlx::FromRow)]
-struct CopyRow {
-    projection: String,
-    generation: i64,
-    module: String,
-    version: i64,
-    role: String,
-    position: i64,
-    collections: String,
-    skipped: i64,
-    parked_position: Option<i64>,
-    parked_event_id: Option<String>,
-    parked_error: Option<String>,
-    parked_attempts: Option<i64>,
-    parked_at_us: Option<i64>,
-    created_at_us: i64,
-}
-
-impl CopyRow {
-    fn into_record(self) -> Result<CopyRecord, StoreError> {
-        let parked = self.parked_position.map(|position| Parked {
-            position: position as u64,
-            event_id: self.parked_event_id.unwrap_or_default(),
-            error: self.parked_error.unwrap_or_default(),
-            attempts: self.parked_attempts.unwrap_or(0) as u32,
-            since: from_micros(self.parked_at_us.unwrap_or(0)),
-        });
-        Ok(CopyRecord {
-            id: CopyId { projection: self.projection, generation: self.generation as u64 },
-            module: self.module,
-            version: self.version as u32,
-            role: CopyRole::parse(&self.role)?,
-            position: self.position as u64,
-            collections: parse_collections(&self.collections),
-            skipped: self.skipped as u64,
-            parked,
-            created_at: from_micros(self.created_at_us),
-        })
-    }
-}
-
 /// Field names usable in filters: they end up in a JSON path.
 pub fn valid_field_name(field: &str) -> bool {
     !field.is_empty() && field.len() <= 128 && field.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
@@ -277,21 +237,4 @@ pub fn filter_candidates(value: &str) -> Vec<String> {
         candidates.push(literal.to_string());
     }
     candidates
-}
-
-/// Microseconds since the epoch, as both backends store times.
-fn to_micros(time: DateTime<Utc>) -> i64 {
-    time.timestamp_micros()
-}
-
-fn from_micros(micros: i64) -> DateTime<Utc> {
-    DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
-
-fn parse_collections(text: &str) -> Vec<String> {
-    serde_json::from_str(text).unwrap_or_default()
-}
-
-fn conflict(copy: &CopyId, what: &str) -> StoreError {
-    StoreError::ReadModelConflict(format!("projection `{}` copy {}: {what}", copy.projection, copy.generation))
 }

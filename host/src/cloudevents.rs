@@ -8,11 +8,6 @@ use crate::store::StoredEvent;
 /// Media type of a JSON batch of CloudEvents.
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 
-/// The CloudEvents `type` of an event: `<module>.<aggregate type>.<event type>`.
-pub fn event_type(event: &StoredEvent) -> String {
-    format!("{}.{}.{}", event.module, event.stream.aggregate_type, event.event_type)
-}
-
 /// Render one stored event as a structured-mode CloudEvent.
 pub fn to_cloudevent(event: &StoredEvent) -> Value {
     let data = serde_json::from_str(&event.data).unwrap_or_else(|_| Value::String(event.data.clone()));
@@ -20,7 +15,7 @@ pub fn to_cloudevent(event: &StoredEvent) -> Value {
     object.insert("specversion".into(), json!("1.0"));
     object.insert("id".into(), json!(event.id.to_string()));
     object.insert("source".into(), json!(format!("/orchestrix/modules/{}", event.module)));
-    object.insert("type".into(), json!(event_type(event)));
+    object.insert("type".into(), json!(event.cloudevents_type()));
     object.insert("subject".into(), json!(event.stream.to_string()));
     object.insert("time".into(), json!(event.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)));
     object.insert("datacontenttype".into(), json!("application/json"));

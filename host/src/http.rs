@@ -23,7 +23,7 @@ use self::extract::{ApiPath, ApiQuery};
 use crate::cloudevents::{self, BATCH_CONTENT_TYPE};
 use crate::limits::{InvalidInput, check_id, json_has_nul};
 use crate::metrics::Metrics;
-use crate::pipeline::{CommandError, CommandRequest, CommandService};
+use crate::pipeline::{CommandError, CommandRequest, CommandService, ErrorKind};
 use crate::store::{StoreError, StreamId, StreamRange};
 
 /// What the handlers share.
@@ -113,26 +113,41 @@ impl IntoResponse for ApiError {
 impl From<CommandError> for ApiError {
     fn from(error: CommandError) -> Self {
         let message = error.to_string();
-        let (status, code) = match &error {
-            CommandError::UnknownAggregate(_) => (StatusCode::NOT_FOUND, "unknown_aggregate_type"),
-            CommandError::ModuleNotLoaded { .. } => (StatusCode::NOT_FOUND, "module_not_loaded"),
-            CommandError::UnknownCommand { .. } => (StatusCode::NOT_FOUND, "unknown_command"),
-            CommandError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            CommandError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_command"),
-            CommandError::InvalidInput(input) => (StatusCode::BAD_REQUEST, invalid_input_code(input)),
-            CommandError::Rejected(_) => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
-            CommandError::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
-            CommandError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "module_failure"),
-            CommandError::Quarantined { .. } => (StatusCode::SERVICE_UNAVAILABLE, "module_quarantined"),
-            CommandError::Contract { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "module_contract_violation"),
-            CommandError::Store(store) => store_status(store),
+        let code = match &error {
+            CommandError::UnknownAggregate(_) => "unknown_aggregate_type",
+            CommandError::ModuleNotLoaded { .. } => "module_not_loaded",
+            CommandError::UnknownCommand { .. } => "unknown_command",
+            CommandError::NotFound(_) => "not_found",
+            CommandError::Invalid(_) => "invalid_command",
+            CommandError::InvalidInput(input) => invalid_input_code(input),
+            CommandError::Rejected(_) => "rejected",
+            CommandError::Conflict { .. } => "version_conflict",
+            CommandError::Guest(_) => "module_failure",
+            CommandError::Quarantined { .. } => "module_quarantined",
+            CommandError::Contract { .. } => "module_contract_violation",
+            CommandError::Store(store) => return store.clone().into(),
         };
-        ApiError::new(status, code, message)
+        ApiError::new(kind_status(error.kind()), code, message)
+    }
+}
+
+/// The HTTP status of each class of failure.
+fn kind_status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::ModuleFailure | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
+        if let StoreError::Corrupt(reason) = &error {
+            tracing::error!(%reason, "the event store holds data the host cannot read");
+        }
         let (status, code) = store_status(&error);
         ApiError::new(status, code, error.to_string())
     }
@@ -156,16 +171,17 @@ fn invalid_input_code(input: &InvalidInput) -> &'static str {
 }
 
 fn store_status(error: &StoreError) -> (StatusCode, &'static str) {
-    match error {
-        StoreError::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
-        StoreError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-        StoreError::CommandIdReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
-        StoreError::Unavailable(_) | StoreError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
-        StoreError::Refused(_) => (StatusCode::BAD_REQUEST, "refused_by_store"),
-        StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt"),
-        StoreError::UnsupportedUrl(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_misconfigured"),
-        StoreError::ReadModelConflict(_) => (StatusCode::CONFLICT, "read_model_conflict"),
-    }
+    let code = match error {
+        StoreError::Conflict { .. } => "version_conflict",
+        StoreError::PayloadTooLarge { .. } => return (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        StoreError::CommandIdReused(_) => "idempotency_key_reused",
+        StoreError::Unavailable { .. } | StoreError::ShuttingDown => "store_unavailable",
+        StoreError::Refused(_) => "refused_by_store",
+        StoreError::Corrupt(_) => "store_corrupt",
+        StoreError::Configuration(_) => "store_misconfigured",
+        StoreError::ReadModelConflict(_) => "read_model_conflict",
+    };
+    (kind_status(error.kind()), code)
 }
 
 pub(crate) fn header_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {

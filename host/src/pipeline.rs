@@ -18,7 +18,8 @@ use uuid::Uuid;
 use crate::limits::{InvalidInput, check_id};
 use crate::metrics::Metrics;
 use crate::sandbox::{
-    Command, DomainError, GuestFailure, GuestModule, ModuleRegistry, ModuleSet, RecordedEvent, SwapHook,
+    Command, DomainError, FoldError, GuestFailure, GuestModule, ModuleRegistry, ModuleSet, NewEvent, RecordedEvent,
+    SwapHook, fold_events, to_recorded,
 };
 use crate::store::{
     AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, StoreError, StoredEvent,
@@ -110,20 +111,80 @@ impl From<DomainError> for CommandError {
     }
 }
 
+/// The class of a failed command: the one classification the metrics
+/// outcome, the log level and the HTTP status are all derived from, so no
+/// variant can be mapped one way in one place and another way elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A business rule said no, or an idempotency key stands for another
+    /// stream's command (422).
+    Rejected,
+    /// The request itself is wrong: body, ids, headers, size (400, 413).
+    Invalid,
+    /// Optimistic concurrency (409).
+    Conflict,
+    /// No such aggregate type, command, module or aggregate (404).
+    NotFound,
+    /// Try again later: the store is unavailable, the module quarantined (503).
+    Unavailable,
+    /// The module trapped, blew a limit or broke the contract (500).
+    ModuleFailure,
+    /// The host's own data cannot be read (500).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The label of `orchestrix_commands_total{outcome}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Rejected => "rejected",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::ModuleFailure => "module_failure",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    /// Whether the host logs such a failure: a client's mistake or a
+    /// business outcome is not the operator's business; the rest is.
+    pub fn log_level(self) -> Option<tracing::Level> {
+        match self {
+            ErrorKind::ModuleFailure | ErrorKind::Internal => Some(tracing::Level::ERROR),
+            ErrorKind::Unavailable => Some(tracing::Level::WARN),
+            ErrorKind::Rejected | ErrorKind::Invalid | ErrorKind::Conflict | ErrorKind::NotFound => None,
+        }
+    }
+}
+
+impl StoreError {
+    /// The class of a store error as a command outcome.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Conflict { .. } | StoreError::ReadModelConflict(_) => ErrorKind::Conflict,
+            // The key already stands for another stream's command.
+            StoreError::CommandIdReused(_) => ErrorKind::Rejected,
+            StoreError::PayloadTooLarge { .. } | StoreError::Refused(_) => ErrorKind::Invalid,
+            StoreError::Unavailable { .. } | StoreError::ShuttingDown => ErrorKind::Unavailable,
+            StoreError::Corrupt(_) | StoreError::Configuration(_) => ErrorKind::Internal,
+        }
+    }
+}
+
 impl CommandError {
-    /// Short label for metrics.
-    pub fn outcome(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
             CommandError::UnknownAggregate(_)
             | CommandError::ModuleNotLoaded { .. }
             | CommandError::UnknownCommand { .. }
-            | CommandError::NotFound(_) => "not_found",
-            CommandError::Invalid(_) | CommandError::InvalidInput(_) => "invalid",
-            CommandError::Rejected(_) => "rejected",
-            CommandError::Conflict { .. } => "conflict",
-            CommandError::Guest(_) | CommandError::Contract { .. } => "guest_failure",
-            CommandError::Quarantined { .. } => "quarantined",
-            CommandError::Store(_) => "store_error",
+            | CommandError::NotFound(_) => ErrorKind::NotFound,
+            CommandError::Invalid(_) | CommandError::InvalidInput(_) => ErrorKind::Invalid,
+            CommandError::Rejected(_) => ErrorKind::Rejected,
+            CommandError::Conflict { .. } => ErrorKind::Conflict,
+            CommandError::Guest(_) | CommandError::Contract { .. } => ErrorKind::ModuleFailure,
+            CommandError::Quarantined { .. } => ErrorKind::Unavailable,
+            CommandError::Store(store) => store.kind(),
         }
     }
 }
@@ -208,9 +269,6 @@ impl AggregateCache {
 /// Tries of a command without an expected version whose append met a
 /// version conflict (its cached state was stale).
 const STALE_STATE_ATTEMPTS: usize = 3;
-
-/// Events folded per `apply` call when loading a stream.
-const FOLD_CHUNK: usize = 256;
 
 /// The command service shared by the HTTP API, the CLI's in-process
 /// benchmark and the tests.
@@ -301,12 +359,15 @@ impl CommandService {
         let outcome = match &result {
             Ok(reply) if reply.duplicate => "duplicate",
             Ok(_) => "accepted",
-            Err(error) => error.outcome(),
+            Err(error) => error.kind().label(),
         };
         self.metrics.observe_command(&module.name, &command_type, outcome, started.elapsed());
-        if let Err(error @ (CommandError::Guest(_) | CommandError::Contract { .. } | CommandError::Store(_))) = &result
-        {
-            tracing::error!(module = %module.name, %error, "command failed");
+        if let Err(error) = &result {
+            match error.kind().log_level() {
+                Some(tracing::Level::ERROR) => tracing::error!(module = %module.name, %error, "command failed"),
+                Some(_) => tracing::warn!(module = %module.name, %error, "command failed"),
+                None => {}
+            }
         }
         result
     }
@@ -314,7 +375,7 @@ impl CommandService {
     async fn execute_routed(
         &self,
         module: &Arc<GuestModule>,
-        request: CommandRequest,
+        mut request: CommandRequest,
         correlation_id: String,
     ) -> Result<CommandReply, CommandError> {
         let aggregate = module.aggregate(&request.stream.aggregate_type).expect("routed by aggregate type");
@@ -342,23 +403,10 @@ impl CommandService {
         let command = Command {
             aggregate_id: request.stream.aggregate_id.clone(),
             command_type: request.command_type.clone(),
-            payload: request.payload,
+            payload: std::mem::take(&mut request.payload),
         };
         let new_events = module.handle(&request.stream.aggregate_type, &folded.state, &command)??;
-        for event in &new_events {
-            if !aggregate.event_types.contains(&event.event_type) {
-                return Err(CommandError::Contract {
-                    module: module.name.clone(),
-                    reason: format!("emitted undeclared event type `{}`", event.event_type),
-                });
-            }
-            if serde_json::from_str::<serde::de::IgnoredAny>(&event.payload).is_err() {
-                return Err(CommandError::Contract {
-                    module: module.name.clone(),
-                    reason: format!("emitted `{}` with a payload that is not JSON", event.event_type),
-                });
-            }
-        }
+        check_emitted(module, &aggregate.event_types, &new_events)?;
         if new_events.is_empty() {
             return Ok(CommandReply {
                 stream: request.stream,
@@ -368,29 +416,7 @@ impl CommandService {
             });
         }
 
-        let append = AppendRequest {
-            stream: request.stream.clone(),
-            expected: if folded.version == 0 {
-                ExpectedVersion::NoStream
-            } else {
-                ExpectedVersion::Exact(folded.version)
-            },
-            events: new_events
-                .into_iter()
-                .map(|e| EventData {
-                    schema_version: module.schema_version(&e.event_type),
-                    event_type: e.event_type,
-                    data: e.payload,
-                })
-                .collect(),
-            metadata: EventMetadata {
-                correlation_id: Some(correlation_id),
-                causation_id: Some(request.command_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string())),
-                module: module.name.clone(),
-                module_version: module.version.clone(),
-            },
-            command_id: request.command_id.clone(),
-        };
+        let append = append_request(module, &request, folded.version, new_events, correlation_id);
         let stored = match self.store.append(append).await {
             Ok(AppendOutcome::Appended(stored)) => stored,
             Ok(AppendOutcome::Duplicate(_)) => {
@@ -399,7 +425,7 @@ impl CommandService {
                 return self
                     .replay_duplicate(id, &request.stream)
                     .await?
-                    .ok_or_else(|| CommandError::Store(StoreError::Unavailable("idempotency record vanished".into())));
+                    .ok_or_else(|| CommandError::Store(StoreError::unavailable("idempotency record vanished")));
             }
             Err(error) => {
                 // Whatever the store says, re-read the stream next time.
@@ -408,17 +434,8 @@ impl CommandService {
             }
         };
         self.metrics.observe_appended(&module.name, stored.len());
-
         let version = stored.last().map_or(folded.version, |e| e.version);
-        let recorded: Vec<RecordedEvent> = stored.iter().map(to_recorded).collect();
-        match module.apply(&request.stream.aggregate_type, &folded.state, &recorded) {
-            Ok(Ok(state)) => *guard = Some(Folded { module_hash: folded.module_hash, version, state }),
-            outcome => {
-                // The events are durable; only the cached state is lost.
-                tracing::error!(module = %module.name, stream = %request.stream, ?outcome, "apply failed after append");
-                *guard = None;
-            }
-        }
+        *guard = fold_appended(module, &request.stream, folded, &stored);
         Ok(CommandReply { stream: request.stream, version, events: stored, duplicate: false })
     }
 
@@ -549,6 +566,71 @@ impl SwapHook for CommandService {
     }
 }
 
+/// The append of a command's new events, expecting the stream at the
+/// version their state was folded to.
+fn append_request(
+    module: &GuestModule,
+    request: &CommandRequest,
+    folded_version: u64,
+    new_events: Vec<NewEvent>,
+    correlation_id: String,
+) -> AppendRequest {
+    AppendRequest {
+        stream: request.stream.clone(),
+        expected: if folded_version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(folded_version) },
+        events: new_events
+            .into_iter()
+            .map(|e| EventData {
+                schema_version: module.schema_version(&e.event_type),
+                event_type: e.event_type,
+                data: e.payload,
+            })
+            .collect(),
+        metadata: EventMetadata {
+            correlation_id: Some(correlation_id),
+            causation_id: Some(request.command_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string())),
+            module: module.name.clone(),
+            module_version: module.version.clone(),
+        },
+        command_id: request.command_id.clone(),
+    }
+}
+
+/// The module may only emit the event types its manifest declares for the
+/// aggregate, each with a JSON payload.
+fn check_emitted(module: &GuestModule, declared: &[String], events: &[NewEvent]) -> Result<(), CommandError> {
+    for event in events {
+        if !declared.contains(&event.event_type) {
+            return Err(CommandError::Contract {
+                module: module.name.clone(),
+                reason: format!("emitted undeclared event type `{}`", event.event_type),
+            });
+        }
+        if serde_json::from_str::<serde::de::IgnoredAny>(&event.payload).is_err() {
+            return Err(CommandError::Contract {
+                module: module.name.clone(),
+                reason: format!("emitted `{}` with a payload that is not JSON", event.event_type),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The state after the events just appended: `folded` with `stored` applied,
+/// or nothing (to be refolded from the stream next time) if `apply` fails —
+/// the events are durable either way.
+fn fold_appended(module: &GuestModule, stream: &StreamId, folded: Folded, stored: &[StoredEvent]) -> Option<Folded> {
+    let version = stored.last().map_or(folded.version, |e| e.version);
+    let recorded: Vec<RecordedEvent> = stored.iter().map(to_recorded).collect();
+    match module.apply(&stream.aggregate_type, &folded.state, &recorded) {
+        Ok(Ok(state)) => Some(Folded { module_hash: folded.module_hash, version, state }),
+        outcome => {
+            tracing::error!(module = %module.name, %stream, ?outcome, "apply failed after append");
+            None
+        }
+    }
+}
+
 /// Fold a whole stream with `module`; `None` if it fails.
 fn fold_with(module: &GuestModule, stream: &StreamId, events: &[StoredEvent]) -> Option<Folded> {
     let state = fold_events(module, &stream.aggregate_type, Vec::new(), events).ok()?;
@@ -561,63 +643,3 @@ const PREPARE_CHUNK: usize = 16;
 
 /// Queries in flight at once ahead of a swap.
 const PREPARE_CONCURRENCY: usize = 2;
-
-/// Why stored events could not be folded, with the versions of the chunk
-/// that failed.
-pub(crate) enum FoldError {
-    /// `apply` returned a domain error.
-    Refused { first: u64, last: u64, error: DomainError },
-    /// `apply` trapped, ran out of time or memory.
-    Failed { first: u64, last: u64, failure: GuestFailure },
-}
-
-/// Fold stored events (of one stream, in version order) onto `state` with
-/// `module`'s `apply`, `FOLD_CHUNK` events per call.
-pub(crate) fn fold_events(
-    module: &GuestModule,
-    aggregate_type: &str,
-    mut state: Vec<u8>,
-    events: &[StoredEvent],
-) -> Result<Vec<u8>, FoldError> {
-    for chunk in events.chunks(FOLD_CHUNK) {
-        let recorded: Vec<RecordedEvent> = chunk.iter().map(to_recorded).collect();
-        let (first, last) = (chunk[0].version, chunk[chunk.len() - 1].version);
-        state = match module.apply(aggregate_type, &state, &recorded) {
-            Ok(Ok(state)) => state,
-            Ok(Err(error)) => return Err(FoldError::Refused { first, last, error }),
-            Err(failure) => return Err(FoldError::Failed { first, last, failure }),
-        };
-    }
-    Ok(state)
-}
-
-/// An event as guests receive it.
-/// An event as the guest contract presents it, taking its strings.
-pub(crate) fn into_recorded(event: StoredEvent) -> RecordedEvent {
-    RecordedEvent {
-        id: event.id.to_string(),
-        time: event.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        aggregate_type: event.stream.aggregate_type,
-        aggregate_id: event.stream.aggregate_id,
-        stream_version: event.version,
-        position: event.position,
-        event_type: event.event_type,
-        schema_version: event.schema_version,
-        payload: event.data,
-    }
-}
-
-/// An event as the guest contract presents it.
-fn to_recorded(event: &StoredEvent) -> RecordedEvent {
-    RecordedEvent {
-        id: event.id.to_string(),
-        aggregate_type: event.stream.aggregate_type.clone(),
-        aggregate_id: event.stream.aggregate_id.clone(),
-        stream_version: event.version,
-        position: event.position,
-        event_type: event.event_type.clone(),
-        schema_version: event.schema_version,
-        time: event.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        payload: event.data.clone(),
-    }
-}

@@ -50,32 +50,6 @@ impl ModuleSet {
     }
 }
 
-/// The same component with a custom section appended: identical behaviour,
-/// a different content hash — what a rebuild of unchanged source looks like
-/// to the host. Used by the benchmarks and tests of hot swap.
-pub fn with_build_label(component: &[u8], label: &str) -> Vec<u8> {
-    fn leb128(mut value: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (value & 0x7f) as u8;
-            value >>= 7;
-            out.push(if value == 0 { byte } else { byte | 0x80 });
-            if value == 0 {
-                return;
-            }
-        }
-    }
-    let name = b"orchestrix-build-label";
-    let mut payload = Vec::new();
-    leb128(name.len(), &mut payload);
-    payload.extend_from_slice(name);
-    payload.extend_from_slice(label.as_bytes());
-    let mut bytes = component.to_vec();
-    bytes.push(0); // custom section id
-    leb128(payload.len(), &mut bytes);
-    bytes.extend_from_slice(&payload);
-    bytes
-}
-
 /// SHA-256 of a module file, hex: its content identity.
 pub(super) fn content_hash(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

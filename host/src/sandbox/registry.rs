@@ -33,9 +33,9 @@ use parking_lot::RwLock;
 use serde::Serialize;
 
 use super::loader::{ModuleSet, compile_file};
+use super::{FoldError, fold_events};
 use super::{GuestModule, Sandbox};
 use crate::metrics::Metrics;
-use crate::pipeline::{FoldError, fold_events};
 use crate::store::{EventStore, StoredEvent, StreamId};
 
 /// A file that was refused, and why.
@@ -128,6 +128,19 @@ struct Candidate {
     steps_ms: BTreeMap<&'static str, f64>,
 }
 
+/// A reload between its scan and its swap.
+#[derive(Default)]
+struct ReloadPlan {
+    /// Modules serving from files still present.
+    keep: Vec<Arc<GuestModule>>,
+    /// New content that compiled, oldest file first.
+    candidates: Vec<Candidate>,
+    /// Modification time of every file seen.
+    modified_at: HashMap<PathBuf, SystemTime>,
+    /// Refused files: content hash and reason.
+    refused: BTreeMap<PathBuf, (String, LoadFailure)>,
+}
+
 impl ModuleRegistry {
     pub fn new(sandbox: Arc<Sandbox>, config: RegistryConfig, store: Arc<dyn EventStore>, metrics: Metrics) -> Self {
         Self {
@@ -180,14 +193,30 @@ impl ModuleRegistry {
         let files = wasm_files(&self.config.plugins_dir)?;
         let current = self.current();
         let mut report = ReloadReport::default();
+        let compiled = self.compile_changed(files, &current).await;
+        let mut plan = self.sort_scanned(compiled, &current);
+        let mut next: BTreeMap<String, Arc<GuestModule>> =
+            plan.keep.drain(..).map(|module| (module.name.clone(), module)).collect();
+        self.check_candidates(&mut plan, &mut next, &mut report).await;
+        self.swap_in(&current, next, &plan.modified_at, &mut report);
+        self.record_outcome(plan.refused, &mut report);
+        report.took_ms = started.elapsed().as_secs_f64() * 1000.0;
+        Ok(report)
+    }
 
-        // Steps 1–3 for every new or changed file, off the async threads.
+    /// Steps 1–3 (read and hash, compile, validate) for every new or
+    /// changed file, off the async threads.
+    async fn compile_changed(
+        &self,
+        files: Vec<(PathBuf, SystemTime)>,
+        current: &ModuleSet,
+    ) -> Vec<(PathBuf, String, SystemTime, Scanned)> {
         let known: HashMap<PathBuf, String> =
             current.modules().map(|m| (m.file.clone(), m.content_hash.clone())).collect();
         let failed: HashMap<PathBuf, String> =
             self.failures.read().iter().map(|(file, (hash, _))| (file.clone(), hash.clone())).collect();
         let (sandbox, cache_dir, metrics) = (self.sandbox.clone(), self.config.cache_dir.clone(), self.metrics.clone());
-        let compiled = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut outcomes = Vec::new();
             for (file, modified) in files {
                 let read_started = Instant::now();
@@ -216,54 +245,60 @@ impl ModuleRegistry {
             outcomes
         })
         .await
-        .expect("compiling modules does not panic");
+        .expect("compiling modules does not panic")
+    }
 
-        // The set to build: start from the unchanged modules whose files remain.
-        let mut keep: Vec<Arc<GuestModule>> = Vec::new();
-        let mut candidates: Vec<Candidate> = Vec::new();
-        let mut modified_at: HashMap<PathBuf, SystemTime> = HashMap::new();
-        let mut still_failed: BTreeMap<PathBuf, (String, LoadFailure)> = BTreeMap::new();
+    /// What the scan means for the next set: the unchanged modules whose
+    /// files remain (whatever serves from a file keeps serving unless a new
+    /// version passes every check), the candidates (newest file last, so it
+    /// wins when two files declare one module) and the refusals.
+    fn sort_scanned(&self, compiled: Vec<(PathBuf, String, SystemTime, Scanned)>, current: &ModuleSet) -> ReloadPlan {
+        let mut plan = ReloadPlan::default();
         for (file, hash, modified, scanned) in compiled {
-            modified_at.insert(file.clone(), modified);
-            // Whatever serves from this file keeps serving unless a new
-            // version passes every check below.
+            plan.modified_at.insert(file.clone(), modified);
             if let Some(module) = current.modules().find(|m| m.file == file) {
-                keep.push(module.clone());
+                plan.keep.push(module.clone());
             }
             match scanned {
                 Scanned::Unchanged => {}
                 Scanned::StillRefused => {
                     if let Some(standing) = self.failures.read().get(&file) {
-                        still_failed.insert(file.clone(), standing.clone());
+                        plan.refused.insert(file.clone(), standing.clone());
                     }
                 }
                 Scanned::Compiled(module, steps_ms) => {
-                    candidates.push(Candidate { module: Arc::new(*module), modified, steps_ms });
+                    plan.candidates.push(Candidate { module: Arc::new(*module), modified, steps_ms });
                 }
                 Scanned::Refused(reason) => {
                     let failure = LoadFailure { file: file.clone(), reason, module: None, at: Utc::now() };
-                    still_failed.insert(file, (hash, failure));
+                    plan.refused.insert(file, (hash, failure));
                 }
             }
         }
-        // Newest file last, so it wins when two files declare one module.
-        candidates.sort_by(|a, b| (a.modified, &a.module.file).cmp(&(b.modified, &b.module.file)));
+        plan.candidates.sort_by(|a, b| (a.modified, &a.module.file).cmp(&(b.modified, &b.module.file)));
+        plan
+    }
 
-        // Step 4 for each candidate, against the set as it stands so far.
-        let mut next: BTreeMap<String, Arc<GuestModule>> =
-            keep.into_iter().map(|module| (module.name.clone(), module)).collect();
-        for candidate in candidates {
+    /// Step 4 for each candidate, against the set as it stands so far; the
+    /// ones that pass join `next` (and the swap hook folds ahead for them).
+    async fn check_candidates(
+        &self,
+        plan: &mut ReloadPlan,
+        next: &mut BTreeMap<String, Arc<GuestModule>>,
+        report: &mut ReloadReport,
+    ) {
+        for candidate in std::mem::take(&mut plan.candidates) {
             let module = candidate.module;
             let previous = next.get(&module.name).cloned();
             if let Some(previous) = &previous
                 && previous.file != module.file
-                && modified_at.get(&previous.file).is_some_and(|at| *at > candidate.modified)
+                && plan.modified_at.get(&previous.file).is_some_and(|at| *at > candidate.modified)
             {
-                supersede(&mut still_failed, &module, previous);
+                supersede(&mut plan.refused, &module, previous);
                 continue;
             }
             let checks_started = Instant::now();
-            let checked = self.check(previous.as_deref(), &module, &next).await;
+            let checked = self.check(previous.as_deref(), &module, next).await;
             let mut steps_ms = candidate.steps_ms;
             steps_ms.insert("checks", checks_started.elapsed().as_secs_f64() * 1000.0);
             let hook = self.swap_hook.read().as_ref().and_then(std::sync::Weak::upgrade);
@@ -281,7 +316,7 @@ impl ModuleRegistry {
                     if let Some(previous) = &previous
                         && previous.file != module.file
                     {
-                        supersede(&mut still_failed, previous, &module);
+                        supersede(&mut plan.refused, previous, &module);
                     }
                     report.loaded.push(ModuleChange {
                         module: module.name.clone(),
@@ -303,12 +338,21 @@ impl ModuleRegistry {
                         module: Some(module.name.clone()),
                         at: Utc::now(),
                     };
-                    still_failed.insert(module.file.clone(), (module.content_hash.clone(), failure));
+                    plan.refused.insert(module.file.clone(), (module.content_hash.clone(), failure));
                 }
             }
         }
+    }
 
-        // Step 5: swap. Modules whose file is gone are not carried over.
+    /// Step 5: swap `next` in. Modules whose file is gone are not carried
+    /// over; their aggregate types answer "module not loaded".
+    fn swap_in(
+        &self,
+        current: &ModuleSet,
+        mut next: BTreeMap<String, Arc<GuestModule>>,
+        modified_at: &HashMap<PathBuf, SystemTime>,
+        report: &mut ReloadReport,
+    ) {
         next.retain(|_, module| modified_at.contains_key(&module.file));
         let set = ModuleSet::from_modules(next.into_values());
         for module in current.modules() {
@@ -332,8 +376,12 @@ impl ModuleRegistry {
         if !report.loaded.is_empty() || !report.unloaded.is_empty() {
             self.swapped.send_replace(set);
         }
-        report.failures = still_failed.values().map(|(_, failure)| failure.clone()).collect();
-        let newly_failed: Vec<&LoadFailure> = still_failed
+    }
+
+    /// Keep the standing refusals, and log and count what changed.
+    fn record_outcome(&self, refused: BTreeMap<PathBuf, (String, LoadFailure)>, report: &mut ReloadReport) {
+        report.failures = refused.values().map(|(_, failure)| failure.clone()).collect();
+        let newly_failed: Vec<&LoadFailure> = refused
             .iter()
             .filter(|(file, (hash, _))| self.failures.read().get(*file).is_none_or(|(old, _)| old != hash))
             .map(|(_, (_, failure))| failure)
@@ -342,7 +390,7 @@ impl ModuleRegistry {
             tracing::error!(file = %failure.file.display(), reason = %failure.reason, "module refused; the previous version (if any) keeps serving");
             self.metrics.observe_module_load(failure.module.as_deref().unwrap_or("unknown"), "refused");
         }
-        *self.failures.write() = still_failed;
+        *self.failures.write() = refused;
         for change in &report.loaded {
             tracing::info!(
                 module = %change.module,
@@ -362,8 +410,6 @@ impl ModuleRegistry {
             tracing::info!(module = %name, "module unloaded: its file is gone (its data is kept)");
             self.metrics.observe_module_load(name, "unloaded");
         }
-        report.took_ms = started.elapsed().as_secs_f64() * 1000.0;
-        Ok(report)
     }
 
     /// Step 4: may `module` replace `previous` (if any) alongside `others`?

@@ -1,6 +1,9 @@
 //! Wiring: from a [`RuntimeConfig`] to a running host (sandbox, modules,
 //! store, command service, projections, HTTP server) and back down on
-//! shutdown.
+//! shutdown. [`HostOptions`] are the command-line options that make a
+//! [`RuntimeConfig`].
+
+mod options;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -17,6 +20,8 @@ use crate::sandbox::{
 };
 use crate::server::{self, ServerConfig};
 use crate::store::{self, StoreError, StoreOptions};
+
+pub use options::HostOptions;
 
 /// Everything the host needs to start.
 #[derive(Debug, Clone)]

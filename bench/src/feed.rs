@@ -1,4 +1,4 @@
-//! `orchestrix bench --suites feed,live`: the global feed.
+//! The `feed` and `live` suites: the global feed.
 //!
 //! - `feed`: append `--feed-events` events (bank-sized payloads over 1,000
 //!   streams), then read them all from position 0 through a [`Subscription`]
@@ -21,7 +21,8 @@ use orchestrix_host::store::{
     self, AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, StreamId, Subscription,
 };
 
-use super::bench::{Backend, BenchArgs, BenchStorage, describe, median_by, percentile_ms};
+use crate::storage::BenchStorage;
+use crate::{Backend, BenchArgs, describe, median_by, percentile_ms};
 
 #[derive(Args)]
 pub struct FeedArgs {

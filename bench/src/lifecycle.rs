@@ -1,4 +1,4 @@
-//! `orchestrix bench --suites swap,start,sandbox`: the module lifecycle.
+//! The `swap`, `start` and `sandbox` suites: the module lifecycle.
 //!
 //! - `swap`: a running host watches a private plugins directory; a new
 //!   build of the bank module (same code, a different content hash) is
@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use orchestrix_host::runtime::Runtime;
-use orchestrix_host::sandbox::with_build_label;
+use orchestrix_testkit::with_build_label;
 
-use super::bench::{Backend, BenchArgs, BenchStorage, Meanwhile, RunOptions, median_by, one_run};
+use crate::commands::{Meanwhile, RunOptions, one_run};
+use crate::storage::BenchStorage;
+use crate::{Backend, BenchArgs, median_by};
 
 /// A private copy of the plugins directory, removed on drop.
 struct PluginsCopy {

@@ -1,106 +1,21 @@
-//! `orchestrix bench`: measurements of the real host, each on fresh storage
-//! of every selected backend (a new SQLite file; a new PostgreSQL schema,
-//! dropped afterwards), reporting every run and the median.
-//!
-//! - `commands`: N concurrent clients send `DepositMoney` across K bank
-//!   accounts through the real pipeline (wasm `handle`, group commit, fold) —
-//!   in process, or over HTTP. Every command is acknowledged only after its
-//!   commit is durable, exactly as in `serve`.
-//! - `feed` and `live`: see [`super::bench_feed`].
-//! - `swap`, `start` and `sandbox`: see [`super::bench_lifecycle`].
-//! - `rebuild` and `lag`: see [`super::bench_projections`].
-//! - `robustness`: see [`super::bench_robustness`].
+//! The `commands` suite: N concurrent clients send `DepositMoney` across K
+//! bank accounts through the real pipeline (wasm `handle`, group commit,
+//! fold) — in process, or over HTTP. Every command is acknowledged only
+//! after its commit is durable, exactly as in `serve`. [`one_run`] is the
+//! command load the other suites build on.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
 use orchestrix_host::pipeline::{CommandRequest, CommandService};
 use orchestrix_host::projections::ProjectionSelection;
 use orchestrix_host::runtime::Runtime;
-use orchestrix_host::store::{StoreOptions, StreamId};
-use sqlx::Connection;
+use orchestrix_host::store::StreamId;
 
-use crate::HostArgs;
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// Call the command service directly (no HTTP).
-    Pipeline,
-    /// Send real HTTP requests to the host's API on a loopback port.
-    Http,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Suite {
-    /// Command throughput and latency (the foundation's benchmark).
-    Commands,
-    /// Reading the global feed from position 0 over many events.
-    Feed,
-    /// Latency from append to delivery to a live subscriber.
-    Live,
-    /// Hot swap: file drop to serving (cold compile and cache hit), and
-    /// command latency while versions are swapped under load.
-    Swap,
-    /// Host start with every example module and a warm precompile cache.
-    Start,
-    /// Command throughput with deadlines and memory caps on, then off.
-    Sandbox,
-    /// Rebuilding the bank summary projection from scratch over many events.
-    Rebuild,
-    /// Projection lag behind the head while the 64-client command load runs.
-    Lag,
-    /// Hostile, slow and half-open clients beside 64 valid ones; the WAL's
-    /// peak under load.
-    Robustness,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-#[derive(Args)]
-pub struct BenchArgs {
-    #[command(flatten)]
-    pub host: HostArgs,
-    /// What to measure (comma-separated).
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness"
-    )]
-    suites: Vec<Suite>,
-    /// Backends to measure on (comma-separated); PostgreSQL needs --postgres-url.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "sqlite,postgres")]
-    stores: Vec<Backend>,
-    /// PostgreSQL server for the benchmarks; each run gets a schema of its own.
-    #[arg(long, env = "DATABASE_URL")]
-    postgres_url: Option<String>,
-    /// Concurrent clients (comma-separated for several measurements).
-    #[arg(long, value_delimiter = ',', default_value = "1,64")]
-    clients: Vec<usize>,
-    /// Accounts the deposits are spread over.
-    #[arg(long, default_value_t = 1000)]
-    accounts: usize,
-    /// Measured seconds per run (after a one-second warm-up).
-    #[arg(long, default_value_t = 5.0)]
-    pub seconds: f64,
-    /// Runs per client count; the median run is reported too.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
-    #[arg(long, value_enum, default_value = "pipeline")]
-    mode: Mode,
-    #[command(flatten)]
-    pub feed: super::bench_feed::FeedArgs,
-    /// Events the rebuild benchmark projects.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub rebuild_events: usize,
-}
+use crate::storage::BenchStorage;
+use crate::{Backend, BenchArgs, Mode, describe, median_by, percentile_ms};
 
 pub struct RunResult {
     pub commands: usize,
@@ -129,102 +44,7 @@ impl RunResult {
     }
 }
 
-pub async fn run(args: BenchArgs) -> Result<()> {
-    let mut stores = Vec::new();
-    for &backend in &args.stores {
-        match (backend, &args.postgres_url) {
-            (Backend::Postgres, None) => {
-                println!("skipping PostgreSQL: give --postgres-url or set DATABASE_URL");
-            }
-            _ => stores.push(backend),
-        }
-    }
-    for &suite in &args.suites {
-        for &backend in &stores {
-            match suite {
-                Suite::Commands => commands(&args, backend).await?,
-                Suite::Feed => super::bench_feed::feed(&args, backend).await?,
-                Suite::Live => super::bench_feed::live(&args, backend).await?,
-                // Module lifecycle does not depend on the store: SQLite only.
-                Suite::Swap if backend == Backend::Sqlite => super::bench_lifecycle::swap(&args).await?,
-                Suite::Start if backend == Backend::Sqlite => super::bench_lifecycle::start(&args).await?,
-                Suite::Sandbox if backend == Backend::Sqlite => super::bench_lifecycle::sandbox(&args).await?,
-                Suite::Swap | Suite::Start | Suite::Sandbox => {}
-                Suite::Rebuild => super::bench_projections::rebuild(&args, backend).await?,
-                Suite::Lag => super::bench_projections::lag(&args, backend).await?,
-                Suite::Robustness => super::bench_robustness::robustness(&args, backend).await?,
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Fresh storage for one run; dropped (file or schema) by [`BenchStorage::remove`].
-pub struct BenchStorage {
-    pub url: String,
-    pub options: StoreOptions,
-    dir: Option<PathBuf>,
-    schema: Option<(String, String)>,
-}
-
-impl BenchStorage {
-    pub async fn create(args: &BenchArgs, backend: Backend) -> Result<Self> {
-        let mut options = args.host.config().store_options;
-        match backend {
-            Backend::Sqlite => {
-                let dir = std::env::temp_dir().join(format!(
-                    "orchestrix-bench-{}-{}",
-                    std::process::id(),
-                    uuid::Uuid::now_v7()
-                ));
-                std::fs::create_dir_all(&dir)?;
-                let url = format!("sqlite://{}", dir.join("bench.db").display());
-                Ok(Self { url, options, dir: Some(dir), schema: None })
-            }
-            Backend::Postgres => {
-                let url = args.postgres_url.clone().context("no PostgreSQL URL")?;
-                let schema = format!("orx_bench_{}", uuid::Uuid::now_v7().simple());
-                options.schema = Some(schema.clone());
-                Ok(Self { url: url.clone(), options, dir: None, schema: Some((url, schema)) })
-            }
-        }
-    }
-
-    pub async fn remove(self) -> Result<()> {
-        if let Some(dir) = self.dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        if let Some((url, schema)) = self.schema {
-            let mut connection = sqlx::PgConnection::connect(&url).await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")))
-                .execute(&mut connection)
-                .await?;
-        }
-        Ok(())
-    }
-}
-
-pub fn describe(args: &BenchArgs, backend: Backend) -> &'static str {
-    match (backend, args.host.no_fsync) {
-        (Backend::Sqlite, false) => "sqlite (fsync every commit)",
-        (Backend::Sqlite, true) => "sqlite (no fsync)",
-        (Backend::Postgres, _) => "postgres (server defaults)",
-    }
-}
-
-/// The median of measurements, by `key`.
-pub fn median_by<T>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> T {
-    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
-    runs.swap_remove(runs.len() / 2)
-}
-
-/// The `p`-th percentile of sorted values, in milliseconds.
-pub fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
-    let index = ((sorted_us.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted_us[index]) / 1000.0
-}
-
-async fn commands(args: &BenchArgs, backend: Backend) -> Result<()> {
+pub async fn commands(args: &BenchArgs, backend: Backend) -> Result<()> {
     let mode = if args.mode == Mode::Http { "http" } else { "pipeline" };
     println!(
         "bench commands: deposits over {} accounts, {} s per run, {} runs, mode {mode}, store {}",

@@ -1,4 +1,4 @@
-//! Projection benchmarks.
+//! The `rebuild` and `lag` suites: projections.
 //!
 //! - `rebuild`: seed a bank history (accounts of 100 events each) straight
 //!   into the store, start a host that runs only `account_summaries`, let it
@@ -20,7 +20,9 @@ use orchestrix_host::runtime::Runtime;
 use orchestrix_host::store::{self, AppendRequest, EventData, EventMetadata, ExpectedVersion, StreamId};
 use parking_lot::Mutex;
 
-use super::bench::{Backend, BenchArgs, BenchStorage, RunOptions, describe, median_by, one_run, percentile_ms};
+use crate::commands::{RunOptions, one_run};
+use crate::storage::BenchStorage;
+use crate::{Backend, BenchArgs, describe, median_by, percentile_ms};
 
 /// Events per seeded account: opened, then deposits and withdrawals.
 const EVENTS_PER_ACCOUNT: usize = 100;

@@ -22,7 +22,8 @@ use orchestrix_host::runtime::Runtime;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::bench::{Backend, BenchArgs, BenchStorage, describe, median_by, percentile_ms};
+use crate::storage::BenchStorage;
+use crate::{Backend, BenchArgs, describe, median_by, percentile_ms};
 
 const CLIENTS: usize = 64;
 const ACCOUNTS: usize = 1000;

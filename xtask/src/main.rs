@@ -4,7 +4,11 @@
 //!   plugins, and serve them on embedded SQLite (`./orchestrix.db`).
 //! - `test`  — formatting, clippy (`-D warnings`), and every test.
 //! - `dist`  — `target/release/orchestrix` and `target/plugins/<name>.wasm`.
-//! - `bench` — `dist`, then `orchestrix bench` (extra arguments pass through).
+//! - `bench` — `dist`, then `target/release/orchestrix-bench` on
+//!   `target/plugins` (extra arguments pass through).
+
+#[cfg(test)]
+mod tidy;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,8 +35,9 @@ fn main() -> Result<()> {
         "dist" => dist(&root),
         "bench" => {
             dist(&root)?;
-            let mut bench = Command::new(root.join("target/release/orchestrix"));
-            bench.args(["bench", "--plugins", "target/plugins"]).args(&rest);
+            run(cargo().args(["build", "--release", "-p", "orchestrix-bench"]))?;
+            let mut bench = Command::new(root.join("target/release/orchestrix-bench"));
+            bench.args(["--plugins", "target/plugins"]).args(&rest);
             run(&mut bench)
         }
         _ => {
@@ -42,7 +47,7 @@ fn main() -> Result<()> {
                  run     build everything and serve the example plugins on ./orchestrix.db\n  \
                  test    fmt check, clippy -D warnings, every test\n  \
                  dist    build target/release/orchestrix and target/plugins/*.wasm\n  \
-                 bench   dist, then `orchestrix bench` (try `cargo xtask bench --help`)"
+                 bench   dist, then orchestrix-bench on target/plugins (try `cargo xtask bench --help`)"
             );
             if task.is_empty() || task == "help" || task == "--help" { Ok(()) } else { bail!("unknown task `{task}`") }
         }

@@ -30,7 +30,7 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'sta
     /// Everything this aggregate can be asked to do.
     type Command: Serialize + DeserializeOwned;
     /// Everything that can happen to it.
-    type Event: Serialize + DeserializeOwned;
+    type Event: Serialize + DeserializeOwned + 'static;
 
     /// Decide which events record the outcome of `command`, or refuse it.
     fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, DomainError>;
@@ -45,6 +45,8 @@ pub(crate) trait ErasedAggregate: Send + Sync {
     fn aggregate_type(&self) -> &'static str;
     fn command_types(&self) -> Vec<String>;
     fn event_types(&self) -> Vec<String>;
+    /// The type of its event enum, for projections and sagas that read it.
+    fn event_enum(&self) -> std::any::TypeId;
     fn handle(&self, state: &[u8], command_type: &str, payload: &str) -> Result<Vec<NewEvent>, DomainError>;
     fn apply(&self, state: &[u8], events: &[RecordedEvent]) -> Result<Vec<u8>, DomainError>;
     fn describe_state(&self, state: &[u8]) -> Result<String, DomainError>;
@@ -69,6 +71,10 @@ impl<A: Aggregate> ErasedAggregate for AggregateAdapter<A> {
 
     fn event_types(&self) -> Vec<String> {
         codec::variant_names::<A::Event>()
+    }
+
+    fn event_enum(&self) -> std::any::TypeId {
+        std::any::TypeId::of::<A::Event>()
     }
 
     fn handle(&self, state: &[u8], command_type: &str, payload: &str) -> Result<Vec<NewEvent>, DomainError> {

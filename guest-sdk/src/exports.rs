@@ -9,7 +9,7 @@ use crate::bindings::orchestrix::domain::types;
 use crate::module::registry;
 use crate::projection::{DocumentKey, Documents, ReadModelOp};
 use crate::saga::{CommandResult, RawSagaInput};
-use crate::{DomainError, Module, RecordedEvent};
+use crate::{DomainError, Module, RecordedEvent, Timestamp};
 
 /// The component's exports for module `M`; named by [`export!`](crate::export).
 pub struct Exports<M>(PhantomData<fn() -> M>);
@@ -76,7 +76,7 @@ impl<M: Module> manifest::Guest for Exports<M> {
                 .map(|p| manifest::ProjectionInfo {
                     name: p.name().to_owned(),
                     version: p.version(),
-                    event_types: p.event_types(),
+                    event_types: module.qualified(p.name(), p.event_enum(), p.event_types()),
                 })
                 .collect(),
             sagas: module
@@ -84,8 +84,8 @@ impl<M: Module> manifest::Guest for Exports<M> {
                 .iter()
                 .map(|s| manifest::SagaInfo {
                     name: s.name().to_owned(),
-                    starting_event_types: s.starting_event_types(),
-                    event_types: s.event_types(),
+                    starting_event_types: module.qualified(s.name(), s.event_enum(), s.starting_event_types()),
+                    event_types: module.qualified(s.name(), s.event_enum(), s.event_types()),
                 })
                 .collect(),
             event_schemas: module
@@ -162,24 +162,38 @@ impl<M: Module> projection::Guest for Exports<M> {
     }
 }
 
-impl<M: Module> saga::Guest for Exports<M> {
-    fn correlate(name: String, event: types::RecordedEvent) -> Result<Option<String>, types::DomainError> {
-        Ok(registry::<M>().saga_named(&name)?.correlate(&event.into())?)
-    }
-
-    fn react(name: String, state: Vec<u8>, input: saga::SagaInput) -> Result<saga::Reaction, types::DomainError> {
-        let input = match input {
+impl From<saga::SagaInput> for RawSagaInput {
+    fn from(input: saga::SagaInput) -> Self {
+        match input {
             saga::SagaInput::Event(event) => RawSagaInput::Event(event.into()),
             saga::SagaInput::Outcome(outcome) => RawSagaInput::Outcome {
                 request_id: outcome.request_id,
                 result: match outcome.result {
-                    saga::CommandResult::Accepted(version) => CommandResult::Accepted(version),
-                    saga::CommandResult::Rejected(reason) => CommandResult::Rejected(reason),
+                    saga::CommandResult::Accepted(version) => CommandResult::Accepted { version },
+                    saga::CommandResult::Rejected(rejection) => {
+                        CommandResult::Rejected { reason: rejection.reason, code: rejection.code }
+                    }
                 },
             },
             saga::SagaInput::Timer(timer) => RawSagaInput::Timer { name: timer.name },
-        };
-        let (state, reaction) = registry::<M>().saga_named(&name)?.react(&state, input)?;
+            saga::SagaInput::Cancelled(reason) => RawSagaInput::Cancelled { reason },
+        }
+    }
+}
+
+impl<M: Module> saga::Guest for Exports<M> {
+    fn correlate(name: String, event: types::RecordedEvent) -> Result<Vec<String>, types::DomainError> {
+        Ok(registry::<M>().saga_named(&name)?.correlate(&event.into())?)
+    }
+
+    fn react(
+        name: String,
+        state: Vec<u8>,
+        input: saga::SagaInput,
+        now_ms: u64,
+    ) -> Result<saga::Reaction, types::DomainError> {
+        let now = Timestamp::from_millis(now_ms);
+        let (state, reaction) = registry::<M>().saga_named(&name)?.react(&state, input.into(), now)?;
         Ok(saga::Reaction {
             state,
             commands: reaction
@@ -194,14 +208,14 @@ impl<M: Module> saga::Guest for Exports<M> {
                 })
                 .collect(),
             set_timers: reaction
-                .set_timers
+                .timers_set
                 .into_iter()
                 .map(|(name, after)| saga::TimerRequest {
                     name,
                     delay_ms: u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
                 })
                 .collect(),
-            cancel_timers: reaction.cancel_timers,
+            cancel_timers: reaction.timers_cancelled,
             done: reaction.done,
         })
     }

@@ -76,8 +76,8 @@
 //! ```
 //!
 //! Guests are sandboxed: there is no clock, randomness, file, network or
-//! environment access. The host stamps ids and times; [`log`] is the only
-//! way out.
+//! environment access. The host stamps ids and times (a saga gets the time
+//! of each input as a [`Timestamp`]); [`log`] is the only way out.
 
 // Lets the generated bindings name this crate the same way inside and outside it.
 extern crate self as orchestrix_guest;
@@ -90,6 +90,7 @@ mod module;
 mod projection;
 mod saga;
 pub mod testing;
+mod time;
 
 use std::fmt;
 
@@ -100,6 +101,7 @@ pub use projection::{DocumentKey, Documents, Projection, ReadModelOp};
 pub use saga::{CommandRequest, CommandResult, Reaction, Saga, SagaInput};
 pub use serde;
 pub use serde_json;
+pub use time::Timestamp;
 pub use wit_bindgen;
 
 /// The bindings generated from `wit/`. Not part of the public API.

@@ -38,6 +38,10 @@ pub struct ModuleBuilder {
     pub(crate) sagas: Vec<Box<dyn ErasedSaga>>,
     /// `(event type, from version)` → step to `from version + 1`.
     pub(crate) upcasters: BTreeMap<(String, u32), Upcast>,
+    /// Whose events a projection or saga reads, when its registration said
+    /// so (`projection_of`, `saga_of`): its name → `aggregate` or
+    /// `module.aggregate`.
+    pub(crate) sources: BTreeMap<&'static str, String>,
 }
 
 impl ModuleBuilder {
@@ -53,10 +57,42 @@ impl ModuleBuilder {
         self
     }
 
+    /// Register a projection of events its enum does not say the origin
+    /// of: those of aggregate type `source` (`"account"`) of this module, or
+    /// of another module (`"bank.account"`).
+    pub fn projection_of<P: Projection>(&mut self, source: &str) -> &mut Self {
+        self.sources.insert(P::NAME, source.to_owned());
+        self.projection::<P>()
+    }
+
     /// Register a saga.
     pub fn saga<S: Saga>(&mut self) -> &mut Self {
         self.sagas.push(Box::new(SagaAdapter::<S>::new()));
         self
+    }
+
+    /// Register a saga of events its enum does not say the origin of (see
+    /// [`projection_of`](Self::projection_of)).
+    pub fn saga_of<S: Saga>(&mut self, source: &str) -> &mut Self {
+        self.sources.insert(S::NAME, source.to_owned());
+        self.saga::<S>()
+    }
+
+    /// The event types a projection or saga named `name` subscribes to,
+    /// qualified by whose they are: `aggregate.Event` (the aggregate of this
+    /// module whose event enum it reads) or `source.Event` as registered.
+    /// Without either they stay bare, and the host refuses the module,
+    /// saying so.
+    pub(crate) fn qualified(&self, name: &str, events: std::any::TypeId, bare: Vec<String>) -> Vec<String> {
+        let source = self
+            .sources
+            .get(name)
+            .map(String::as_str)
+            .or_else(|| self.aggregates.iter().find(|a| a.event_enum() == events).map(|a| a.aggregate_type()));
+        match source {
+            Some(source) => bare.into_iter().map(|event| format!("{source}.{event}")).collect(),
+            None => bare,
+        }
     }
 
     /// Register the step that upgrades `event_type` payloads stored at schema

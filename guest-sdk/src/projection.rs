@@ -37,15 +37,21 @@ pub enum ReadModelOp {
 /// Builds read-model documents from events.
 ///
 /// `Event` is an enum (externally tagged, like an aggregate's events) whose
-/// variant names are the event types the projection subscribes to; it may
-/// list events of several aggregates.
+/// variant names are the event types the projection subscribes to. When it
+/// is the `Event` type of an aggregate the module registers, the
+/// subscription names that aggregate's events (`account.MoneyDeposited`)
+/// and nothing else: another module's event of the same name never reaches
+/// the projection. Otherwise (events of another module, or an enum of its
+/// own) register it with
+/// [`ModuleBuilder::projection_of`](crate::ModuleBuilder::projection_of),
+/// naming whose events they are.
 pub trait Projection: Default + Send + Sync + 'static {
     /// Projection name, unique across all modules.
     const NAME: &'static str;
     /// Bump it when the projection's logic changes: the host rebuilds.
     const VERSION: u32 = 1;
     /// The events it consumes.
-    type Event: DeserializeOwned;
+    type Event: DeserializeOwned + 'static;
 
     /// The documents `project` reads for this event.
     fn touches(&self, event: &Envelope<Self::Event>) -> Vec<DocumentKey>;
@@ -115,6 +121,7 @@ pub(crate) trait ErasedProjection: Send + Sync {
     fn name(&self) -> &'static str;
     fn version(&self) -> u32;
     fn event_types(&self) -> Vec<String>;
+    fn event_enum(&self) -> std::any::TypeId;
     fn touches(&self, events: Vec<RecordedEvent>) -> Result<Vec<DocumentKey>, DomainError>;
     fn project(&self, events: Vec<RecordedEvent>, documents: &mut Documents) -> Result<(), DomainError>;
 }
@@ -140,6 +147,10 @@ impl<P: Projection> ErasedProjection for ProjectionAdapter<P> {
 
     fn event_types(&self) -> Vec<String> {
         codec::variant_names::<P::Event>()
+    }
+
+    fn event_enum(&self) -> std::any::TypeId {
+        std::any::TypeId::of::<P::Event>()
     }
 
     fn touches(&self, events: Vec<RecordedEvent>) -> Result<Vec<DocumentKey>, DomainError> {

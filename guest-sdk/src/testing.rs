@@ -1,4 +1,6 @@
-//! Native given/when/then harness: test domain logic with plain `cargo test`.
+//! Native given/when/then harness: test domain logic with plain `cargo test`
+//! — aggregates ([`given`]), projections ([`projection`]) and sagas
+//! ([`saga`]).
 //!
 //! Every fixture drives the module through the same encode → erased adapter
 //! → decode path the wasm exports use, so a serde naming mistake fails here
@@ -25,8 +27,9 @@
 //! given::<Door>([Ev::Opened {}]).when(Cmd::Open {}).then_expect_rejection("already open");
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -35,9 +38,11 @@ use crate::aggregate::{AggregateAdapter, ErasedAggregate};
 use crate::codec;
 use crate::projection::{DocumentKey, Documents, ErasedProjection, ProjectionAdapter, ReadModelOp};
 use crate::saga::{ErasedSaga, RawSagaInput, Reaction, SagaAdapter};
-use crate::{Aggregate, DomainError, Envelope, Projection, RecordedEvent, Saga, SagaInput};
+use crate::{Aggregate, CommandRequest, DomainError, Envelope, Projection, RecordedEvent, Saga, SagaInput, Timestamp};
 
-const TEST_TIME: &str = "2026-01-01T00:00:00Z";
+/// The time of every fixture's first input, and of the events of aggregate
+/// and projection tests: 2026-01-01T00:00:00Z.
+pub const START: Timestamp = Timestamp::from_millis(1_767_225_600_000);
 
 fn record<E: Serialize>(
     aggregate_type: &str,
@@ -55,12 +60,14 @@ fn record<E: Serialize>(
         position,
         event_type,
         schema_version: 1,
-        time: TEST_TIME.to_owned(),
+        time: START.to_string(),
         payload,
     }
 }
 
-/// Wrap an event in an envelope for saga inputs.
+/// Wrap an event in an envelope (stream version 1, at [`START`]), e.g. to
+/// test a saga's `correlate`. Set `stream_version` when it matters; a saga
+/// fixture stamps the id, position and time itself, as the host does.
 pub fn envelope<E>(aggregate_type: &str, aggregate_id: &str, event: E) -> Envelope<E> {
     Envelope {
         id: "test-event".to_owned(),
@@ -68,7 +75,7 @@ pub fn envelope<E>(aggregate_type: &str, aggregate_id: &str, event: E) -> Envelo
         aggregate_id: aggregate_id.to_owned(),
         stream_version: 1,
         position: 1,
-        time: TEST_TIME.to_owned(),
+        time: START.to_string(),
         event,
     }
 }
@@ -251,57 +258,304 @@ where
     }
 }
 
-/// Start a saga test with a fresh instance.
+/// An event input for a saga test (see [`envelope`]).
+pub fn event<E>(aggregate_type: &str, aggregate_id: &str, event: E) -> SagaInput<E> {
+    SagaInput::Event(envelope(aggregate_type, aggregate_id, event))
+}
+
+/// The command a saga is expected to send to aggregate `A` (see
+/// [`CommandRequest::to`]).
+///
+/// # Panics
+/// When the command does not serialize.
+#[track_caller]
+pub fn command<A: Aggregate>(request_id: &str, aggregate_id: &str, command: A::Command) -> CommandRequest {
+    CommandRequest::to::<A>(request_id, aggregate_id, &command)
+        .unwrap_or_else(|e| panic!("expected command for `{}` must serialize: {e}", A::TYPE))
+}
+
+/// Start a saga test with a fresh instance, its clock at [`START`].
+///
+/// The fixture plays the host: it delivers each input with a time, keeps
+/// the instance's state, the commands awaiting an outcome and the pending
+/// timers, and refuses (panics on) inputs the host would never deliver —
+/// a first input that is not a starting event, an event that does not
+/// correlate to the instance, an outcome for a request that is not awaiting
+/// one, a timer that is not pending, anything after the instance is done —
+/// and reactions that break the contract (a request id used twice).
+///
+/// Times: every input comes at the fixture's clock, except a timer, which
+/// comes at its due time (the clock moves there if it was earlier);
+/// [`SagaFixture::after`] moves the clock on. Like the host, the fixture
+/// stamps each event it delivers: its id, global position and `time` (the
+/// clock's) replace the envelope's.
+///
+/// # Panics
+/// When the saga's `STARTED_BY` names a variant its `Event` enum lacks.
+#[track_caller]
 pub fn saga<S: Saga>() -> SagaFixture<S>
 where
     S::Event: Serialize,
 {
-    SagaFixture { adapter: SagaAdapter::new(), state: Vec::new() }
+    let adapter = SagaAdapter::new();
+    adapter.starting_event_types();
+    SagaFixture {
+        adapter,
+        state: Vec::new(),
+        clock: START,
+        instance: None,
+        awaiting: BTreeSet::new(),
+        request_ids: BTreeSet::new(),
+        timers: BTreeMap::new(),
+        done: false,
+        position: 0,
+    }
 }
 
-/// A saga instance and its state.
+/// A saga instance, as the host would keep it.
 pub struct SagaFixture<S: Saga> {
     adapter: SagaAdapter<S>,
     state: Vec<u8>,
+    clock: Timestamp,
+    /// The id the first event correlated to.
+    instance: Option<String>,
+    /// Request ids of commands sent whose outcome has not been delivered.
+    awaiting: BTreeSet<String>,
+    /// Every request id the instance has used.
+    request_ids: BTreeSet<String>,
+    /// Pending timers and their due times.
+    timers: BTreeMap<String, Timestamp>,
+    done: bool,
+    /// Global position of the last event delivered.
+    position: u64,
 }
 
 impl<S: Saga> SagaFixture<S>
 where
     S::Event: Serialize,
 {
-    fn raw(input: SagaInput<S::Event>) -> RawSagaInput {
-        match input {
-            SagaInput::Event(e) => {
-                let mut recorded = record(&e.aggregate_type, &e.aggregate_id, e.stream_version, e.position, &e.event);
-                recorded.id = e.id;
-                recorded.time = e.time;
-                RawSagaInput::Event(recorded)
-            }
-            SagaInput::Outcome { request_id, result } => RawSagaInput::Outcome { request_id, result },
-            SagaInput::Timer { name } => RawSagaInput::Timer { name },
-        }
+    /// Which instances an event correlates to.
+    #[track_caller]
+    pub fn correlate(&self, event: Envelope<S::Event>) -> Vec<String> {
+        let recorded = self.recorded(event, self.position + 1);
+        self.adapter.correlate(&recorded).unwrap_or_else(|e| panic!("saga `{}` failed to correlate: {e}", S::NAME))
     }
 
-    /// Which instance an event correlates to.
-    pub fn correlate(&self, event: Envelope<S::Event>) -> Option<String> {
-        let RawSagaInput::Event(recorded) = Self::raw(SagaInput::Event(event)) else { unreachable!() };
-        self.adapter.correlate(&recorded).expect("correlate must succeed")
+    /// Move the clock on: the next inputs come `elapsed` later.
+    pub fn after(mut self, elapsed: Duration) -> Self {
+        self.clock = self.clock + elapsed;
+        self
     }
 
-    /// Feed inputs the instance has already seen.
+    /// Feed inputs the instance has already reacted to.
+    ///
+    /// # Panics
+    /// When the saga fails on one of them, or the host would not deliver it.
+    #[track_caller]
     pub fn given(mut self, inputs: impl IntoIterator<Item = SagaInput<S::Event>>) -> Self {
         for input in inputs {
-            let (state, _) = self
-                .adapter
-                .react(&self.state, Self::raw(input))
-                .unwrap_or_else(|e| panic!("saga `{}` failed on a given input: {e}", S::NAME));
-            self.state = state;
+            if let Err(error) = self.deliver(input) {
+                panic!("saga `{}` failed on a given input: {error}", S::NAME);
+            }
         }
         self
     }
 
-    /// React to one input and return the reaction (or the error).
-    pub fn when(self, input: SagaInput<S::Event>) -> Result<Reaction, DomainError> {
-        self.adapter.react(&self.state, Self::raw(input)).map(|(_, reaction)| reaction)
+    /// React to one input; assert on what it did with the `then_expect_*`
+    /// methods of the result.
+    ///
+    /// # Panics
+    /// When the host would not deliver the input.
+    #[track_caller]
+    pub fn when(mut self, input: SagaInput<S::Event>) -> SagaOutcome<S> {
+        let result = self.deliver(input).map(|reaction| {
+            let state = codec::decode_state(&self.state).expect("a state the saga just encoded decodes");
+            (state, reaction)
+        });
+        SagaOutcome { result }
+    }
+
+    fn recorded(&self, event: Envelope<S::Event>, position: u64) -> RecordedEvent {
+        let mut recorded =
+            record(&event.aggregate_type, &event.aggregate_id, event.stream_version, position, &event.event);
+        recorded.time = self.clock.to_string();
+        recorded
+    }
+
+    /// Deliver one input as the host would, and keep what the reaction
+    /// changed.
+    #[track_caller]
+    fn deliver(&mut self, input: SagaInput<S::Event>) -> Result<Reaction, DomainError> {
+        let name = S::NAME;
+        assert!(!self.done, "saga `{name}` is done: the host delivers nothing more to it, got {}", describe(&input));
+        if self.instance.is_none() && !matches!(input, SagaInput::Event(_)) {
+            panic!("saga `{name}`: the first input must be an event that starts it, got {}", describe(&input));
+        }
+        let raw = match input {
+            SagaInput::Event(event) => {
+                self.position += 1;
+                let recorded = self.recorded(event, self.position);
+                self.check_correlation(&recorded);
+                RawSagaInput::Event(recorded)
+            }
+            SagaInput::Outcome { request_id, result } => {
+                assert!(
+                    self.awaiting.remove(&request_id),
+                    "saga `{name}`: no command with request id `{request_id}` awaits an outcome (awaiting: {:?})",
+                    self.awaiting
+                );
+                RawSagaInput::Outcome { request_id, result }
+            }
+            SagaInput::Timer { name: timer } => {
+                let Some(due) = self.timers.remove(&timer) else {
+                    panic!("saga `{name}`: timer `{timer}` is not pending (pending: {:?})", self.timers.keys())
+                };
+                self.clock = self.clock.max(due);
+                RawSagaInput::Timer { name: timer }
+            }
+            SagaInput::Cancelled { reason } => RawSagaInput::Cancelled { reason },
+        };
+        let (state, reaction) = self.adapter.react(&self.state, raw, self.clock)?;
+        self.state = state;
+        for command in &reaction.commands {
+            assert!(
+                self.request_ids.insert(command.request_id.clone()),
+                "saga `{name}` used request id `{}` twice: it must be unique within the instance",
+                command.request_id
+            );
+            self.awaiting.insert(command.request_id.clone());
+        }
+        for timer in &reaction.timers_cancelled {
+            self.timers.remove(timer);
+        }
+        for (timer, after) in &reaction.timers_set {
+            self.timers.insert(timer.clone(), self.clock + *after);
+        }
+        if reaction.done {
+            self.done = true;
+            self.timers.clear();
+        }
+        Ok(reaction)
+    }
+
+    /// The host delivers an event only to the instances it correlates to;
+    /// the first one creates the instance, and must be of a starting type.
+    #[track_caller]
+    fn check_correlation(&mut self, event: &RecordedEvent) {
+        let name = S::NAME;
+        let ids = self
+            .adapter
+            .correlate(event)
+            .unwrap_or_else(|e| panic!("saga `{name}` failed to correlate `{}`: {e}", event.event_type));
+        match &self.instance {
+            Some(instance) => assert!(
+                ids.contains(instance),
+                "saga `{name}`: `{}` correlates to {ids:?}, not to this instance `{instance}`: the host would not \
+                 deliver it",
+                event.event_type
+            ),
+            None => {
+                assert!(
+                    S::STARTED_BY.contains(&event.event_type.as_str()),
+                    "saga `{name}`: the first input must be an event that starts it ({:?}), got `{}`",
+                    S::STARTED_BY,
+                    event.event_type
+                );
+                let Some(first) = ids.into_iter().next() else {
+                    panic!("saga `{name}`: starting event `{}` correlates to no instance", event.event_type)
+                };
+                self.instance = Some(first);
+            }
+        }
+    }
+}
+
+/// A short description of an input, for the harness's messages.
+fn describe<E>(input: &SagaInput<E>) -> String {
+    match input {
+        SagaInput::Event(event) => format!("an event of {} `{}`", event.aggregate_type, event.aggregate_id),
+        SagaInput::Outcome { request_id, .. } => format!("the outcome of `{request_id}`"),
+        SagaInput::Timer { name } => format!("timer `{name}`"),
+        SagaInput::Cancelled { reason } => format!("a cancel ({reason})"),
+    }
+}
+
+/// What a saga did with one input: its new state and reaction, or its
+/// error. The `then_expect_*` methods chain.
+pub struct SagaOutcome<S: Saga> {
+    result: Result<(S, Reaction), DomainError>,
+}
+
+impl<S: Saga> SagaOutcome<S> {
+    #[track_caller]
+    fn reacted(&self) -> &(S, Reaction) {
+        match &self.result {
+            Ok(reacted) => reacted,
+            Err(error) => panic!("saga `{}` failed: {error}", S::NAME),
+        }
+    }
+
+    /// Assert the commands it sent, in order (build them with [`command`]).
+    #[track_caller]
+    pub fn then_expect_commands(self, expected: impl IntoIterator<Item = CommandRequest>) -> Self {
+        let expected: Vec<CommandRequest> = expected.into_iter().collect();
+        assert_eq!(self.reacted().1.commands, expected, "commands sent by saga `{}`", S::NAME);
+        self
+    }
+
+    /// Assert the timers it set: name and delay from the input's time.
+    #[track_caller]
+    pub fn then_expect_timers<'a>(self, expected: impl IntoIterator<Item = (&'a str, Duration)>) -> Self {
+        let expected: Vec<(String, Duration)> =
+            expected.into_iter().map(|(name, after)| (name.to_owned(), after)).collect();
+        assert_eq!(self.reacted().1.timers_set, expected, "timers set by saga `{}`", S::NAME);
+        self
+    }
+
+    /// Assert the timers it cancelled.
+    #[track_caller]
+    pub fn then_expect_cancelled_timers<'a>(self, expected: impl IntoIterator<Item = &'a str>) -> Self {
+        let expected: Vec<String> = expected.into_iter().map(str::to_owned).collect();
+        assert_eq!(self.reacted().1.timers_cancelled, expected, "timers cancelled by saga `{}`", S::NAME);
+        self
+    }
+
+    /// Assert its state after the reaction.
+    #[track_caller]
+    pub fn then_expect_state(self, expected: S) -> Self
+    where
+        S: PartialEq + Debug,
+    {
+        assert_eq!(self.reacted().0, expected, "state of saga `{}`", S::NAME);
+        self
+    }
+
+    /// Assert the instance finished.
+    #[track_caller]
+    pub fn then_expect_done(self) -> Self {
+        assert!(self.reacted().1.done, "saga `{}` should be done", S::NAME);
+        self
+    }
+
+    /// Assert the instance goes on.
+    #[track_caller]
+    pub fn then_expect_running(self) -> Self {
+        assert!(!self.reacted().1.done, "saga `{}` should not be done", S::NAME);
+        self
+    }
+
+    /// Assert it failed with an error whose reason contains `reason`.
+    #[track_caller]
+    pub fn then_expect_error(self, reason: &str) {
+        match self.result {
+            Err(error) => assert!(error.to_string().contains(reason), "error `{error}` does not mention `{reason}`"),
+            Ok((_, reaction)) => panic!("expected saga `{}` to fail mentioning `{reason}`, got {reaction:?}", S::NAME),
+        }
+    }
+
+    /// The new state and reaction (or the error), for assertions the
+    /// helpers don't cover.
+    pub fn result(self) -> Result<(S, Reaction), DomainError> {
+        self.result
     }
 }

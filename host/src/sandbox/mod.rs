@@ -9,6 +9,7 @@
 //! Every call runs under an epoch deadline and a memory cap; a trap costs
 //! that call (and that instance) only.
 
+mod fold;
 mod loader;
 mod output;
 mod registry;
@@ -24,7 +25,8 @@ use wasmtime::component::{HasSelf, InstancePre, Linker, ResourceTable};
 use wasmtime::{Config, Engine, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-pub use loader::{ModuleSet, with_build_label};
+pub use fold::{FoldError, fold_events, into_recorded, to_recorded};
+pub use loader::ModuleSet;
 pub use registry::{LoadFailure, ModuleChange, ModuleRegistry, RegistryConfig, ReloadReport, SwapHook};
 pub use watcher::{PluginsWatcher, watch_plugins};
 
@@ -249,6 +251,29 @@ pub struct GuestFailure {
 struct PooledInstance {
     store: Store<GuestState>,
     bindings: bindings::Module,
+}
+
+/// Refuse a manifest whose projections or sagas subscribe to bare event
+/// types: an event is named by its aggregate type (`account.MoneyDeposited`)
+/// or its module too (`bank.account.MoneyDeposited`), so another module's
+/// event of the same name is never fed to them.
+fn check_subscriptions(manifest: &ModuleManifest) -> Result<(), String> {
+    let subscribers = manifest.projections.iter().map(|p| ("projection", &p.name, &p.event_types)).chain(
+        manifest
+            .sagas
+            .iter()
+            .flat_map(|s| [("saga", &s.name, &s.starting_event_types), ("saga", &s.name, &s.event_types)]),
+    );
+    for (kind, name, event_types) in subscribers {
+        if let Some(bare) = event_types.iter().find(|t| !t.contains('.')) {
+            return Err(format!(
+                "{kind} `{name}` subscribes to `{bare}` without saying whose event it is: subscriptions are \
+                 `aggregate_type.Event` or `module.aggregate_type.Event` (rebuild with the current SDK; register \
+                 it with `projection_of`/`saga_of` if its event enum is not one of the module's aggregates)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A loaded, validated module: its identity, manifest and warm instances.
@@ -513,8 +538,42 @@ fn describe_trap(error: &wasmtime::Error, limits: &SandboxLimits) -> String {
     }
 }
 
+/// The version of the `orchestrix:domain` package this host serves: the
+/// `package` line of `wit/domain.wit`, which the `bindgen!` reads (a test
+/// keeps the two equal).
+const WORLD_VERSION: &str = "0.2.0";
+
+/// Refuse a component built against another version of the contract,
+/// naming both versions. Without this, wasmtime's type check would report
+/// an import the host lacks or an export it cannot find, without saying
+/// that a rebuild is all it takes.
+fn check_world_version(engine: &Engine, component: &wasmtime::component::Component) -> Result<(), String> {
+    let ty = component.component_type();
+    let names = ty.imports(engine).map(|(name, _)| name).chain(ty.exports(engine).map(|(name, _)| name));
+    match foreign_world(names) {
+        Some(world) => Err(format!(
+            "module built against {world}; this host serves @{WORLD_VERSION} — rebuild it with the current \
+             orchestrix-guest"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The other version of `orchestrix:domain` that import or export names
+/// (`orchestrix:domain/log@0.1.0`) were generated from, if any: the package
+/// named with that version, or "an unversioned orchestrix:domain".
+fn foreign_world<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    names.into_iter().filter_map(|name| name.strip_prefix("orchestrix:domain/")).find_map(|interface| {
+        match interface.split_once('@') {
+            Some((_, version)) if version == WORLD_VERSION => None,
+            Some((_, version)) => Some(format!("orchestrix:domain@{version}")),
+            None => Some("an unversioned orchestrix:domain".to_owned()),
+        }
+    })
+}
+
 /// Build a [`GuestModule`] from a compiled component: check it implements
-/// the world, instantiate it once and read its manifest.
+/// this version of the world, instantiate it once and read its manifest.
 pub(crate) fn prepare_module(
     sandbox: &Sandbox,
     component: &wasmtime::component::Component,
@@ -522,6 +581,7 @@ pub(crate) fn prepare_module(
     content_hash: String,
     metrics: Metrics,
 ) -> Result<GuestModule, String> {
+    check_world_version(&sandbox.engine, component)?;
     let instance_pre: InstancePre<GuestState> = sandbox.linker.instantiate_pre(component).map_err(|e| {
         format!("imports something the host does not provide (not an orchestrix:domain module?): {e:#}")
     })?;
@@ -554,6 +614,7 @@ pub(crate) fn prepare_module(
     if manifest.name.trim().is_empty() {
         return Err("manifest has an empty module name".into());
     }
+    check_subscriptions(&manifest)?;
     module.name = manifest.name.clone();
     module.version = manifest.version.clone();
     module.manifest = manifest;
@@ -565,4 +626,50 @@ pub(crate) fn prepare_module(
     // start the pool afresh under the module's own name.
     module.idle.lock().clear();
     Ok(module)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_version_is_the_wit_package() {
+        let wit = include_str!("../../../wit/domain.wit");
+        let package = format!("\npackage orchestrix:domain@{WORLD_VERSION};\n");
+        assert!(wit.contains(&package), "wit/domain.wit does not declare `{}`", package.trim());
+    }
+
+    #[test]
+    fn names_of_another_version_are_told_apart() {
+        let current = format!("orchestrix:domain/manifest@{WORLD_VERSION}");
+        assert_eq!(foreign_world(["wasi:cli/environment@0.2.6", current.as_str(), "fixture:other/greet"]), None);
+        assert_eq!(
+            foreign_world(["wasi:io/streams@0.2.6", "orchestrix:domain/log@0.1.0", current.as_str()]).as_deref(),
+            Some("orchestrix:domain@0.1.0")
+        );
+        assert_eq!(foreign_world(["orchestrix:domain/log"]).as_deref(), Some("an unversioned orchestrix:domain"));
+    }
+
+    #[test]
+    fn a_component_of_an_older_world_is_refused_with_the_fix() {
+        let engine = Engine::default();
+        let old = wasmtime::component::Component::new(
+            &engine,
+            r#"(component
+                (import "orchestrix:domain/types@0.1.0" (instance))
+                (import "orchestrix:domain/log@0.1.0" (instance)))"#,
+        )
+        .expect("the fixture compiles");
+        assert_eq!(
+            check_world_version(&engine, &old).unwrap_err(),
+            format!(
+                "module built against orchestrix:domain@0.1.0; this host serves @{WORLD_VERSION} — rebuild it with \
+                 the current orchestrix-guest"
+            )
+        );
+        let unrelated =
+            wasmtime::component::Component::new(&engine, r#"(component (import "fixture:other/greet" (instance)))"#)
+                .expect("the fixture compiles");
+        assert_eq!(check_world_version(&engine, &unrelated), Ok(()));
+    }
 }

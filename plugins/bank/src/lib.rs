@@ -1,17 +1,25 @@
-//! The banking example module: one aggregate type, `account`, and two
+//! The banking example module: the `account` aggregate (here), two
 //! projections of it (`account_summaries`, `status_totals`; see
-//! `projections.rs`).
+//! `projections.rs`), and money transfers between accounts — the `transfer`
+//! aggregate (`transfer.rs`) and the `money_transfer` saga that moves the
+//! money and compensates (`money_transfer.rs`).
 //!
 //! Amounts are integer cents. An account is opened once, takes deposits and
 //! withdrawals while ACTIVE (never overdrawn), can be suspended and
-//! reactivated, and is closed for good once its balance is zero.
+//! reactivated, and is closed for good once its balance is zero. A deposit
+//! to an account that is not ACTIVE (never opened, suspended, closed) is
+//! rejected — which is what sends a transfer's money back.
 
+mod money_transfer;
 mod projections;
+mod transfer;
 
 use orchestrix_guest::{Aggregate, DomainError, Module, ModuleBuilder};
 use serde::{Deserialize, Serialize};
 
+pub use money_transfer::{MoneyTransfer, REFUND_RETRY, TransferStep};
 pub use projections::{AccountSummaries, AccountSummary, StatusTotal, StatusTotals};
+pub use transfer::{Transfer, TransferCommand, TransferEvent, TransferStatus};
 
 /// Lifecycle of an account.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,7 +186,12 @@ impl Module for Bank {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
 
     fn register(module: &mut ModuleBuilder) {
-        module.aggregate::<Account>().projection::<AccountSummaries>().projection::<StatusTotals>();
+        module
+            .aggregate::<Account>()
+            .aggregate::<Transfer>()
+            .projection::<AccountSummaries>()
+            .projection::<StatusTotals>()
+            .saga::<MoneyTransfer>();
     }
 }
 
@@ -292,6 +305,19 @@ mod tests {
         ] {
             given::<Account>([]).when(command).then_expect_rejection("does not exist");
         }
+    }
+
+    #[test]
+    fn deposits_to_accounts_that_are_not_active_are_rejected() {
+        // Rejected (422), not invalid: a transfer's deposit refused so is
+        // compensated by a refund.
+        given::<Account>([]).when(DepositMoney { amount: 1 }).then_expect_rejection("account does not exist");
+        given::<Account>([opened(0), AccountSuspended { reason: "audit".into() }])
+            .when(DepositMoney { amount: 1 })
+            .then_expect_rejection("cannot deposit: account is SUSPENDED, must be ACTIVE");
+        given::<Account>([opened(0), AccountClosed {}])
+            .when(DepositMoney { amount: 1 })
+            .then_expect_rejection("cannot deposit: account is CLOSED, must be ACTIVE");
     }
 
     #[test]

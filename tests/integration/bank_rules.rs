@@ -3,7 +3,11 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
+use crate::fixtures::fixture_tests;
 use crate::support::{Sandbox, TestHost, error_code};
+
+// `Sandbox::with_bank` loads `BANK`.
+fixture_tests! { BANK => deposits_and_withdrawals }
 
 /// A valid body for every account command except `OpenAccount`.
 const EVERY_COMMAND_BUT_OPEN: [(&str, &str); 5] = [

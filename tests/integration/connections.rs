@@ -255,7 +255,7 @@ mod few_descriptors {
         };
         orchestrix_host::server::raise_descriptor_limit();
         let mut config = orchestrix_host::runtime::RuntimeConfig::new(plugins, store);
-        config.cache_dir = std::path::Path::new(env!("ORCHESTRIX_TEST_WASM_DIR")).join("precompiled");
+        config.cache_dir = crate::support::precompiled_cache();
         config.watch_plugins = None;
         config.server.header_read_timeout = Duration::from_secs(300);
         config.server.idle_timeout = Duration::from_secs(300);

@@ -11,13 +11,14 @@ use orchestrix_host::sse::SseParser;
 use orchestrix_host::store::{
     AppendOutcome, EventFilter, EventStore, ExpectedVersion, StoreError, StreamId, StreamRange, Subscription,
 };
+use orchestrix_testkit::{Purpose, drop_schema, fresh_schema};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::store_conformance::{append, backends, open_postgres};
-use crate::support::{Sandbox, TestHost, database_url, drop_schema, error_code, fresh_schema};
+use crate::support::{Sandbox, TestHost, database_url, error_code};
 
 /// Longest any test here waits for events it expects; reaching it is a failure.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -81,7 +82,7 @@ async fn several_writers_sharing_one_postgres_database_keep_one_gap_free_order()
     let Some(url) = database_url("several_writers_sharing_one_postgres_database_keep_one_gap_free_order") else {
         return;
     };
-    let schema = fresh_schema(&url).await;
+    let schema = fresh_schema(&url, Purpose::Test).await.expect("a fresh schema");
     // Three independent stores stand for three host processes: each has its
     // own writer, connections and listener. A fourth only reads, so it
     // learns of new events only through NOTIFY (or polling).
@@ -127,7 +128,7 @@ async fn several_writers_sharing_one_postgres_database_keep_one_gap_free_order()
     for store in writers.iter().chain([&reader]) {
         store.close().await;
     }
-    drop_schema(&url, &schema).await;
+    drop_schema(&url, &schema).await.expect("the test schema is dropped");
 }
 
 /// Environment of a writer process started by
@@ -156,7 +157,7 @@ async fn several_host_processes_on_one_postgres_database_keep_one_gap_free_order
     let Some(url) = database_url("several_host_processes_on_one_postgres_database_keep_one_gap_free_order") else {
         return;
     };
-    let schema = fresh_schema(&url).await;
+    let schema = fresh_schema(&url, Purpose::Test).await.expect("a fresh schema");
     // Three processes start at once on a schema that does not exist yet
     // (so they also race on creating and migrating it), then each appends
     // 400 events from 8 concurrent writers.
@@ -187,7 +188,7 @@ async fn several_host_processes_on_one_postgres_database_keep_one_gap_free_order
         }
     }
     reader.close().await;
-    drop_schema(&url, &schema).await;
+    drop_schema(&url, &schema).await.expect("the test schema is dropped");
 }
 
 /// A TCP proxy in front of PostgreSQL that a test can cut and restore: a
@@ -245,7 +246,7 @@ async fn a_postgres_outage_fails_fast_with_503_and_the_host_recovers() {
     let target = url.split('@').nth(1).and_then(|rest| rest.split('/').next()).expect("URL with host:port");
     let proxy = Proxy::start(target).await;
     let proxied = url.replacen(target, &format!("127.0.0.1:{}", proxy.port), 1);
-    let schema = fresh_schema(&url).await;
+    let schema = fresh_schema(&url, Purpose::Test).await.expect("a fresh schema");
     let sandbox = Sandbox::with_bank();
     let mut config = sandbox.config();
     config.store_url = proxied;
@@ -285,7 +286,7 @@ async fn a_postgres_outage_fails_fast_with_503_and_the_host_recovers() {
     assert_eq!(host.balance("out").await, 16);
     host.stop().await;
     proxy.cut();
-    drop_schema(&url, &schema).await;
+    drop_schema(&url, &schema).await.expect("the test schema is dropped");
 }
 
 /// Read Server-Sent Events from a response until `count` have arrived.

@@ -11,14 +11,17 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::support::{Sandbox, TestHost, error_code, wasm};
+use crate::fixtures::{FIXTURE_COUNTER, FIXTURE_COUNTER_V2, FIXTURE_COUNTER_V3, fixture_tests, read};
+use crate::support::{Sandbox, TestHost, error_code};
+
+fixture_tests! {
+    FIXTURE_COUNTER => swapping_versions_under_load_fails_no_request_and_the_new_rule_holds,
+    FIXTURE_COUNTER_V2 => swapping_versions_under_load_fails_no_request_and_the_new_rule_holds,
+    FIXTURE_COUNTER_V3 => a_version_whose_apply_fails_on_stored_history_is_refused_and_the_old_keeps_serving,
+}
 
 /// Longest a test waits for the watcher to act; reaching it is a failure.
 const PATIENCE: Duration = Duration::from_secs(30);
-
-fn counter(version: u8) -> Vec<u8> {
-    std::fs::read(wasm(&format!("counter_v{version}"))).expect("counter fixtures built by build.rs")
-}
 
 /// Replace a plugin the way deploy tools do: write a temporary file, rename it over.
 fn deploy(sandbox: &Sandbox, file_name: &str, bytes: &[u8]) {
@@ -58,7 +61,7 @@ fn failure_of<'a>(modules: &'a Value, file_name: &str) -> Option<&'a str> {
 
 fn counter_sandbox() -> Sandbox {
     let sandbox = Sandbox::with_bank();
-    sandbox.add_plugin("counter.wasm", &counter(1));
+    sandbox.add_plugin("counter.wasm", &read(FIXTURE_COUNTER));
     sandbox
 }
 
@@ -86,7 +89,7 @@ async fn swapping_versions_under_load_fails_no_request_and_the_new_rule_holds() 
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    deploy(&sandbox, "counter.wasm", &counter(2));
+    deploy(&sandbox, "counter.wasm", &read(FIXTURE_COUNTER_V2));
     wait_for_modules(&host, "v2 to serve", |m| version_of(m, "counter") == Some("2.0.0")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(1, Ordering::Relaxed);
@@ -114,7 +117,7 @@ async fn a_version_whose_apply_fails_on_stored_history_is_refused_and_the_old_ke
     let sandbox = counter_sandbox();
     let host = sandbox.start().await;
     assert_eq!(increment(&host, "h", 3).await.0, StatusCode::OK);
-    deploy(&sandbox, "counter.wasm", &counter(3));
+    deploy(&sandbox, "counter.wasm", &read(FIXTURE_COUNTER_V3));
     let modules = wait_for_modules(&host, "v3 to be refused", |m| failure_of(m, "counter.wasm").is_some()).await;
     let reason = failure_of(&modules, "counter.wasm").unwrap();
     assert!(reason.contains("replay check") && reason.contains("counter/h"), "{reason}");
@@ -122,7 +125,7 @@ async fn a_version_whose_apply_fails_on_stored_history_is_refused_and_the_old_ke
     assert_eq!(increment(&host, "h", 7).await.0, StatusCode::OK, "v1's rule still applies");
 
     // A good version after the bad one is taken, and clears the failure.
-    deploy(&sandbox, "counter.wasm", &counter(2));
+    deploy(&sandbox, "counter.wasm", &read(FIXTURE_COUNTER_V2));
     let modules = wait_for_modules(&host, "v2", |m| version_of(m, "counter") == Some("2.0.0")).await;
     assert!(failure_of(&modules, "counter.wasm").is_none(), "{modules}");
     host.stop().await;
@@ -142,7 +145,7 @@ async fn deleting_a_module_unloads_it_and_restoring_it_serves_its_kept_data() {
     assert_eq!(host.all_events().await.len(), 1, "the module's events are kept");
     assert_eq!(host.account("b", "OpenAccount", r#"{"owner":"Ada","initial_balance":1}"#).await.0, StatusCode::OK);
 
-    deploy(&sandbox, "counter.wasm", &counter(1));
+    deploy(&sandbox, "counter.wasm", &read(FIXTURE_COUNTER));
     wait_for_modules(&host, "counter to return", |m| version_of(m, "counter") == Some("1.0.0")).await;
     assert_eq!(increment(&host, "d", 1).await.0, StatusCode::OK);
     let (_, state) = host.get("/v1/aggregates/counter/d").await;
@@ -159,7 +162,7 @@ async fn manual_reload_handles_half_written_files_and_new_file_names() {
     assert_eq!(increment(&host, "m", 1).await.0, StatusCode::OK);
 
     // A copy in progress under a new file name: refused, v1 keeps serving.
-    let v2 = counter(2);
+    let v2 = read(FIXTURE_COUNTER_V2);
     std::fs::write(sandbox.plugins().join("counter-2.wasm"), &v2[..v2.len() / 2]).unwrap();
     let (status, report) = host.command("/v1/modules/reload", "", &[]).await;
     assert_eq!(status, StatusCode::OK, "{report}");

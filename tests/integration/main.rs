@@ -1,15 +1,18 @@
 //! End-to-end tests of the host: real wasm modules built from source by
-//! `build.rs`, real SQLite files in temporary directories, the real
-//! PostgreSQL server at `DATABASE_URL` (one schema per test), real HTTP.
+//! `build.rs` (their paths in [`fixtures`], each artifact with a test), real
+//! SQLite files in temporary directories, the real PostgreSQL server at
+//! `DATABASE_URL` (one schema per test), real HTTP.
 
 mod bank_rules;
 mod commands;
 mod connections;
 mod feed;
+mod fixtures;
 mod lifecycle;
 mod plugins_dir;
 mod projections;
 mod robustness;
+mod saga_domains;
 mod sandbox_limits;
 mod store_conformance;
 mod support;

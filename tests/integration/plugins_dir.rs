@@ -4,7 +4,10 @@
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::support::{Sandbox, wasm};
+use crate::fixtures::{BANK, FIXTURE_OTHER_WORLD, fixture_tests, read};
+use crate::support::Sandbox;
+
+fixture_tests! { FIXTURE_OTHER_WORLD => bad_files_are_refused_while_bank_keeps_working }
 
 fn failure_for<'a>(modules: &'a Value, file_name: &str) -> &'a str {
     modules["failures"]
@@ -22,7 +25,7 @@ async fn bad_files_are_refused_while_bank_keeps_working() {
     sandbox.add_plugin("garbage.wasm", b"this is not wasm at all");
     // The smallest valid core module: magic number and version 1.
     sandbox.add_plugin("core-module.wasm", b"\0asm\x01\0\0\0");
-    sandbox.add_plugin("other-world.wasm", &std::fs::read(wasm("fixture_other_world")).expect("fixture built"));
+    sandbox.add_plugin("other-world.wasm", &read(FIXTURE_OTHER_WORLD));
     sandbox.add_plugin("notes.txt", b"ignored: not a .wasm file");
 
     let host = sandbox.start().await;
@@ -43,7 +46,13 @@ async fn bad_files_are_refused_while_bank_keeps_working() {
     let projections: Vec<&str> =
         bank["manifest"]["projections"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(projections, ["account_summaries", "status_totals"]);
-    assert!(bank["manifest"]["projections"][0]["event_types"].as_array().unwrap().iter().any(|t| t == "AccountClosed"));
+    assert!(
+        bank["manifest"]["projections"][0]["event_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "account.AccountClosed")
+    );
 
     let (status, body) = host.account("ok", "OpenAccount", r#"{"owner":"Ada","initial_balance":1}"#).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -53,7 +62,7 @@ async fn bad_files_are_refused_while_bank_keeps_working() {
 #[tokio::test]
 async fn a_module_name_is_its_identity_not_its_file_name() {
     let sandbox = Sandbox::with_bank();
-    sandbox.add_plugin("zz-bank-copy.wasm", &std::fs::read(wasm("bank")).unwrap());
+    sandbox.add_plugin("zz-bank-copy.wasm", &read(BANK));
     let host = sandbox.start().await;
     // Two files, one module: the newer file serves, the older is reported.
     let reason = failure_for(&host.modules, "/bank.wasm");

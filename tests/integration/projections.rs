@@ -14,7 +14,12 @@ use orchestrix_host::store::{AppendRequest, EventData, EventMetadata, EventStore
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Sandbox, StoreUnderTest, TestHost, caught_up, error_code, rand_u64, wait_for, wasm};
+use orchestrix_testkit::rand_u64;
+
+use crate::fixtures::{FIXTURE_COUNTER, FIXTURE_COUNTER_V2, FIXTURE_HAZARD, FIXTURE_LEDGER, fixture_tests, read};
+use crate::support::{Sandbox, StoreUnderTest, TestHost, caught_up, error_code, precompiled_cache, wait_for};
+
+fixture_tests! { FIXTURE_LEDGER => a_projection_sees_only_the_events_it_names_when_modules_share_event_names }
 
 /// Every document of a collection, through the paginated list route.
 async fn dump(host: &TestHost, projection: &str, collection: &str) -> BTreeMap<String, Value> {
@@ -222,7 +227,7 @@ async fn a_rebuild_under_load_answers_every_query_from_one_whole_copy() {
 #[tokio::test]
 async fn a_poison_event_parks_the_projection_until_skipped_even_across_restarts() {
     let sandbox = Sandbox::empty();
-    sandbox.add_plugin("hazard.wasm", &std::fs::read(wasm("fixture_hazard")).unwrap());
+    sandbox.add_plugin("hazard.wasm", &read(FIXTURE_HAZARD));
     let test = "a_poison_event_parks_the_projection_until_skipped_even_across_restarts";
     for store in StoreUnderTest::all(&sandbox, test).await {
         let name = store.name;
@@ -285,8 +290,8 @@ async fn a_poison_event_parks_the_projection_until_skipped_even_across_restarts(
 #[tokio::test]
 async fn a_new_projection_version_rebuilds_on_hot_reload_and_at_start() {
     let sandbox = Sandbox::empty();
-    let v1 = std::fs::read(wasm("counter_v1")).unwrap();
-    let v2 = std::fs::read(wasm("counter_v2")).unwrap();
+    let v1 = read(FIXTURE_COUNTER);
+    let v2 = read(FIXTURE_COUNTER_V2);
     sandbox.add_plugin("counter.wasm", &v1);
     let host = sandbox.start().await;
     for by in [3, 4] {
@@ -337,7 +342,7 @@ async fn projecting_host_process() {
     };
     let mut config = RuntimeConfig::new(plugins, url);
     config.store_options.schema = std::env::var(CHILD_SCHEMA).ok();
-    config.cache_dir = std::path::Path::new(env!("ORCHESTRIX_TEST_WASM_DIR")).join("precompiled");
+    config.cache_dir = precompiled_cache();
     config.projections.batch_size = 16;
     config.watch_plugins = None;
     let _runtime = orchestrix_host::runtime::Runtime::start(config).await.expect("child host starts");
@@ -471,5 +476,41 @@ async fn killed_hosts_leave_read_models_equal_to_a_clean_rebuild() {
         }
         host.stop().await;
         store_under_test.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn a_projection_sees_only_the_events_it_names_when_modules_share_event_names() {
+    let sandbox = Sandbox::with_bank();
+    sandbox.add_plugin("ledger.wasm", &read(FIXTURE_LEDGER));
+    let test = "a_projection_sees_only_the_events_it_names_when_modules_share_event_names";
+    for store in StoreUnderTest::all(&sandbox, test).await {
+        let name = store.name;
+        let host = TestHost::start(store.config(&sandbox)).await;
+        let modules = host.modules["modules"].as_array().unwrap();
+        let summaries = modules.iter().find(|m| m["name"] == "bank").unwrap()["manifest"]["projections"][0].clone();
+        assert!(
+            summaries["event_types"].as_array().unwrap().iter().all(|t| t.as_str().unwrap().starts_with("account."))
+        );
+        // Both modules emit `AccountOpened` and `MoneyDeposited`, with other payloads.
+        assert_eq!(
+            host.account("acc", "OpenAccount", r#"{"owner":"Ada","initial_balance":5}"#).await.0,
+            StatusCode::OK
+        );
+        host.account("acc", "DepositMoney", r#"{"amount":7}"#).await;
+        for (command, body) in [("Open", r#"{"book":"main"}"#), ("Deposit", r#"{"cents":250}"#)] {
+            let (status, reply) =
+                host.command(&format!("/v1/aggregates/ledger/acc/commands/{command}"), body, &[]).await;
+            assert_eq!(status, StatusCode::OK, "{name}: {reply}");
+        }
+        let summaries = caught_up(&host, "account_summaries").await;
+        assert!(summaries["parked"].is_null(), "{name}: fed a foreign event: {summaries}");
+        caught_up(&host, "ledger_totals").await;
+        let (_, account) = host.get("/v1/projections/account_summaries/accounts/acc").await;
+        assert_eq!(account, json!({"owner": "Ada", "balance": 12, "status": "ACTIVE", "transactions": 1}), "{name}");
+        let (_, ledger) = host.get("/v1/projections/ledger_totals/ledgers/acc").await;
+        assert_eq!(ledger, json!(250), "{name}: the ledger projection saw only ledger events");
+        host.stop().await;
+        store.finish().await;
     }
 }

@@ -10,13 +10,16 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use orchestrix_host::sandbox::with_build_label;
+use orchestrix_testkit::with_build_label;
 
-use crate::support::{Sandbox, TestHost, error_code, wasm};
+use crate::fixtures::{FIXTURE_HAZARD, fixture_tests, read};
+use crate::support::{Sandbox, TestHost, error_code};
+
+fixture_tests! { FIXTURE_HAZARD => each_failure_costs_one_call_and_other_modules_keep_serving }
 
 fn hazard_sandbox() -> Sandbox {
     let sandbox = Sandbox::with_bank();
-    sandbox.add_plugin("hazard.wasm", &std::fs::read(wasm("fixture_hazard")).expect("fixture built"));
+    sandbox.add_plugin("hazard.wasm", &read(FIXTURE_HAZARD));
     sandbox
 }
 
@@ -115,7 +118,7 @@ async fn failures_in_a_row_quarantine_a_module_until_released_or_replaced() {
         hazard(&host, "Trap").await;
     }
     assert_eq!(hazard(&host, "Note").await.0, StatusCode::SERVICE_UNAVAILABLE);
-    let fixed = with_build_label(&std::fs::read(wasm("fixture_hazard")).unwrap(), "fixed");
+    let fixed = with_build_label(&read(FIXTURE_HAZARD), "fixed");
     sandbox.add_plugin("hazard.wasm", &fixed);
     let (status, report) = host.command("/v1/modules/reload", "", &[]).await;
     assert_eq!(status, StatusCode::OK);

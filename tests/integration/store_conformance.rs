@@ -10,8 +10,9 @@ use orchestrix_host::store::{
     EventStore, ExpectedVersion, PostgresStore, ReadModelChange, SqliteStore, StoreError, StoreOptions, StoredEvent,
     StreamId, StreamRange,
 };
+use orchestrix_testkit::{Purpose, drop_schema, fresh_schema};
 
-use crate::support::{database_url, drop_schema, fresh_schema};
+use crate::support::database_url;
 
 const LIMIT: usize = 16 * 1024;
 
@@ -56,7 +57,7 @@ impl Backend {
     pub async fn finish(self) {
         self.store.close().await;
         if let Storage::Schema { url, schema } = self.storage {
-            drop_schema(&url, &schema).await;
+            drop_schema(&url, &schema).await.expect("the test schema is dropped");
         }
     }
 }
@@ -79,7 +80,7 @@ pub async fn backends(test: &str) -> Vec<Backend> {
     let mut backends =
         vec![Backend { name: "sqlite", store: Arc::new(sqlite), storage: Storage::Directory { _dir: dir, url } }];
     if let Some(url) = database_url(test) {
-        let schema = fresh_schema(&url).await;
+        let schema = fresh_schema(&url, Purpose::Test).await.expect("a fresh schema");
         let store = open_postgres(&url, &schema).await;
         backends.push(Backend { name: "postgres", store, storage: Storage::Schema { url, schema } });
     }

@@ -1,19 +1,17 @@
 //! Starting hosts on temporary plugin directories and databases, and talking
 //! to them over HTTP.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use orchestrix_host::runtime::{Runtime, RuntimeConfig};
+use orchestrix_testkit::{Purpose, drop_schema, fresh_schema};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// A wasm file built by `build.rs` (`bank`, `fixture_other_world`, ...).
-pub fn wasm(name: &str) -> PathBuf {
-    Path::new(env!("ORCHESTRIX_TEST_WASM_DIR")).join(format!("{name}.wasm"))
-}
+use crate::fixtures;
 
 /// The PostgreSQL server of the PostgreSQL tests, from `DATABASE_URL`.
 /// Without it those tests skip, and say so on stderr; `.ci/run` sets it.
@@ -27,48 +25,10 @@ pub fn database_url(test: &str) -> Option<String> {
     }
 }
 
-/// Schemas of test runs older than this are swept away by later runs.
-const STALE_SCHEMA_SECS: u64 = 3600;
-
-/// A schema of its own for one test, so runs never see each other's data.
-/// Also drops schemas that earlier, aborted runs left behind.
-pub async fn fresh_schema(url: &str) -> String {
-    use sqlx::Connection;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let mut connection = sqlx::PgConnection::connect(url).await.expect("DATABASE_URL accepts connections");
-    let schemas: Vec<String> =
-        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'orx\\_test\\_%'")
-            .fetch_all(&mut connection)
-            .await
-            .expect("list schemas");
-    for schema in schemas {
-        let created = schema.split('_').nth(2).and_then(|s| s.parse::<u64>().ok()).unwrap_or(now);
-        if now.saturating_sub(created) > STALE_SCHEMA_SECS {
-            drop_schema_on(&mut connection, &schema).await;
-        }
-    }
-    let unique: u64 = rand_u64();
-    format!("orx_test_{now}_{unique:x}")
-}
-
-/// Drop a test schema and everything in it.
-pub async fn drop_schema(url: &str, schema: &str) {
-    use sqlx::Connection;
-    let mut connection = sqlx::PgConnection::connect(url).await.expect("DATABASE_URL accepts connections");
-    drop_schema_on(&mut connection, schema).await;
-}
-
-async fn drop_schema_on(connection: &mut sqlx::PgConnection, schema: &str) {
-    use sqlx::Executor;
-    assert!(schema.starts_with("orx_test_") && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
-    let _ = connection.execute(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))).await;
-}
-
-pub fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    hasher.finish()
+/// Where the tests keep precompiled modules: each module is compiled once
+/// per test run, not once per test.
+pub fn precompiled_cache() -> PathBuf {
+    PathBuf::from(env!("ORCHESTRIX_TEST_PRECOMPILED_DIR"))
 }
 
 /// A temporary directory with a plugins folder and a database path.
@@ -80,7 +40,7 @@ impl Sandbox {
     /// A plugins directory holding the bank module.
     pub fn with_bank() -> Self {
         let sandbox = Self::empty();
-        sandbox.add_plugin("bank.wasm", &std::fs::read(wasm("bank")).expect("bank.wasm built by build.rs"));
+        sandbox.add_plugin("bank.wasm", &fixtures::read(fixtures::BANK));
         sandbox
     }
 
@@ -101,8 +61,7 @@ impl Sandbox {
     pub fn config(&self) -> RuntimeConfig {
         let mut config =
             RuntimeConfig::new(self.plugins(), format!("sqlite://{}", self.dir.path().join("events.db").display()));
-        // Compile each module once per test run, not once per test.
-        config.cache_dir = Path::new(env!("ORCHESTRIX_TEST_WASM_DIR")).join("precompiled");
+        config.cache_dir = precompiled_cache();
         config.max_body_bytes = 64 * 1024;
         config.store_options.max_event_bytes = 64 * 1024;
         config
@@ -210,7 +169,7 @@ impl StoreUnderTest {
     pub async fn all(sandbox: &Sandbox, test: &str) -> Vec<Self> {
         let mut stores = vec![Self { name: "sqlite", url: sandbox.config().store_url, schema: None }];
         if let Some(url) = database_url(test) {
-            let schema = fresh_schema(&url).await;
+            let schema = fresh_schema(&url, Purpose::Test).await.expect("a fresh schema");
             stores.push(Self { name: "postgres", url, schema: Some(schema) });
         }
         stores
@@ -227,7 +186,7 @@ impl StoreUnderTest {
 
     pub async fn finish(self) {
         if let Some(schema) = self.schema {
-            drop_schema(&self.url, &schema).await;
+            drop_schema(&self.url, &schema).await.expect("the test schema is dropped");
         }
     }
 }

@@ -8,7 +8,8 @@
 //!   reports the valid commands that failed (must be 0) and the throughput
 //!   against a run without the hostile client.
 //! - slowloris: the 64-client deposit throughput with 200 connections open
-//!   that trickle a request header and never finish it, against without.
+//!   that trickle a request header and never finish it, against without
+//!   (two windows each, ordered so both straddle the run's middle).
 //! - half-open: `/healthz` latency (p50/p99 of 200 probes, each on a new
 //!   connection) while 1,000 half-open connections are held.
 //! - wal (SQLite): the peak size of the write-ahead log during the
@@ -158,17 +159,21 @@ pub async fn robustness(args: &BenchArgs, backend: Backend) -> Result<()> {
         );
         hostile.push((attacked.throughput() / calm.throughput(), attacked.failed));
 
+        // With, with, then without again: with the calm run before the
+        // hostile one, both sides straddle the middle of the run alike (the
+        // database grows as the run goes on).
         let trickle = tokio::spawn(hold_half_open(served.address, 200, true));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let slowed = deposits(&served.url, seconds).await?;
+        let slowed = [deposits(&served.url, seconds).await?, deposits(&served.url, seconds).await?];
         trickle.abort();
+        let calm_again = deposits(&served.url, seconds).await?;
+        let with = (slowed[0].throughput() + slowed[1].throughput()) / 2.0;
+        let without = (calm.throughput() + calm_again.throughput()) / 2.0;
         println!(
-            "  run={run} slowloris: {:.0} cmd/s with 200 slow connections vs {:.0} without ({:.1}%)",
-            slowed.throughput(),
-            calm.throughput(),
-            100.0 * slowed.throughput() / calm.throughput()
+            "  run={run} slowloris: {with:.0} cmd/s with 200 slow connections vs {without:.0} without ({:.1}%)",
+            100.0 * with / without
         );
-        slowloris.push(slowed.throughput() / calm.throughput());
+        slowloris.push(with / without);
 
         let held = tokio::spawn(hold_half_open(served.address, 1000, false));
         tokio::time::sleep(Duration::from_millis(500)).await;

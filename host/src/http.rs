@@ -74,8 +74,14 @@ pub const MAX_URI_BYTES: usize = 16 * 1024;
 /// Most bytes of request headers (names and values) the API reads.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
+/// Longest a request (reading its body included) may take, except the live
+/// feed, which streams for as long as its client reads.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Refuse, in the API's error shape, a request target or headers larger
-/// than any route needs (414 `uri_too_long`, 431 `headers_too_large`).
+/// than any route needs (414 `uri_too_long`, 431 `headers_too_large`), and
+/// end a request that takes longer than [`REQUEST_TIMEOUT`] — a body sent
+/// slowly or never — with 408 `request_timeout`.
 async fn request_limits(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let uri = request.uri().path_and_query().map_or(0, |target| target.as_str().len());
     if uri > MAX_URI_BYTES {
@@ -88,7 +94,18 @@ async fn request_limits(request: axum::extract::Request, next: axum::middleware:
         return ApiError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", message)
             .into_response();
     }
-    next.run(request).await
+    if request.uri().path() == "/v1/events/stream" {
+        return next.run(request).await;
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let message = format!("the request did not complete within {} s", REQUEST_TIMEOUT.as_secs());
+            let mut response = ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message).into_response();
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
 }
 
 /// An error response.
@@ -165,12 +182,12 @@ fn invalid_input_code(input: &InvalidInput) -> &'static str {
         "aggregate_id" => "invalid_aggregate_id",
         "idempotency_key" => "invalid_idempotency_key",
         "correlation_id" => "invalid_correlation_id",
-        "key" | "collection" => "invalid_path",
+        "key" | "collection" | "projection" => "invalid_path",
         _ => "invalid_query",
     }
 }
 
-fn store_status(error: &StoreError) -> (StatusCode, &'static str) {
+pub(crate) fn store_status(error: &StoreError) -> (StatusCode, &'static str) {
     let code = match error {
         StoreError::Conflict { .. } => "version_conflict",
         StoreError::PayloadTooLarge { .. } => return (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),

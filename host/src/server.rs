@@ -23,8 +23,8 @@
 //!   their connection (the live feed drops a subscriber that stopped reading:
 //!   ending the body is not enough, hyper is not polling it).
 //! - Shutdown: stop accepting, let each connection finish its in-flight
-//!   request (hyper's graceful shutdown closes idle ones at once), and
-//!   return when the last connection is gone.
+//!   request (hyper's graceful shutdown closes idle ones at once) for up to
+//!   10 s, and return when the last connection is gone.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -64,6 +64,8 @@ pub const DEFAULT_MAX_CONNECTIONS_CAP: usize = 16_384;
 /// the header-read timeout, if that is shorter).
 const RESERVE_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a shutdown waits for a connection to finish its request.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const LOG_EVERY: Duration = Duration::from_secs(1);
 /// What the reserve serves.
 const PROBE_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
@@ -383,7 +385,10 @@ impl Admitted {
         };
         let connection = http.serve_connection(io, service);
         tokio::pin!(connection);
-        let mut drained = false;
+        // Once the host shuts down: the time by which this connection must
+        // have finished, or is dropped (a client that stopped reading, a
+        // body that never comes must not hold the shutdown).
+        let mut grace: Option<Instant> = None;
         loop {
             let deadline = self.tracker.deadline();
             tokio::select! {
@@ -395,8 +400,9 @@ impl Admitted {
                 }
                 _ = self.tracker.changed.notified() => {}
                 _ = sleep_until(deadline) => {}
-                _ = draining.changed(), if !drained => {
-                    drained = true;
+                _ = sleep_until(grace) => return,
+                _ = draining.changed(), if grace.is_none() => {
+                    grace = Some(Instant::now() + SHUTDOWN_GRACE);
                     connection.as_mut().graceful_shutdown();
                 }
             }

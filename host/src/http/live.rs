@@ -153,7 +153,8 @@ impl Producer {
                     }
                 }
                 Err(error) => {
-                    let data = json!({"error": {"code": "store_unavailable", "message": error.to_string()}});
+                    let (_, code) = super::store_status(&error);
+                    let data = json!({"error": {"code": code, "message": error.to_string()}});
                     if let Err(end) = self.push(SseEvent::default().event("error"), data.to_string()).await {
                         return end;
                     }

@@ -100,6 +100,7 @@ async fn document(
     State(state): State<Arc<ApiState>>,
     ApiPath((name, collection, key)): ApiPath<(String, String, String)>,
 ) -> Result<Response, ApiError> {
+    check_no_nul("projection", &name)?;
     check_no_nul("collection", &collection)?;
     check_no_nul("key", &key)?;
     let store = state.commands.store();
@@ -140,6 +141,7 @@ async fn list_documents(
     let mut limit = DEFAULT_PAGE;
     let mut cursor = None;
     let mut filters: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    check_no_nul("projection", &name)?;
     check_no_nul("collection", &collection)?;
     for (name, value) in params {
         check_no_nul("query", &value)?;

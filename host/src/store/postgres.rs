@@ -417,8 +417,10 @@ impl Writer {
         }
     }
 
-    /// Commit one batch. Any failure drops the connection (the server rolls
-    /// back whatever it began) and answers every append of the batch.
+    /// Commit one batch. A refusal (data one append carries) rolls back,
+    /// keeps the connection and splits the batch until the culprit stands
+    /// alone; any other failure drops the connection (the server rolls back
+    /// whatever it began) and answers every append of the batch.
     async fn commit_batch(&mut self, appends: Vec<(AppendRequest, Reply)>) {
         let mut connection = match self.connection.take() {
             Some(connection) => connection,
@@ -433,6 +435,20 @@ impl Writer {
         };
         let facts = match self.begin_and_read_facts(&mut connection, &appends).await {
             Ok(facts) => facts,
+            Err(error) if error.is_refusal() && appends.len() > 1 => {
+                // A stream or command id the database refuses to look up:
+                // isolate it as a refused write would be.
+                self.known_head = None;
+                if self.step("ROLLBACK", connection.execute("ROLLBACK")).await.is_ok() {
+                    self.connection = Some(connection);
+                }
+                let mut first = appends;
+                let second = first.split_off(first.len() / 2);
+                for half in [first, second] {
+                    Box::pin(self.commit_batch(half)).await;
+                }
+                return;
+            }
             Err(error) => {
                 self.known_head = None;
                 self.health.record::<()>(&Err(error.clone()));

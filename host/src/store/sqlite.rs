@@ -282,7 +282,8 @@ fn decode_command(row: &SqliteRow) -> CommandRecord {
 
 /// Rows per INSERT statement (13 parameters each; SQLite allows 32766).
 const ROWS_PER_INSERT: usize = 2000;
-/// Group commits between two passive checkpoints of the writer.
+/// Group commits (appends and read-model changes) between two passive
+/// checkpoints of the writer.
 const CHECKPOINT_EVERY_COMMITS: u32 = 32;
 /// WAL frames (pages, 4 KiB) left after a passive checkpoint beyond which
 /// the writer runs a `RESTART` checkpoint: readers that kept the passive
@@ -330,6 +331,8 @@ impl Writer {
             }
             if let Some(ReadModelWork { change, reply }) = batch.work {
                 let applied = read_models::sqlite::apply(&mut self.connection, *change, self.fsync_appends).await;
+                self.health.record(&applied);
+                self.commits_since_checkpoint += 1;
                 let _ = reply.send(applied);
             }
             if let Some(done) = batch.shutdown {
@@ -390,7 +393,7 @@ impl Writer {
     /// instead of growing. Readers that keep reading older frames can stop
     /// a passive checkpoint short; when that has left more than
     /// [`RESTART_AFTER_FRAMES`] in the WAL, a `RESTART` checkpoint waits for
-    /// them (up to the busy timeout). `journal_size_limit` then truncates the
+    /// them, for at most 200 ms. `journal_size_limit` then truncates the
     /// file.
     async fn checkpoint(&mut self) {
         self.commits_since_checkpoint = 0;
@@ -398,7 +401,10 @@ impl Writer {
             sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut self.connection).await;
         let outcome = match passive {
             Ok((_, frames, checkpointed)) if frames - checkpointed > 0 && frames > RESTART_AFTER_FRAMES => {
-                sqlx::query("PRAGMA wal_checkpoint(RESTART)").execute(&mut self.connection).await.map(drop)
+                // Wait for readers briefly, not for the whole busy timeout:
+                // every append waits behind this writer meanwhile.
+                let restart = "PRAGMA busy_timeout = 200; PRAGMA wal_checkpoint(RESTART); PRAGMA busy_timeout = 5000";
+                sqlx::raw_sql(restart).execute(&mut self.connection).await.map(drop)
             }
             other => other.map(drop),
         };
@@ -442,7 +448,8 @@ impl Writer {
                 } else {
                     tracing::error!(%error, "group commit failed; no append of the batch was written");
                 }
-                // Positions and versions are re-read from the database next time.
+                // Positions and versions are re-read from the database next
+                // time (a refusal may come from rows another writer left).
                 self.versions.clear();
                 if let Ok(head) = sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(position), 0) FROM events")
                     .fetch_one(&mut self.connection)

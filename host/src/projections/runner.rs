@@ -18,7 +18,8 @@ use crate::metrics::Metrics;
 use crate::sandbox::into_recorded;
 use crate::sandbox::{GuestDocument, GuestDocumentKey, GuestModule, ProjectionInfo, ReadModelOp, RecordedEvent};
 use crate::store::{
-    CopyRecord, CopyRole, DocumentKey, DocumentOp, EventStore, Parked, ReadModelChange, StoreError, StoredEvent,
+    CopyRecord, CopyRole, DocumentKey, DocumentOp, EventNames, EventStore, Parked, ReadModelChange, StoreError,
+    StoredEvent,
 };
 
 /// What a runner shares with status queries.
@@ -163,7 +164,7 @@ impl Runner {
         self.progress.position.store(self.copy.position, Ordering::Relaxed);
         let mut reader =
             ReadAhead::start(self.store.clone(), self.copy.position, self.config.batch_size, self.config.linger);
-        let subscribed = self.info.event_types.clone();
+        let subscribed = EventNames::new(&self.info.event_types);
         let mut ahead: Option<Batch> = None;
         loop {
             let batch = match ahead.take() {
@@ -196,14 +197,9 @@ impl Runner {
     }
 
     /// Keep the subscribed events of a chunk and start their `touches`.
-    fn prepare(&self, chunk: Chunk, subscribed: &[String]) -> Batch {
+    fn prepare(&self, chunk: Chunk, subscribed: &EventNames) -> Batch {
         let through = chunk.events.last().map(|e| e.position);
-        let events: Events = chunk
-            .events
-            .into_iter()
-            .filter(|e| subscribed.iter().any(|name| e.is_named_by(name)))
-            .map(into_recorded)
-            .collect();
+        let events: Events = chunk.events.into_iter().filter(|e| subscribed.contains(e)).map(into_recorded).collect();
         let touched = (!events.is_empty()).then(|| self.start_touches(events.clone()));
         Batch { events, through, full: chunk.full, touched }
     }

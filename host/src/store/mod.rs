@@ -215,14 +215,53 @@ impl StoredEvent {
     /// `module.aggregate_type.EventType`. A bare `EventType` names nothing:
     /// two modules may well both have a `Created` event.
     pub fn is_named_by(&self, name: &str) -> bool {
-        let Some((owner, event_type)) = name.rsplit_once('.') else { return false };
-        if event_type != self.event_type {
-            return false;
+        parse_event_name(name).is_some_and(|(module, aggregate_type, event_type)| {
+            event_type == self.event_type
+                && aggregate_type == self.stream.aggregate_type
+                && module.is_none_or(|module| module == self.module)
+        })
+    }
+}
+
+/// `(module, aggregate type, event type)` of a qualified event name; `None`
+/// for a bare one.
+fn parse_event_name(name: &str) -> Option<(Option<&str>, &str, &str)> {
+    let (owner, event_type) = name.rsplit_once('.')?;
+    Some(match owner.split_once('.') {
+        None => (None, owner, event_type),
+        Some((module, aggregate_type)) => (Some(module), aggregate_type, event_type),
+    })
+}
+
+/// Qualified event names (see [`StoredEvent::is_named_by`]) parsed once,
+/// for matching every event of the log against them: one hash lookup by
+/// event type, then the owners of that type.
+#[derive(Debug, Clone, Default)]
+pub struct EventNames {
+    owners_by_type: std::collections::HashMap<String, Vec<(Option<String>, String)>>,
+}
+
+impl EventNames {
+    /// The qualified names among `names` (bare ones name nothing).
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a String>) -> Self {
+        let mut owners_by_type: std::collections::HashMap<String, Vec<(Option<String>, String)>> =
+            std::collections::HashMap::new();
+        for (module, aggregate_type, event_type) in names.into_iter().filter_map(|name| parse_event_name(name)) {
+            owners_by_type
+                .entry(event_type.to_owned())
+                .or_default()
+                .push((module.map(str::to_owned), aggregate_type.to_owned()));
         }
-        match owner.split_once('.') {
-            None => owner == self.stream.aggregate_type,
-            Some((module, aggregate_type)) => module == self.module && aggregate_type == self.stream.aggregate_type,
-        }
+        Self { owners_by_type }
+    }
+
+    /// Whether one of the names names `event`.
+    pub fn contains(&self, event: &StoredEvent) -> bool {
+        self.owners_by_type.get(event.event_type.as_str()).is_some_and(|owners| {
+            owners.iter().any(|(module, aggregate_type)| {
+                *aggregate_type == event.stream.aggregate_type && module.as_ref().is_none_or(|m| *m == event.module)
+            })
+        })
     }
 }
 
@@ -414,4 +453,44 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Finish every append already submitted, then release the database.
     async fn close(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{EventNames, StoredEvent, StreamId};
+
+    fn event(module: &str, aggregate_type: &str, event_type: &str) -> StoredEvent {
+        StoredEvent {
+            position: 1,
+            stream: StreamId::new(aggregate_type, "x"),
+            version: 1,
+            id: uuid::Uuid::nil(),
+            event_type: event_type.into(),
+            schema_version: 1,
+            time: chrono::DateTime::UNIX_EPOCH,
+            data: "{}".into(),
+            correlation_id: None,
+            causation_id: None,
+            module: module.into(),
+            module_version: "1".into(),
+        }
+    }
+
+    #[test]
+    fn an_event_is_named_by_its_aggregate_or_module_never_by_a_bare_type() {
+        let names: Vec<String> =
+            ["account.Opened", "bank.transfer.Opened", "Closed"].iter().map(|n| (*n).to_owned()).collect();
+        let set = EventNames::new(&names);
+        for (event, named) in [
+            (event("bank", "account", "Opened"), true),
+            (event("other", "account", "Opened"), true),
+            (event("bank", "transfer", "Opened"), true),
+            (event("shop", "transfer", "Opened"), false),
+            (event("ledger", "ledger", "Opened"), false),
+            (event("bank", "account", "Closed"), false),
+        ] {
+            assert_eq!(set.contains(&event), named, "{event:?}");
+            assert_eq!(names.iter().any(|name| event.is_named_by(name)), named, "{event:?}");
+        }
+    }
 }

@@ -219,6 +219,10 @@ impl<M: Module> saga::Guest for Exports<M> {
             done: reaction.done,
         })
     }
+
+    fn describe_state(name: String, state: Vec<u8>) -> Result<String, types::DomainError> {
+        Ok(registry::<M>().saga_named(&name)?.describe_state(&state)?)
+    }
 }
 
 impl<M: Module> upcaster::Guest for Exports<M> {

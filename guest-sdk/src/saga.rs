@@ -315,6 +315,7 @@ pub(crate) trait ErasedSaga: Send + Sync {
     fn event_enum(&self) -> std::any::TypeId;
     fn correlate(&self, event: &RecordedEvent) -> Result<Vec<String>, DomainError>;
     fn react(&self, state: &[u8], input: RawSagaInput, now: Timestamp) -> Result<(Vec<u8>, Reaction), DomainError>;
+    fn describe_state(&self, state: &[u8]) -> Result<String, DomainError>;
 }
 
 pub(crate) struct SagaAdapter<S>(PhantomData<fn() -> S>);
@@ -372,6 +373,13 @@ impl<S: Saga> ErasedSaga for SagaAdapter<S> {
         let mut reaction = Reaction::default();
         saga.react(input, now, &mut reaction)?;
         Ok((codec::encode_state(&saga)?, reaction))
+    }
+
+    /// Decoding is the point: the host asks a new build to describe the
+    /// states the old one stored before letting it take them over.
+    fn describe_state(&self, state: &[u8]) -> Result<String, DomainError> {
+        let saga: S = codec::decode_state(state)?;
+        serde_json::to_string(&saga).map_err(|e| DomainError::Invalid(format!("cannot render state: {e}")))
     }
 }
 

@@ -5,6 +5,7 @@
 mod extract;
 mod live;
 mod projections;
+mod sagas;
 
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ use crate::store::{StoreError, StreamId, StreamRange};
 pub struct ApiState {
     pub commands: Arc<CommandService>,
     pub projections: Arc<crate::projections::ProjectionService>,
+    pub sagas: Arc<crate::sagas::SagaService>,
     pub metrics: Metrics,
     /// Turns true when the host shuts down: open event streams end, so a
     /// graceful shutdown does not wait for clients that never hang up.
@@ -51,6 +53,7 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .route("/v1/modules/reload", post(reload_modules))
         .route("/v1/modules/{name}/release", post(release_module))
         .merge(projections::routes())
+        .merge(sagas::routes())
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -150,14 +153,7 @@ impl From<CommandError> for ApiError {
 
 /// The HTTP status of each class of failure.
 fn kind_status(kind: ErrorKind) -> StatusCode {
-    match kind {
-        ErrorKind::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
-        ErrorKind::Conflict => StatusCode::CONFLICT,
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::ModuleFailure | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-    }
+    StatusCode::from_u16(kind.http_status()).expect("a valid status code")
 }
 
 impl From<StoreError> for ApiError {
@@ -182,7 +178,8 @@ fn invalid_input_code(input: &InvalidInput) -> &'static str {
         "aggregate_id" => "invalid_aggregate_id",
         "idempotency_key" => "invalid_idempotency_key",
         "correlation_id" => "invalid_correlation_id",
-        "key" | "collection" | "projection" => "invalid_path",
+        "key" | "collection" | "projection" | "saga" | "instance" => "invalid_path",
+        "reason" => "invalid_command",
         _ => "invalid_query",
     }
 }
@@ -197,6 +194,7 @@ pub(crate) fn store_status(error: &StoreError) -> (StatusCode, &'static str) {
         StoreError::Corrupt(_) => "store_corrupt",
         StoreError::Configuration(_) => "store_misconfigured",
         StoreError::ReadModelConflict(_) => "read_model_conflict",
+        StoreError::LeaseLost(_) => "saga_lease_lost",
     };
     (kind_status(error.kind()), code)
 }

@@ -9,6 +9,8 @@
 //! - [`pipeline`]: the command path (route, load, handle, append, fold).
 //! - [`projections`]: read models — runners, rebuilds into shadow copies,
 //!   parking of poison events.
+//! - [`sagas`]: process managers — runners under store leases, the
+//!   reaction transaction, timers, the outbox, parking.
 //! - [`http`]: the JSON HTTP API; [`cloudevents`]: the event wire format;
 //!   [`sse`]: the Server-Sent Events parser of the CLI's `--follow`.
 //! - [`limits`]: what a request may name, the same on every store.
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod projections;
 pub mod runtime;
+pub mod sagas;
 pub mod sandbox;
 pub mod server;
 pub mod sse;

@@ -38,6 +38,13 @@ struct Inner {
     projection_failures: IntCounterVec,
     projection_parked: IntGaugeVec,
     projection_skipped: IntCounterVec,
+    saga_instances: IntGaugeVec,
+    saga_parked: IntGaugeVec,
+    saga_timers_pending: IntGaugeVec,
+    saga_lag: IntGaugeVec,
+    saga_reactions: IntCounterVec,
+    saga_commands: IntCounterVec,
+    saga_timer_lag_seconds: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -167,8 +174,55 @@ impl Metrics {
             &["projection"],
         )
         .expect("valid metric");
+        let saga_instances = IntGaugeVec::new(
+            Opts::new("orchestrix_saga_instances", "Saga instances by status (active, parked, done)"),
+            &["saga", "status"],
+        )
+        .expect("valid metric");
+        let saga_parked = IntGaugeVec::new(
+            Opts::new("orchestrix_saga_parked_instances", "Saga instances parked, waiting for an operator"),
+            &["saga"],
+        )
+        .expect("valid metric");
+        let saga_timers_pending =
+            IntGaugeVec::new(Opts::new("orchestrix_saga_timers_pending", "Saga timers not yet due"), &["saga"])
+                .expect("valid metric");
+        let saga_lag = IntGaugeVec::new(
+            Opts::new("orchestrix_saga_lag_events", "Events in the log the saga has not correlated yet"),
+            &["saga"],
+        )
+        .expect("valid metric");
+        let saga_reactions = IntCounterVec::new(
+            Opts::new("orchestrix_saga_reactions_total", "Saga reactions by outcome (ok, failed, parked)"),
+            &["saga", "outcome"],
+        )
+        .expect("valid metric");
+        let saga_commands = IntCounterVec::new(
+            Opts::new(
+                "orchestrix_saga_commands_total",
+                "Commands sagas dispatched, by outcome (accepted, rejected, retried)",
+            ),
+            &["saga", "outcome"],
+        )
+        .expect("valid metric");
+        let saga_timer_lag_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "orchestrix_saga_timer_fire_lag_seconds",
+                "From a timer's due time to its move into the instance's inbox, by the database's clock",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["saga"],
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(projection_position.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(saga_instances.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(saga_parked.clone()),
+            Box::new(saga_timers_pending.clone()),
+            Box::new(saga_lag.clone()),
+            Box::new(saga_reactions.clone()),
+            Box::new(saga_commands.clone()),
+            Box::new(saga_timer_lag_seconds.clone()),
+            Box::new(projection_position.clone()),
             Box::new(projection_events.clone()),
             Box::new(projection_batch_seconds.clone()),
             Box::new(projection_failures.clone()),
@@ -216,6 +270,13 @@ impl Metrics {
                 projection_failures,
                 projection_parked,
                 projection_skipped,
+                saga_instances,
+                saga_parked,
+                saga_timers_pending,
+                saga_lag,
+                saga_reactions,
+                saga_commands,
+                saga_timer_lag_seconds,
             }),
         }
     }
@@ -331,6 +392,35 @@ impl Metrics {
     /// Count an HTTP connection the host closed, and why.
     pub fn http_connection_closed(&self, reason: &str) {
         self.inner.http_connections_closed.with_label_values(&[reason]).inc();
+    }
+
+    /// A saga's instance counts, pending timers and lag, as last read.
+    pub fn set_saga_gauges(&self, saga: &str, active: u64, parked: u64, done: u64, timers: u64, lag: u64) {
+        let inner = &self.inner;
+        for (status, count) in [("active", active), ("parked", parked), ("done", done)] {
+            inner.saga_instances.with_label_values(&[saga, status]).set(count as i64);
+        }
+        inner.saga_parked.with_label_values(&[saga]).set(parked as i64);
+        inner.saga_timers_pending.with_label_values(&[saga]).set(timers as i64);
+        inner.saga_lag.with_label_values(&[saga]).set(lag as i64);
+    }
+
+    pub fn observe_saga_reactions(&self, saga: &str, outcome: &str, count: usize) {
+        self.inner.saga_reactions.with_label_values(&[saga, outcome]).inc_by(count as u64);
+    }
+
+    pub fn observe_saga_command(&self, saga: &str, outcome: &str) {
+        self.inner.saga_commands.with_label_values(&[saga, outcome]).inc();
+    }
+
+    pub fn observe_saga_timer_lag(&self, saga: &str, lag: Duration) {
+        self.inner.saga_timer_lag_seconds.with_label_values(&[saga]).observe(lag.as_secs_f64());
+    }
+
+    /// `(count, sum in seconds)` of the timer fire lag histogram of `saga`.
+    pub fn saga_timer_lag_summary(&self, saga: &str) -> (u64, f64) {
+        let histogram = self.inner.saga_timer_lag_seconds.with_label_values(&[saga]);
+        (histogram.get_sample_count(), histogram.get_sample_sum())
     }
 
     pub fn render(&self) -> String {

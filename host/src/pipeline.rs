@@ -147,6 +147,19 @@ impl ErrorKind {
         }
     }
 
+    /// The HTTP status a command failing this way is answered with (also
+    /// the `code` of a saga's rejected command).
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::Rejected => 422,
+            ErrorKind::Invalid => 400,
+            ErrorKind::Conflict => 409,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::ModuleFailure | ErrorKind::Internal => 500,
+        }
+    }
+
     /// Whether the host logs such a failure: a client's mistake or a
     /// business outcome is not the operator's business; the rest is.
     pub fn log_level(self) -> Option<tracing::Level> {
@@ -162,7 +175,9 @@ impl StoreError {
     /// The class of a store error as a command outcome.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            StoreError::Conflict { .. } | StoreError::ReadModelConflict(_) => ErrorKind::Conflict,
+            StoreError::Conflict { .. } | StoreError::ReadModelConflict(_) | StoreError::LeaseLost(_) => {
+                ErrorKind::Conflict
+            }
             // The key already stands for another stream's command.
             StoreError::CommandIdReused(_) => ErrorKind::Rejected,
             StoreError::PayloadTooLarge { .. } | StoreError::Refused(_) => ErrorKind::Invalid,

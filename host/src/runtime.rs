@@ -15,6 +15,7 @@ use crate::http::{ApiState, router};
 use crate::metrics::Metrics;
 use crate::pipeline::CommandService;
 use crate::projections::{ProjectionConfig, ProjectionService};
+use crate::sagas::{SagaConfig, SagaService};
 use crate::sandbox::{
     LoadFailure, ModuleRegistry, PluginsWatcher, RegistryConfig, Sandbox, SandboxLimits, watch_plugins,
 };
@@ -44,6 +45,7 @@ pub struct RuntimeConfig {
     pub watch_plugins: Option<std::time::Duration>,
     pub store_options: StoreOptions,
     pub projections: ProjectionConfig,
+    pub sagas: SagaConfig,
     /// Connection limits and timeouts of [`Runtime::serve`].
     pub server: ServerConfig,
 }
@@ -62,6 +64,7 @@ impl RuntimeConfig {
             watch_plugins: Some(std::time::Duration::from_millis(10)),
             store_options: StoreOptions::default(),
             projections: ProjectionConfig::default(),
+            sagas: SagaConfig::default(),
             server: ServerConfig::default(),
         }
     }
@@ -81,6 +84,7 @@ pub enum StartError {
 pub struct Runtime {
     pub commands: Arc<CommandService>,
     pub projections: Arc<ProjectionService>,
+    pub sagas: Arc<SagaService>,
     pub metrics: Metrics,
     config: RuntimeConfig,
     stopping: tokio::sync::watch::Sender<bool>,
@@ -129,10 +133,12 @@ impl Runtime {
             Arc::new(CommandService::new(registry.clone(), store, metrics.clone(), config.state_cache_capacity));
         let hook: Arc<dyn crate::sandbox::SwapHook> = commands.clone();
         registry.set_swap_hook(Arc::downgrade(&hook));
+        let sagas = SagaService::start(commands.clone(), metrics.clone(), config.sagas.clone()).await;
         let (stopping, _) = tokio::sync::watch::channel(false);
         Ok(Self {
             commands,
             projections,
+            sagas,
             metrics,
             config,
             stopping,
@@ -151,6 +157,7 @@ impl Runtime {
         let state = Arc::new(ApiState {
             commands: self.commands.clone(),
             projections: self.projections.clone(),
+            sagas: self.sagas.clone(),
             metrics: self.metrics.clone(),
             stopping: self.stopping.subscribe(),
         });
@@ -185,10 +192,12 @@ impl Runtime {
         Ok(())
     }
 
-    /// Stop watching the plugins directory and running projections, finish
+    /// Stop watching the plugins directory, running sagas (releasing their
+    /// leases) and projections, finish
     /// pending appends and release the store.
     pub async fn close(&self) {
         drop(self.watcher.lock().take());
+        self.sagas.stop().await;
         self.projections.stop();
         self.commands.store().close().await;
     }

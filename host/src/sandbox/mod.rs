@@ -39,11 +39,25 @@ mod bindings {
     });
 }
 
-pub use bindings::exports::orchestrix::domain::manifest::{ModuleManifest, ProjectionInfo};
+pub use bindings::exports::orchestrix::domain::manifest::{ModuleManifest, ProjectionInfo, SagaInfo};
 pub use bindings::exports::orchestrix::domain::projection::{
     Document as GuestDocument, DocumentKey as GuestDocumentKey, ReadModelOp,
 };
+pub use bindings::exports::orchestrix::domain::saga::{
+    CommandOutcome as GuestCommandOutcome, CommandRejection as GuestCommandRejection,
+    CommandResult as GuestCommandResult, Reaction, SagaInput as GuestSagaInput, TimerFired as GuestTimerFired,
+};
 pub use bindings::orchestrix::domain::types::{Command, DomainError, NewEvent, RecordedEvent};
+
+impl DomainError {
+    /// The error as one line: which kind, and the module's reason.
+    pub fn describe(&self) -> String {
+        match self {
+            DomainError::Rejected(reason) => format!("rejected: {reason}"),
+            DomainError::Invalid(reason) => format!("invalid: {reason}"),
+        }
+    }
+}
 
 /// Limits every guest call runs under.
 #[derive(Debug, Clone)]
@@ -493,6 +507,42 @@ impl GuestModule {
         self.call_with("project", Breaking::Ignored, |b, store| {
             b.orchestrix_domain_projection().call_project(store, projection, events, documents)
         })
+    }
+
+    /// The instances of `saga` an event belongs to.
+    pub fn correlate(
+        &self,
+        saga: &str,
+        event: &RecordedEvent,
+    ) -> Result<Result<Vec<String>, DomainError>, GuestFailure> {
+        self.call_with("correlate", Breaking::Ignored, |b, store| {
+            b.orchestrix_domain_saga().call_correlate(store, saga, event)
+        })
+    }
+
+    /// One instance's reaction to one input at `now_ms`.
+    pub fn react(
+        &self,
+        saga: &str,
+        state: &[u8],
+        input: &GuestSagaInput,
+        now_ms: u64,
+    ) -> Result<Result<Reaction, DomainError>, GuestFailure> {
+        self.call_with("react", Breaking::Ignored, |b, store| {
+            b.orchestrix_domain_saga().call_react(store, saga, state, input, now_ms)
+        })
+    }
+
+    /// A saga instance's state as JSON (an error: this code cannot read it).
+    pub fn describe_saga_state(&self, saga: &str, state: &[u8]) -> Result<Result<String, DomainError>, GuestFailure> {
+        self.call_with("describe-state", Breaking::Ignored, |b, store| {
+            b.orchestrix_domain_saga().call_describe_state(store, saga, state)
+        })
+    }
+
+    /// The manifest entry of a saga this module declares.
+    pub fn saga(&self, name: &str) -> Option<&SagaInfo> {
+        self.manifest.sagas.iter().find(|s| s.name == name)
     }
 
     /// The manifest entry of a projection this module declares.

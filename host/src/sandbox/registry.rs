@@ -450,7 +450,52 @@ impl ModuleRegistry {
                 ));
             }
         }
-        self.replay_check(module).await
+        for saga in &module.manifest.sagas {
+            if let Some(owner) =
+                others.values().find(|other| other.name != module.name && other.saga(&saga.name).is_some())
+            {
+                return Err(format!("declares saga `{}`, already declared by module `{}`", saga.name, owner.name));
+            }
+        }
+        self.replay_check(module).await?;
+        self.saga_state_check(module).await
+    }
+
+    /// Ask the new code to read the states of a sample of each saga's
+    /// running instances (the ones it is about to take over); any trap or
+    /// error refuses the module.
+    async fn saga_state_check(&self, module: &Arc<GuestModule>) -> Result<(), String> {
+        if self.config.replay_sample == 0 {
+            return Ok(());
+        }
+        for saga in &module.manifest.sagas {
+            let sample = self
+                .store
+                .saga_state_sample(&saga.name, self.config.replay_sample)
+                .await
+                .map_err(|e| format!("saga state check could not read instances: {e}"))?;
+            let module = module.clone();
+            let name = saga.name.clone();
+            tokio::task::spawn_blocking(move || {
+                sample.iter().try_for_each(|(instance, state)| match module.describe_saga_state(&name, state) {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(error)) => Err(format!(
+                        "saga state check: version {} cannot read the state of running instance `{instance}` of \
+                         saga `{name}`: {}",
+                        module.version,
+                        error.describe()
+                    )),
+                    Err(failure) => Err(format!(
+                        "saga state check: `describe-state` failed on running instance `{instance}` of saga \
+                         `{name}`: {}",
+                        failure.reason
+                    )),
+                })
+            })
+            .await
+            .expect("the saga state check does not panic")?;
+        }
+        Ok(())
     }
 
     /// Fold the most recently written streams of each aggregate type through

@@ -13,6 +13,7 @@ mod feed;
 mod group;
 mod postgres;
 pub mod read_models;
+pub mod sagas;
 mod sqlite;
 
 use std::fmt;
@@ -28,6 +29,11 @@ pub use postgres::PostgresStore;
 pub use read_models::{
     CopyId, CopyRecord, CopyRole, DocumentKey, DocumentLookup, DocumentOp, DocumentPage, DocumentQuery, Parked,
     ReadModelChange,
+};
+pub use sagas::{
+    CommandOutcomeWrite, Fence, FiredTimer, InputRecord, InstanceDetail, InstanceQuery, InstanceRecord, InstanceStatus,
+    InstanceWrite, NewInput, NewInstance, OutboxCommand, PendingCommand, QueuedInput, ReadyInput, SagaApplied,
+    SagaChange, SagaCounts, SagaRecord, SentCommand, TimerKey,
 };
 pub use sqlite::SqliteStore;
 
@@ -344,6 +350,10 @@ pub enum StoreError {
     /// role): nothing was written.
     #[error("read model changed concurrently: {0}")]
     ReadModelConflict(String),
+    /// A saga change was refused because this host no longer holds the
+    /// saga's lease (another host took over): nothing was written.
+    #[error("saga lease lost: {0}")]
+    LeaseLost(String),
 }
 
 impl StoreError {
@@ -450,6 +460,31 @@ pub trait EventStore: Send + Sync + 'static {
     /// A page of a collection of a projection's active copy, from one
     /// snapshot; `None` when the projection has no active copy.
     async fn list_documents(&self, query: &DocumentQuery) -> Result<Option<DocumentPage>, StoreError>;
+
+    /// Run one saga change as one transaction (see [`SagaChange`] for what
+    /// each answers).
+    async fn change_saga(&self, change: SagaChange) -> Result<SagaApplied, StoreError>;
+
+    /// Every saga's checkpoint and lease, with counts of its instances,
+    /// queued inputs, pending commands and timers.
+    async fn saga_overview(&self) -> Result<Vec<(SagaRecord, SagaCounts)>, StoreError>;
+
+    /// Up to `limit` inputs ready now (their instance active and not
+    /// backing off), in queue order, each with its instance's state.
+    async fn saga_ready_inputs(&self, saga: &str, limit: usize) -> Result<Vec<ReadyInput>, StoreError>;
+
+    /// Up to `limit` commands waiting in a saga's outbox, oldest first.
+    async fn saga_pending_commands(&self, saga: &str, limit: usize) -> Result<Vec<PendingCommand>, StoreError>;
+
+    /// A page of a saga's instances.
+    async fn saga_instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, StoreError>;
+
+    /// One instance with its timers, commands and queued inputs.
+    async fn saga_instance(&self, saga: &str, instance: &str) -> Result<Option<InstanceDetail>, StoreError>;
+
+    /// `(instance, state)` of up to `limit` instances that are not done,
+    /// most recently changed first.
+    async fn saga_state_sample(&self, saga: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
     /// Finish every append already submitted, then release the database.
     async fn close(&self);

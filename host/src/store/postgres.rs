@@ -37,6 +37,10 @@ use super::group::{
     fail_appends, next_batch, plan, refuse_remaining,
 };
 use super::read_models::ReadModelSql;
+use super::sagas::{
+    InstanceDetail, InstanceQuery, InstanceRecord, PendingCommand, ReadyInput, SagaApplied, SagaChange, SagaCounts,
+    SagaRecord, SagaSql,
+};
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
     DocumentQuery, EventStore, ReadModelChange, StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
@@ -49,8 +53,8 @@ pub struct PostgresStore {
     /// Appends only: read-model changes do not go through the writer.
     submitter: Submitter<Infallible>,
     reads: PgPool,
-    /// Read-model changes: a small pool whose sessions commit without
-    /// waiting for the WAL flush (see `read_models/postgres.rs`).
+    /// Read-model and saga changes: a small pool whose sessions commit
+    /// without waiting for the WAL flush (see `read_models/postgres.rs`).
     read_model_writes: PgPool,
     commit_timeout: Duration,
     listener: tokio::task::JoinHandle<()>,
@@ -113,7 +117,7 @@ impl PostgresStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(connect.clone());
         let read_model_writes = PgPoolOptions::new()
-            .max_connections(2)
+            .max_connections(4)
             .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(connect.clone().options([("synchronous_commit", "off")]));
         let (submitter, queue, head_sender, health) =
@@ -214,6 +218,14 @@ async fn listen(pool: PgPool, channel: String, head: watch::Sender<u64>) {
     }
 }
 
+impl SagaSql for Postgres {
+    const NOW_MS: &'static str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+    fn rows_affected(result: &sqlx::postgres::PgQueryResult) -> u64 {
+        result.rows_affected()
+    }
+}
+
 #[async_trait::async_trait]
 impl EventStore for PostgresStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
@@ -305,6 +317,48 @@ impl EventStore for PostgresStore {
 
     async fn change_read_model(&self, change: ReadModelChange) -> Result<u64, StoreError> {
         read_models::postgres::apply(&self.read_model_writes, change, self.commit_timeout).await
+    }
+
+    /// One transaction on the pool without flush waits, under the commit
+    /// timeout: a saga change lost to a server crash is lost whole and
+    /// redone (see ARCHITECTURE.md, "Sagas").
+    async fn change_saga(&self, change: SagaChange) -> Result<SagaApplied, StoreError> {
+        let work = async {
+            let mut transaction = self.read_model_writes.begin().await.map_err(database_error)?;
+            let applied = Postgres::apply_saga_change(&mut transaction, change).await?;
+            transaction.commit().await.map_err(database_error)?;
+            Ok(applied)
+        };
+        match tokio::time::timeout(self.commit_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => {
+                Err(StoreError::unavailable(format!("saga transaction got no answer within {:?}", self.commit_timeout)))
+            }
+        }
+    }
+
+    async fn saga_overview(&self) -> Result<Vec<(SagaRecord, SagaCounts)>, StoreError> {
+        Postgres::saga_overview(&self.reads).await
+    }
+
+    async fn saga_ready_inputs(&self, saga: &str, limit: usize) -> Result<Vec<ReadyInput>, StoreError> {
+        Postgres::ready_inputs(&self.reads, saga, limit).await
+    }
+
+    async fn saga_pending_commands(&self, saga: &str, limit: usize) -> Result<Vec<PendingCommand>, StoreError> {
+        Postgres::pending_commands(&self.reads, saga, limit).await
+    }
+
+    async fn saga_instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, StoreError> {
+        Postgres::instance_page(&self.reads, query).await
+    }
+
+    async fn saga_instance(&self, saga: &str, instance: &str) -> Result<Option<InstanceDetail>, StoreError> {
+        Postgres::instance_detail(&self.reads, saga, instance).await
+    }
+
+    async fn saga_state_sample(&self, saga: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Postgres::state_sample(&self.reads, saga, limit).await
     }
 
     async fn load_documents(&self, copy: &CopyId, keys: &[DocumentKey]) -> Result<Vec<Option<String>>, StoreError> {

@@ -28,6 +28,10 @@ use super::group::{
     commit_time, fail_appends, next_batch, plan, refuse_remaining,
 };
 use super::read_models::ReadModelSql;
+use super::sagas::{
+    InstanceDetail, InstanceQuery, InstanceRecord, PendingCommand, ReadyInput, SagaApplied, SagaChange, SagaCounts,
+    SagaRecord, SagaSql,
+};
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
     DocumentQuery, EventStore, ReadModelChange, StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
@@ -37,20 +41,62 @@ use crate::metrics::Metrics;
 
 /// The SQLite event store.
 pub struct SqliteStore {
-    submitter: Submitter<ReadModelWork>,
+    submitter: Submitter<ChangeWork>,
     reads: SqlitePool,
 }
 
-/// A read-model change queued to the writer, and where its result goes.
-struct ReadModelWork {
-    change: Box<ReadModelChange>,
-    reply: oneshot::Sender<Result<u64, StoreError>>,
+/// A change queued to the writer besides the appends, and where its result
+/// goes.
+enum ChangeWork {
+    ReadModel { change: Box<ReadModelChange>, reply: oneshot::Sender<Result<u64, StoreError>> },
+    Saga { change: Box<SagaChange>, reply: oneshot::Sender<Result<SagaApplied, StoreError>> },
 }
 
-impl WriterWork for ReadModelWork {
+impl WriterWork for ChangeWork {
     fn refuse(self) {
-        let _ = self.reply.send(Err(StoreError::ShuttingDown));
+        match self {
+            Self::ReadModel { reply, .. } => {
+                let _ = reply.send(Err(StoreError::ShuttingDown));
+            }
+            Self::Saga { reply, .. } => {
+                let _ = reply.send(Err(StoreError::ShuttingDown));
+            }
+        }
     }
+}
+
+/// Run `work` as one `BEGIN IMMEDIATE … COMMIT` (or `ROLLBACK` when it
+/// failed) on the writer's connection, without waiting for an fsync even
+/// when appends do (`fsync_appends`): read-model and saga changes lost to a
+/// power cut are lost whole, and redone (see ARCHITECTURE.md); the next
+/// fsynced append commit flushes them anyway, the WAL being written in order.
+pub(super) async fn relaxed_transaction<T>(
+    connection: &mut SqliteConnection,
+    fsync_appends: bool,
+    work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if fsync_appends {
+        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *connection).await.map_err(database_error)?;
+    }
+    let result = async {
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *connection).await.map_err(database_error)?;
+        let result = work(&mut *connection).await;
+        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let ended = sqlx::query(end).execute(&mut *connection).await;
+        match (result, ended) {
+            (Ok(value), Ok(_)) => Ok(value),
+            (Ok(_), Err(error)) => {
+                let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
+                Err(database_error(error))
+            }
+            (Err(error), _) => Err(error),
+        }
+    }
+    .await;
+    if fsync_appends {
+        sqlx::query("PRAGMA synchronous = FULL").execute(&mut *connection).await.map_err(database_error)?;
+    }
+    result
 }
 
 /// The columns of `events`, in the order every query selects and inserts them.
@@ -131,6 +177,14 @@ pub(super) fn push_pairs_in<'a>(
         separated.push_unseparated(")");
     }
     query.push(")");
+}
+
+impl SagaSql for Sqlite {
+    const NOW_MS: &'static str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+
+    fn rows_affected(result: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        result.rows_affected()
+    }
 }
 
 #[async_trait::async_trait]
@@ -229,12 +283,43 @@ impl EventStore for SqliteStore {
     /// Queued to the writer behind the appends already queued.
     async fn change_read_model(&self, change: ReadModelChange) -> Result<u64, StoreError> {
         let (reply, outcome) = oneshot::channel();
-        self.submitter.queue_work(ReadModelWork { change: Box::new(change), reply }).await?;
+        self.submitter.queue_work(ChangeWork::ReadModel { change: Box::new(change), reply }).await?;
         outcome.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
     async fn load_documents(&self, copy: &CopyId, keys: &[DocumentKey]) -> Result<Vec<Option<String>>, StoreError> {
         Sqlite::load_documents(&self.reads, copy, keys).await
+    }
+
+    /// Queued to the writer behind the appends already queued.
+    async fn change_saga(&self, change: SagaChange) -> Result<SagaApplied, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        self.submitter.queue_work(ChangeWork::Saga { change: Box::new(change), reply }).await?;
+        outcome.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    async fn saga_overview(&self) -> Result<Vec<(SagaRecord, SagaCounts)>, StoreError> {
+        Sqlite::saga_overview(&self.reads).await
+    }
+
+    async fn saga_ready_inputs(&self, saga: &str, limit: usize) -> Result<Vec<ReadyInput>, StoreError> {
+        Sqlite::ready_inputs(&self.reads, saga, limit).await
+    }
+
+    async fn saga_pending_commands(&self, saga: &str, limit: usize) -> Result<Vec<PendingCommand>, StoreError> {
+        Sqlite::pending_commands(&self.reads, saga, limit).await
+    }
+
+    async fn saga_instances(&self, query: &InstanceQuery) -> Result<Vec<InstanceRecord>, StoreError> {
+        Sqlite::instance_page(&self.reads, query).await
+    }
+
+    async fn saga_instance(&self, saga: &str, instance: &str) -> Result<Option<InstanceDetail>, StoreError> {
+        Sqlite::instance_detail(&self.reads, saga, instance).await
+    }
+
+    async fn saga_state_sample(&self, saga: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Sqlite::state_sample(&self.reads, saga, limit).await
     }
 
     async fn lookup_document(&self, projection: &str, key: &DocumentKey) -> Result<Option<DocumentLookup>, StoreError> {
@@ -312,7 +397,7 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut queue: mpsc::Receiver<Job<ReadModelWork>>) {
+    async fn run(mut self, mut queue: mpsc::Receiver<Job<ChangeWork>>) {
         while let Some(batch) = next_batch(&mut queue, self.max_batch, &self.health).await {
             if batch.is_probe() {
                 let probed = sqlx::query(PROBE_SQL)
@@ -329,11 +414,23 @@ impl Writer {
                     self.checkpoint().await;
                 }
             }
-            if let Some(ReadModelWork { change, reply }) = batch.work {
-                let applied = read_models::sqlite::apply(&mut self.connection, *change, self.fsync_appends).await;
-                self.health.record(&applied);
-                self.commits_since_checkpoint += 1;
-                let _ = reply.send(applied);
+            match batch.work {
+                Some(ChangeWork::ReadModel { change, reply }) => {
+                    let applied = read_models::sqlite::apply(&mut self.connection, *change, self.fsync_appends).await;
+                    self.health.record(&applied);
+                    self.commits_since_checkpoint += 1;
+                    let _ = reply.send(applied);
+                }
+                Some(ChangeWork::Saga { change, reply }) => {
+                    let applied = relaxed_transaction(&mut self.connection, self.fsync_appends, async |connection| {
+                        Sqlite::apply_saga_change(connection, *change).await
+                    })
+                    .await;
+                    self.health.record(&applied);
+                    self.commits_since_checkpoint += 1;
+                    let _ = reply.send(applied);
+                }
+                None => {}
             }
             if let Some(done) = batch.shutdown {
                 refuse_remaining(&mut queue);

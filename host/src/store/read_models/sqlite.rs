@@ -12,7 +12,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::common::{CheckpointMove, ReadModelSql};
 use super::{CopyId, DocumentKey, DocumentOp, ReadModelChange};
-use crate::store::sqlite::push_pairs_in;
+use crate::store::sqlite::{push_pairs_in, relaxed_transaction};
 use crate::store::{StoreError, database_error};
 
 /// Documents per multi-row statement (5 parameters each; SQLite allows 32766).
@@ -31,31 +31,8 @@ pub(in crate::store) async fn apply(
     change: ReadModelChange,
     fsync_appends: bool,
 ) -> Result<u64, StoreError> {
-    if fsync_appends {
-        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *connection).await.map_err(database_error)?;
-    }
-    let result = apply_in_transaction(connection, change).await;
-    if fsync_appends {
-        sqlx::query("PRAGMA synchronous = FULL").execute(&mut *connection).await.map_err(database_error)?;
-    }
-    result
-}
-
-/// `BEGIN IMMEDIATE`, the change, then `COMMIT` — or `ROLLBACK` when any
-/// step failed.
-async fn apply_in_transaction(connection: &mut SqliteConnection, change: ReadModelChange) -> Result<u64, StoreError> {
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *connection).await.map_err(database_error)?;
-    let result = Sqlite::apply_change(connection, change).await;
-    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    let ended = sqlx::query(end).execute(&mut *connection).await;
-    match (result, ended) {
-        (Ok(value), Ok(_)) => Ok(value),
-        (Ok(_), Err(error)) => {
-            let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
-            Err(database_error(error))
-        }
-        (Err(error), _) => Err(error),
-    }
+    relaxed_transaction(connection, fsync_appends, async |connection| Sqlite::apply_change(connection, change).await)
+        .await
 }
 
 impl ReadModelSql for Sqlite {

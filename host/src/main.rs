@@ -1,5 +1,6 @@
 //! `orchestrix`: the host binary. `serve` runs the host; `send`, `events`,
-//! `modules`, `projections` and `query` talk to a running host over HTTP.
+//! `modules`, `projections`, `query` and `sagas` talk to a running host over
+//! HTTP.
 //! (The benchmarks are a binary of their own: `bench/`, `orchestrix-bench`.)
 
 mod cli;
@@ -33,6 +34,8 @@ enum Command {
     Projections(cli::read_side::ProjectionsArgs),
     /// Read documents of a projection's read model: one by key, or a filtered page.
     Query(cli::read_side::QueryArgs),
+    /// Show saga status and instances, or retry, skip or cancel an instance.
+    Sagas(cli::sagas::SagasArgs),
 }
 
 #[derive(Args)]
@@ -102,6 +105,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Modules(args) => cli::client::modules(args).await,
             Command::Projections(args) => cli::read_side::projections(args).await,
             Command::Query(args) => cli::read_side::query(args).await,
+            Command::Sagas(args) => cli::sagas::sagas(args).await,
         }
     })
 }

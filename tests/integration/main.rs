@@ -13,6 +13,7 @@ mod plugins_dir;
 mod projections;
 mod robustness;
 mod saga_domains;
+mod sagas;
 mod sandbox_limits;
 mod store_conformance;
 mod support;

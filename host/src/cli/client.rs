@@ -1,4 +1,7 @@
-//! `send`, `events` and `modules`: thin HTTP clients of a running host.
+//! `send`, `events` and `modules`: thin HTTP clients of a running host; and
+//! what every client subcommand shares: `--url`, printing the host's answer
+//! (pretty JSON on stdout; for a non-2xx answer, the API's error message on
+//! stderr and a failing exit code).
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -87,18 +90,36 @@ pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// Print the host's answer on stdout (pretty when it is JSON). A non-2xx
+/// answer is an error naming the status and the API's error message, which
+/// `main` prints on stderr before exiting with a failure.
 pub(crate) async fn print_response(response: reqwest::Response) -> Result<()> {
     let status = response.status();
     let text = response.text().await.context("reading the response")?;
-    let rendered = match serde_json::from_str::<Value>(&text) {
-        Ok(json) => serde_json::to_string_pretty(&json)?,
-        Err(_) => text,
+    let json = serde_json::from_str::<Value>(&text).ok();
+    let rendered = match &json {
+        Some(json) => serde_json::to_string_pretty(json)?,
+        None => text,
     };
     println!("{rendered}");
     if !status.is_success() {
-        bail!("the host answered {status}");
+        match json.as_ref().and_then(api_error) {
+            Some(message) => bail!("the host answered {status}: {message}"),
+            None => bail!("the host answered {status}"),
+        }
     }
     Ok(())
+}
+
+/// `message (code)` from the API's error shape
+/// `{"error": {"code": …, "message": …}}`.
+fn api_error(body: &Value) -> Option<String> {
+    let error = body.get("error")?;
+    let message = error.get("message")?.as_str()?;
+    Some(match error.get("code").and_then(Value::as_str) {
+        Some(code) => format!("{message} ({code})"),
+        None => message.to_owned(),
+    })
 }
 
 pub(crate) async fn get_and_print(url: &str) -> Result<()> {
@@ -214,4 +235,20 @@ pub(crate) fn encode(value: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::api_error;
+
+    #[test]
+    fn the_api_error_message_is_read_from_the_error_shape() {
+        let body = json!({"error": {"code": "unknown_saga", "message": "no saga named `x`"}});
+        assert_eq!(api_error(&body).as_deref(), Some("no saga named `x` (unknown_saga)"));
+        assert_eq!(api_error(&json!({"error": {"message": "m"}})).as_deref(), Some("m"));
+        assert_eq!(api_error(&json!({"sagas": []})), None);
+        assert_eq!(api_error(&json!("text")), None);
+    }
 }

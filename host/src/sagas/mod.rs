@@ -207,7 +207,7 @@ impl SagaService {
             commands: commands.clone(),
             metrics,
             config,
-            owner: format!("{}-{}", hostname(), uuid::Uuid::now_v7()),
+            owner: format!("{}/{}/{}", hostname(), std::process::id(), uuid::Uuid::now_v7()),
         });
         let service = Arc::new(Self { inner, running: Mutex::new(HashMap::new()), reconciler: Mutex::new(None) });
         let mut swaps = commands.registry().subscribe();

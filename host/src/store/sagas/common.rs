@@ -322,8 +322,9 @@ where
         names.dedup();
         let mut live: HashMap<String, ()> = HashMap::with_capacity(names.len());
         for chunk in names.chunks(ROWS_PER_STATEMENT) {
-            let mut select: QueryBuilder<Self> =
-                QueryBuilder::new("SELECT instance, 0 FROM saga_instances WHERE status <> 'done' AND saga = ");
+            let mut select: QueryBuilder<Self> = QueryBuilder::new(
+                "SELECT instance, CAST(0 AS BIGINT) FROM saga_instances WHERE status <> 'done' AND saga = ",
+            );
             select.push_bind(saga).push(" AND instance IN (");
             let mut separated = select.separated(", ");
             for name in chunk {

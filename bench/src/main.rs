@@ -9,6 +9,7 @@
 //! - `swap`, `start` and `sandbox`: see [`lifecycle`].
 //! - `rebuild` and `lag`: see [`projections`].
 //! - `robustness`: see [`robustness`].
+//! - `sagas`: see [`sagas`].
 //!
 //! The figures measured so far, and how, are in `docs/benchmarks.md`.
 
@@ -17,6 +18,7 @@ mod feed;
 mod lifecycle;
 mod projections;
 mod robustness;
+mod sagas;
 mod storage;
 
 use anyhow::Result;
@@ -53,6 +55,9 @@ pub enum Suite {
     /// Hostile, slow and half-open clients beside 64 valid ones; the WAL's
     /// peak under load.
     Robustness,
+    /// Money transfers run by the saga (throughput, latency at 1,000/s)
+    /// and 10,000 durable timers falling due within one second.
+    Sagas,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -65,7 +70,7 @@ pub enum Backend {
 #[command(
     name = "orchestrix-bench",
     version,
-    about = "Measure the Orchestrix host: commands, the feed, hot swap, projection rebuilds and lag, robustness"
+    about = "Measure the Orchestrix host: commands, the feed, hot swap, projection rebuilds and lag, robustness, sagas"
 )]
 pub struct BenchArgs {
     /// The host's options, as for `orchestrix serve`.
@@ -76,7 +81,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness"
+        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness,sagas"
     )]
     suites: Vec<Suite>,
     /// Backends to measure on (comma-separated); PostgreSQL needs --postgres-url.
@@ -104,6 +109,9 @@ pub struct BenchArgs {
     /// Events the rebuild benchmark projects.
     #[arg(long, default_value_t = 1_000_000)]
     pub rebuild_events: usize,
+    /// Transfers the saga throughput benchmark runs.
+    #[arg(long, default_value_t = 20_000)]
+    pub saga_transfers: usize,
 }
 
 fn main() -> std::process::ExitCode {
@@ -153,6 +161,7 @@ async fn run(args: BenchArgs) -> Result<()> {
                 Suite::Rebuild => projections::rebuild(&args, backend).await?,
                 Suite::Lag => projections::lag(&args, backend).await?,
                 Suite::Robustness => robustness::robustness(&args, backend).await?,
+                Suite::Sagas => sagas::sagas(&args, backend).await?,
             }
         }
     }

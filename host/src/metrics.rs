@@ -423,6 +423,24 @@ impl Metrics {
         (histogram.get_sample_count(), histogram.get_sample_sum())
     }
 
+    /// Upper bounds of the buckets holding the 50th and 99th percentiles of
+    /// the timer fire lag of `saga`, in milliseconds.
+    pub fn saga_timer_lag_quantiles(&self, saga: &str) -> (f64, f64) {
+        use prometheus::core::Metric;
+        let metric = self.inner.saga_timer_lag_seconds.with_label_values(&[saga]).metric();
+        let histogram = metric.get_histogram();
+        let total = histogram.get_sample_count();
+        let bound = |quantile: f64| {
+            let rank = (total as f64 * quantile).ceil() as u64;
+            histogram
+                .get_bucket()
+                .iter()
+                .find(|bucket| bucket.cumulative_count() >= rank.max(1))
+                .map_or(f64::INFINITY, |bucket| bucket.upper_bound() * 1000.0)
+        };
+        (bound(0.5), bound(0.99))
+    }
+
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.inner.registry.gather(), &mut buffer).expect("text encoding cannot fail");

@@ -307,7 +307,7 @@ async fn a_new_module_version_takes_over_instances_in_flight() {
 
         // A new build of the same code: the state check reads the running
         // instances' states with it, then it serves them.
-        sandbox.add_plugin("shop.wasm", &with_build_label(&fixtures::read(fixtures::SHOP), "saga-swap"));
+        sandbox.add_plugin("shop.wasm", &with_build_label(&fixtures::read(fixtures::SHOP), &format!("swap-on-{name}")));
         let (status, report) = host.command("/v1/modules/reload", "", &[]).await;
         assert_eq!(status, StatusCode::OK, "{report}");
         let (_, modules) = host.get("/v1/modules").await;
@@ -331,6 +331,49 @@ async fn a_new_module_version_takes_over_instances_in_flight() {
         host.stop().await;
         store.finish().await;
     }
+}
+
+#[tokio::test]
+async fn a_version_that_cannot_read_running_instances_is_refused() {
+    let sandbox = Sandbox::empty();
+    sandbox.add_plugin("counter.wasm", &fixtures::read(fixtures::FIXTURE_COUNTER));
+    let host = sandbox.start().await;
+    let increment = async |id: &str, by: i64| {
+        let path = format!("/v1/aggregates/counter/{id}/commands/Increment");
+        let (status, body) = host.command(&path, &format!(r#"{{"by":{by}}}"#), &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    };
+    increment("finished", 1).await;
+    increment("running", 9).await;
+    wait_for_saga(&host, "counter_watch", Duration::from_secs(30), |s| {
+        s["instances"]["completed"] == 1 && s["instances"]["active"] == 1 && s["pending_inputs"] == 0 && s["lag"] == 0
+    })
+    .await;
+    let (_, running) = host.get("/v1/sagas/counter_watch/instances/running").await;
+    assert_eq!(running["state"], json!({"seen": 1}));
+
+    // v2's state has a field v1's lacks: it cannot take over `running`.
+    sandbox.add_plugin("counter.wasm", &fixtures::read(fixtures::FIXTURE_COUNTER_V2));
+    let (status, report) = host.command("/v1/modules/reload", "", &[]).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let (_, modules) = host.get("/v1/modules").await;
+    assert_eq!(modules["modules"][0]["version"], "1.0.0", "v1 keeps serving: {modules}");
+    let failure = modules.to_string();
+    assert!(
+        failure.contains("saga state check") && failure.contains("`running`") && failure.contains("missing field"),
+        "{modules}"
+    );
+
+    // Once no instance needs it, v2 is taken.
+    let (status, _) = host.command("/v1/sagas/counter_watch/instances/running/cancel", "", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    wait_for_saga(&host, "counter_watch", Duration::from_secs(30), |s| s["instances"]["completed"] == 2).await;
+    sandbox.add_plugin("counter.wasm", &with_build_label(&fixtures::read(fixtures::FIXTURE_COUNTER_V2), "again"));
+    let (status, report) = host.command("/v1/modules/reload", "", &[]).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let (_, modules) = host.get("/v1/modules").await;
+    assert_eq!(modules["modules"][0]["version"], "2.0.0", "{modules}");
+    host.stop().await;
 }
 
 const CHILD_STORE: &str = "ORCHESTRIX_TEST_SAGA_STORE";

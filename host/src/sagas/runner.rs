@@ -31,13 +31,28 @@ const FIRE_BATCH: usize = 2048;
 /// Whether a step found work (so the loop goes round again at once).
 type Busy = bool;
 
+/// Events read past without an input for the saga before the checkpoint is
+/// written anyway (it is also written when the runner has been idle a
+/// renewal tick): lag stays honest without a write per read.
+const CHECKPOINT_EVERY: u64 = 10_000;
+
 pub(super) struct Runner {
     pub saga: String,
     pub inner: Arc<Inner>,
     pub wake: Arc<Notify>,
     pub stop: watch::Receiver<bool>,
     fence: Option<Fence>,
+    /// How far the log has been read and correlated.
     position: u64,
+    /// The checkpoint as stored (at most `position`).
+    checkpoint: u64,
+    /// The inbox may hold ready inputs / the outbox pending commands: set
+    /// by what queues them, by wake-ups and renewal ticks; cleared by a
+    /// step that found none (so an idle saga costs no queries).
+    inbox_dirty: bool,
+    outbox_dirty: bool,
+    /// The earliest time an instance backing off may be retried.
+    retry_at: Option<Instant>,
     renewed: Instant,
     /// Database clock minus this host's clock, in ms, as last seen.
     skew_ms: i64,
@@ -58,6 +73,10 @@ impl Runner {
             stop,
             fence: None,
             position: 0,
+            checkpoint: 0,
+            inbox_dirty: true,
+            outbox_dirty: true,
+            retry_at: None,
             renewed: Instant::now(),
             skew_ms: 0,
             next_due_ms: None,
@@ -101,6 +120,9 @@ impl Runner {
             tracing::info!(saga = %self.saga, epoch, position, "saga lease taken");
             self.fence = Some(Fence { saga: self.saga.clone(), owner: self.inner.owner.clone(), epoch });
             self.position = position;
+            self.checkpoint = position;
+            self.inbox_dirty = true;
+            self.outbox_dirty = true;
             self.renewed = Instant::now();
             // Learn the next due time (and fire what fell due meanwhile).
             self.next_due_ms = Some(i64::MIN);
@@ -152,17 +174,26 @@ impl Runner {
             let until_due = Duration::from_millis((due - self.db_now_ms()).max(0) as u64);
             wait = wait.min(until_due);
         }
-        if let Some(after) = self.dispatch_after {
-            wait = wait.min(after.saturating_duration_since(Instant::now()));
+        for at in [self.dispatch_after, self.retry_at].into_iter().flatten() {
+            wait = wait.min(at.saturating_duration_since(Instant::now()));
         }
         let mut head = self.inner.store.head();
         let position = self.position;
         let leased = self.fence.is_some();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = self.wake.notified() => {}
+            _ = self.wake.notified() => {
+                self.inbox_dirty = true;
+            }
             _ = head.wait_for(|head| leased && *head > position) => {}
             _ = self.stop.changed() => {}
+        }
+        if self.retry_at.is_some_and(|at| at <= Instant::now()) {
+            self.retry_at = None;
+            self.inbox_dirty = true;
+        }
+        if self.dispatch_after.is_some_and(|at| at <= Instant::now()) {
+            self.outbox_dirty = true;
         }
     }
 
@@ -174,6 +205,13 @@ impl Runner {
             }
         } else if self.renewed.elapsed() >= self.inner.config.renew_every {
             self.renew().await?;
+            // Catch what another host queued (an operator's action) and
+            // write a checkpoint left behind while reading past others' events.
+            self.inbox_dirty = true;
+            self.outbox_dirty = true;
+            if self.checkpoint < self.position {
+                self.write_checkpoint().await?;
+            }
         }
         let mut busy = self.fire_timers().await?;
         busy |= self.intake(module).await?;
@@ -233,6 +271,7 @@ impl Runner {
         let applied = self.inner.store.change_saga(SagaChange::FireTimers { fence, limit: FIRE_BATCH }).await?;
         self.note_clock(applied.now_ms);
         self.next_due_ms = applied.next_due_ms;
+        self.inbox_dirty |= !applied.fired.is_empty();
         for timer in &applied.fired {
             let lag = Duration::from_millis((applied.now_ms - timer.due_at_ms).max(0) as u64);
             self.inner.metrics.observe_saga_timer_lag(&self.saga, lag);
@@ -325,18 +364,38 @@ impl Runner {
                 inputs.push(NewInput { instance, priority: 0, input: input.clone(), at_ms, timer: None });
             }
         }
+        if inputs.is_empty() && last - self.checkpoint < CHECKPOINT_EVERY {
+            self.position = last;
+            return Ok(true);
+        }
+        self.inbox_dirty |= !inputs.is_empty();
         let fence = self.fence()?;
-        let from = self.position;
+        let from = self.checkpoint;
         self.inner.store.change_saga(SagaChange::Intake { fence, from, to: last, starts, inputs }).await?;
         self.position = last;
+        self.checkpoint = last;
         Ok(true)
+    }
+
+    /// Store the read position as the checkpoint (no inputs to queue).
+    async fn write_checkpoint(&mut self) -> Result<(), StoreError> {
+        let fence = self.fence()?;
+        let (from, to) = (self.checkpoint, self.position);
+        let change = SagaChange::Intake { fence, from, to, starts: Vec::new(), inputs: Vec::new() };
+        self.inner.store.change_saga(change).await?;
+        self.checkpoint = to;
+        Ok(())
     }
 
     /// React to the ready inputs, instance by instance, and commit all the
     /// reactions in one transaction.
     async fn react(&mut self, module: &Arc<GuestModule>) -> Result<Busy, StoreError> {
+        if !self.inbox_dirty {
+            return Ok(false);
+        }
         let ready = self.inner.store.saga_ready_inputs(&self.saga, self.inner.config.batch).await?;
         if ready.is_empty() {
+            self.inbox_dirty = false;
             return Ok(false);
         }
         // Inputs come in queue order; each instance's are a prefix of its queue.
@@ -376,6 +435,11 @@ impl Runner {
             Err(error) => return Err(error),
         }
         for outcome in &outcomes {
+            self.outbox_dirty |= !outcome.commands.is_empty();
+            if outcome.failure.is_some() && outcome.write.status == InstanceStatus::Active {
+                let at = Instant::now() + Duration::from_millis(outcome.write.retry_after_ms.max(0) as u64);
+                self.retry_at = Some(self.retry_at.map_or(at, |earlier| earlier.min(at)));
+            }
             for (_, due) in &outcome.timers {
                 if let Some(due) = due {
                     self.next_due_ms = Some(self.next_due_ms.map_or(*due, |next| next.min(*due)));
@@ -396,12 +460,13 @@ impl Runner {
     /// Send the commands waiting in the outbox — each instance's in order,
     /// instances concurrently — and record their outcomes.
     async fn dispatch(&mut self) -> Result<Busy, StoreError> {
-        if self.dispatch_after.is_some_and(|after| Instant::now() < after) {
+        if !self.outbox_dirty || self.dispatch_after.is_some_and(|after| Instant::now() < after) {
             return Ok(false);
         }
         self.dispatch_after = None;
         let pending = self.inner.store.saga_pending_commands(&self.saga, self.inner.config.batch).await?;
         if pending.is_empty() {
+            self.outbox_dirty = false;
             return Ok(false);
         }
         let mut by_instance: BTreeMap<String, Vec<PendingCommand>> = BTreeMap::new();
@@ -423,6 +488,7 @@ impl Runner {
         let fence = self.fence()?;
         let applied = self.inner.store.change_saga(SagaChange::Outcomes { fence, outcomes }).await?;
         self.note_clock(applied.now_ms);
+        self.inbox_dirty |= applied.rows > 0;
         Ok(true)
     }
 

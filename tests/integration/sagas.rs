@@ -194,6 +194,29 @@ async fn a_timer_due_while_the_host_is_down_fires_once_after_restart() {
         assert_eq!(cancels, 1, "{name}: the timer fired once");
         let (_, stock) = host.get("/v1/aggregates/inventory/sku-1").await;
         assert_eq!(stock["state"]["available"], 5, "{name}: the reservation was released once: {stock}");
+
+        // A payment after the cancellation is refunded.
+        let (status, _) =
+            host.command("/v1/aggregates/order/o-1/commands/PayOrder", r#"{"amount_cents":200}"#, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, events) = host.get("/v1/aggregates/order/o-1/events").await;
+        assert!(events.as_array().unwrap().iter().any(|e| e["type"] == "shop.order.OrderRefunded"), "{name}: {events}");
+        // An order for more than the stock: the other line's reservation is
+        // released and the order cancelled, naming the stock.
+        let (status, _) = host.command("/v1/aggregates/inventory/sku-2/commands/AddStock", r#"{"qty":1}"#, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        let order = json!({"customer": "c", "items": [{"sku": "sku-1", "qty": 1, "price_cents": 100}, {"sku": "sku-2", "qty": 3, "price_cents": 100}], "payment_timeout_ms": 60000});
+        let (status, _) = host.command("/v1/aggregates/order/o-2/commands/PlaceOrder", &order.to_string(), &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        wait_for_saga(&host, "order_fulfilment", Duration::from_secs(30), |s| {
+            s["instances"]["completed"] == 2 && settled(s)
+        })
+        .await;
+        let (_, order_state) = host.get("/v1/aggregates/order/o-2").await;
+        assert_eq!(order_state["state"]["status"], "CANCELLED", "{name}: {order_state}");
+        assert!(order_state["state"]["cancel_reason"].as_str().unwrap().contains("stock"), "{name}: {order_state}");
+        let (_, stock) = host.get("/v1/aggregates/inventory/sku-1").await;
+        assert_eq!(stock["state"]["available"], 5, "{name}: sku-1's reservation released: {stock}");
         host.stop().await;
         store.finish().await;
     }

@@ -33,6 +33,9 @@ use crate::{Backend, BenchArgs, describe, median_by, percentile_ms};
 const ACCOUNTS: usize = 1000;
 const INITIATORS: usize = 64;
 const TIMERS: usize = 10_000;
+/// SKUs the orders of the timer benchmark spread over (one SKU would make
+/// every reservation wait for the previous one on the same stream).
+const SKUS: usize = 1000;
 
 async fn start(args: &BenchArgs, backend: Backend) -> Result<(Runtime, BenchStorage)> {
     let storage = BenchStorage::create(args, backend).await?;
@@ -227,7 +230,9 @@ async fn timers(args: &BenchArgs, backend: Backend) -> Result<()> {
     for run in 1..=args.runs {
         let (runtime, storage) = start(args, backend).await?;
         let service = runtime.commands.clone();
-        service.execute(request("inventory", "sku".into(), "AddStock", json!({"qty": 1_000_000}))).await?;
+        for sku in 0..SKUS {
+            service.execute(request("inventory", format!("sku-{sku}"), "AddStock", json!({"qty": 1_000_000}))).await?;
+        }
         // Due 1..2 s after the orders' placement ends: placement takes a few
         // seconds, so each timeout is computed to hit `due_from + i ms`.
         let placing = Duration::from_secs(if backend == Backend::Postgres { 20 } else { 10 });
@@ -241,7 +246,8 @@ async fn timers(args: &BenchArgs, backend: Backend) -> Result<()> {
                     if timeout < 100 {
                         bail!("placing the orders took too long for their timers to fall due within one second");
                     }
-                    let place = json!({"customer": "bench", "items": [{"sku": "sku", "qty": 1, "price_cents": 100}], "payment_timeout_ms": timeout});
+                    let sku = format!("sku-{}", order % SKUS);
+                    let place = json!({"customer": "bench", "items": [{"sku": sku, "qty": 1, "price_cents": 100}], "payment_timeout_ms": timeout});
                     service.execute(request("order", format!("o{order}"), "PlaceOrder", place)).await?;
                 }
                 anyhow::Ok(())

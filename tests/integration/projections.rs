@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orchestrix_host::metrics::Metrics;
-use orchestrix_host::runtime::RuntimeConfig;
 use orchestrix_host::store::{AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, StreamId};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -17,7 +16,9 @@ use serde_json::{Value, json};
 use orchestrix_testkit::rand_u64;
 
 use crate::fixtures::{FIXTURE_COUNTER, FIXTURE_COUNTER_V2, FIXTURE_HAZARD, FIXTURE_LEDGER, fixture_tests, read};
-use crate::support::{Sandbox, StoreUnderTest, TestHost, caught_up, error_code, precompiled_cache, wait_for};
+use crate::support::{
+    Sandbox, StoreUnderTest, TestHost, caught_up, error_code, host_process_config, spawn_host_process, wait_for,
+};
 
 fixture_tests! { FIXTURE_LEDGER => a_projection_sees_only_the_events_it_names_when_modules_share_event_names }
 
@@ -326,25 +327,15 @@ async fn a_new_projection_version_rebuilds_on_hot_reload_and_at_start() {
     host.stop().await;
 }
 
-const CHILD_STORE: &str = "ORCHESTRIX_TEST_CHILD_STORE";
-const CHILD_SCHEMA: &str = "ORCHESTRIX_TEST_CHILD_SCHEMA";
-const CHILD_PLUGINS: &str = "ORCHESTRIX_TEST_CHILD_PLUGINS";
-
 /// The host *process* of the kill test below, which runs this test binary
-/// again with `--ignored --exact` and kills it with SIGKILL. It runs the
-/// bank projections in small batches (many commits to land between) until
-/// killed. Run on its own (without the variables), it does nothing.
+/// again and kills it with SIGKILL. It runs the bank projections in small
+/// batches (many commits to land between) until killed. Run on its own
+/// (without the variables), it does nothing.
 #[tokio::test]
 #[ignore = "run as a child process by killed_hosts_leave_read_models_equal_to_a_clean_rebuild"]
 async fn projecting_host_process() {
-    let (Ok(url), Ok(plugins)) = (std::env::var(CHILD_STORE), std::env::var(CHILD_PLUGINS)) else {
-        return;
-    };
-    let mut config = RuntimeConfig::new(plugins, url);
-    config.store_options.schema = std::env::var(CHILD_SCHEMA).ok();
-    config.cache_dir = precompiled_cache();
+    let Some(mut config) = host_process_config() else { return };
     config.projections.batch_size = 16;
-    config.watch_plugins = None;
     let _runtime = orchestrix_host::runtime::Runtime::start(config).await.expect("child host starts");
     tokio::time::sleep(Duration::from_secs(600)).await;
 }
@@ -418,23 +409,7 @@ async fn killed_hosts_leave_read_models_equal_to_a_clean_rebuild() {
             if before >= head {
                 break;
             }
-            let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--ignored",
-                    "--exact",
-                    "projections::projecting_host_process",
-                    "--test-threads",
-                    "1",
-                    "--quiet",
-                ])
-                .env(CHILD_STORE, &config.store_url)
-                .env(CHILD_PLUGINS, sandbox.plugins())
-                .envs(config.store_options.schema.iter().map(|schema| (CHILD_SCHEMA, schema)))
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("start a host process");
+            let mut child = spawn_host_process("projections::projecting_host_process", &config, &sandbox);
             // Wait until it makes progress, then kill it a random moment later.
             let started = Instant::now();
             while checkpoint(&store, "account_summaries").await == before {

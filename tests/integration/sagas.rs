@@ -18,7 +18,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::fixtures;
-use crate::support::{Sandbox, StoreUnderTest, TestHost, error_code, precompiled_cache};
+use crate::support::{Sandbox, StoreUnderTest, TestHost, error_code, host_process_config, spawn_host_process};
 
 /// Accounts of the transfer tests, each opened with this balance.
 const OPENING_BALANCE: i64 = 1_000;
@@ -399,40 +399,21 @@ async fn a_version_that_cannot_read_running_instances_is_refused() {
     host.stop().await;
 }
 
-const CHILD_STORE: &str = "ORCHESTRIX_TEST_SAGA_STORE";
-const CHILD_SCHEMA: &str = "ORCHESTRIX_TEST_SAGA_SCHEMA";
-const CHILD_PLUGINS: &str = "ORCHESTRIX_TEST_SAGA_PLUGINS";
-
 /// The host *process* of the kill tests below, which run this test binary
-/// again with `--ignored --exact` and kill it with SIGKILL. It runs the
-/// sagas (in small batches, so many commits land between kills) until
-/// killed. Run on its own (without the variables), it does nothing.
+/// again and kill it with SIGKILL. It runs the sagas (in small batches, so
+/// many commits land between kills) until killed. Run on its own (without
+/// the variables), it does nothing.
 #[tokio::test]
 #[ignore = "run as a child process by the saga kill tests"]
 async fn saga_host_process() {
-    let (Ok(url), Ok(plugins)) = (std::env::var(CHILD_STORE), std::env::var(CHILD_PLUGINS)) else {
-        return;
-    };
-    let mut config = RuntimeConfig::new(plugins, url);
-    config.store_options.schema = std::env::var(CHILD_SCHEMA).ok();
-    config.cache_dir = precompiled_cache();
-    config.watch_plugins = None;
+    let Some(mut config) = host_process_config() else { return };
     config.sagas.batch = 16;
     let _runtime = orchestrix_host::runtime::Runtime::start(config).await.expect("child host starts");
     tokio::time::sleep(Duration::from_secs(600)).await;
 }
 
 fn spawn_saga_host(config: &RuntimeConfig, sandbox: &Sandbox) -> tokio::process::Child {
-    tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "sagas::saga_host_process", "--test-threads", "1", "--quiet"])
-        .env(CHILD_STORE, &config.store_url)
-        .env(CHILD_PLUGINS, sandbox.plugins())
-        .envs(config.store_options.schema.iter().map(|schema| (CHILD_SCHEMA, schema)))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start a host process")
+    spawn_host_process("sagas::saga_host_process", config, sandbox)
 }
 
 /// Accounts and `transfers` initiated transfers written straight to the

@@ -31,6 +31,42 @@ pub fn precompiled_cache() -> PathBuf {
     PathBuf::from(env!("ORCHESTRIX_TEST_PRECOMPILED_DIR"))
 }
 
+/// Where a host *process* started by a kill test finds its store and
+/// plugins (see [`spawn_host_process`]).
+const CHILD_STORE: &str = "ORCHESTRIX_TEST_CHILD_STORE";
+const CHILD_SCHEMA: &str = "ORCHESTRIX_TEST_CHILD_SCHEMA";
+const CHILD_PLUGINS: &str = "ORCHESTRIX_TEST_CHILD_PLUGINS";
+
+/// In a host process started by [`spawn_host_process`]: its configuration
+/// (no plugin watching, the shared precompile cache). `None` when this test
+/// runs on its own, not as such a process.
+pub fn host_process_config() -> Option<RuntimeConfig> {
+    let (Ok(url), Ok(plugins)) = (std::env::var(CHILD_STORE), std::env::var(CHILD_PLUGINS)) else {
+        return None;
+    };
+    let mut config = RuntimeConfig::new(plugins, url);
+    config.store_options.schema = std::env::var(CHILD_SCHEMA).ok();
+    config.cache_dir = precompiled_cache();
+    config.watch_plugins = None;
+    Some(config)
+}
+
+/// Run the ignored test `test` (`module::name`) of this binary as a host
+/// process on `config`'s store and `sandbox`'s plugins, to be killed with
+/// SIGKILL by the caller.
+pub fn spawn_host_process(test: &str, config: &RuntimeConfig, sandbox: &Sandbox) -> tokio::process::Child {
+    tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", test, "--test-threads", "1", "--quiet"])
+        .env(CHILD_STORE, &config.store_url)
+        .env(CHILD_PLUGINS, sandbox.plugins())
+        .envs(config.store_options.schema.iter().map(|schema| (CHILD_SCHEMA, schema)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start a host process")
+}
+
 /// A temporary directory with a plugins folder and a database path.
 pub struct Sandbox {
     pub dir: tempfile::TempDir,

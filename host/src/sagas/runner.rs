@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 
 use super::{Inner, recorded_from_input};
-use crate::pipeline::{CommandError, CommandRequest, ErrorKind};
+use crate::pipeline::{CommandRequest, ErrorKind};
 use crate::sandbox::{
     GuestCommandOutcome, GuestCommandRejection, GuestCommandResult, GuestFailure, GuestModule, GuestSagaInput,
     GuestTimerFired, Reaction, to_recorded,
@@ -522,7 +522,7 @@ impl Runner {
                 Err(error) => {
                     self.inner.metrics.observe_saga_command(&self.saga, "rejected");
                     let code = error.kind().http_status();
-                    (None, Some(rejection_reason(&error)), Some(code), self.db_now_ms())
+                    (None, Some(error.to_string()), Some(code), self.db_now_ms())
                 }
             };
             let input =
@@ -540,10 +540,6 @@ impl Runner {
         }
         (outcomes, false)
     }
-}
-
-fn rejection_reason(error: &CommandError) -> String {
-    error.to_string()
 }
 
 /// What reacting to one instance's ready inputs came to.

@@ -99,6 +99,28 @@ fn group_by_stream(streams: &[StreamId], events: Vec<StoredEvent>) -> Vec<Vec<St
     grouped
 }
 
+/// Append `(COLUMNS) IN (VALUES (a, b), …)`: a list of pairs spelled out
+/// (two parameters each), which both databases read — SQLite has no array
+/// parameters.
+pub(crate) fn push_pairs_in<'a, DB: sqlx::Database>(
+    query: &mut sqlx::QueryBuilder<DB>,
+    columns: &str,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) where
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    query.push("(").push(columns).push(") IN (VALUES ");
+    let mut separated = query.separated(", ");
+    for (first, second) in pairs {
+        separated.push("(");
+        separated.push_bind_unseparated(first);
+        separated.push_unseparated(", ");
+        separated.push_bind_unseparated(second);
+        separated.push_unseparated(")");
+    }
+    query.push(")");
+}
+
 /// Open the store a URL names: `sqlite://PATH` or `postgres://…`
 /// (`postgresql://…`).
 pub async fn open(url: &str, options: &StoreOptions, metrics: Metrics) -> Result<Arc<dyn EventStore>, StoreError> {

@@ -27,6 +27,7 @@ use super::group::{
     Facts, Job, PROBE_SQL, Plan, Reply, Submitter, VERSION_CACHE_LIMIT, WriteHealth, WriterWork, batch_keys,
     commit_time, fail_appends, next_batch, plan, refuse_remaining,
 };
+use super::push_pairs_in;
 use super::read_models::ReadModelSql;
 use super::sagas::{
     InstanceDetail, InstanceQuery, InstanceRecord, PendingCommand, ReadyInput, SagaApplied, SagaChange, SagaCounts,
@@ -158,25 +159,6 @@ impl SqliteStore {
         tokio::spawn(state.run(queue));
         Ok(Self { submitter, reads })
     }
-}
-
-/// Append `(COLUMNS) IN (VALUES (?, ?), …)`: SQLite has no array
-/// parameters, so a list of pairs is spelled out (two parameters each).
-pub(super) fn push_pairs_in<'a>(
-    query: &mut QueryBuilder<Sqlite>,
-    columns: &str,
-    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-) {
-    query.push("(").push(columns).push(") IN (VALUES ");
-    let mut separated = query.separated(", ");
-    for (first, second) in pairs {
-        separated.push("(");
-        separated.push_bind_unseparated(first);
-        separated.push_unseparated(", ");
-        separated.push_bind_unseparated(second);
-        separated.push_unseparated(")");
-    }
-    query.push(")");
 }
 
 impl SagaSql for Sqlite {

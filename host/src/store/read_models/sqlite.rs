@@ -12,7 +12,8 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::common::{CheckpointMove, ReadModelSql};
 use super::{CopyId, DocumentKey, DocumentOp, ReadModelChange};
-use crate::store::sqlite::{push_pairs_in, relaxed_transaction};
+use crate::store::push_pairs_in;
+use crate::store::sqlite::relaxed_transaction;
 use crate::store::{StoreError, database_error};
 
 /// Documents per multi-row statement (5 parameters each; SQLite allows 32766).

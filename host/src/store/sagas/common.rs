@@ -18,7 +18,7 @@ use super::{
     InstanceWrite, NewInput, NewInstance, OutboxCommand, PendingCommand, QueuedInput, ReadyInput, SagaApplied,
     SagaChange, SagaCounts, SagaRecord, SentCommand, TimerKey,
 };
-use crate::store::{StoreError, database_error};
+use crate::store::{StoreError, database_error, push_pairs_in};
 
 /// Rows per multi-row statement (at most 12 parameters each; SQLite allows
 /// 32766 per statement).
@@ -658,26 +658,6 @@ where
         .await
         .map_err(database_error)
     }
-}
-
-/// `(a, b) IN (VALUES ($1, $2), …)` — a list of pairs both databases read.
-fn push_pairs_in<'a, DB: Database>(
-    query: &mut QueryBuilder<DB>,
-    columns: &str,
-    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-) where
-    &'a str: Encode<'a, DB> + Type<DB>,
-{
-    query.push("(").push(columns).push(") IN (VALUES ");
-    let mut separated = query.separated(", ");
-    for (first, second) in pairs {
-        separated.push("(");
-        separated.push_bind_unseparated(first);
-        separated.push_unseparated(", ");
-        separated.push_bind_unseparated(second);
-        separated.push_unseparated(")");
-    }
-    query.push(")");
 }
 
 fn lost(fence: &Fence, why: &str) -> StoreError {

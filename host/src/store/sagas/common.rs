@@ -48,6 +48,8 @@ where
     for<'r> (String, String, i64): FromRow<'r, Self::Row>,
     for<'r> (String, i64, Option<i64>): FromRow<'r, Self::Row>,
     for<'r> (i64, String, i64): FromRow<'r, Self::Row>,
+    for<'r> (i64,): FromRow<'r, Self::Row>,
+    for<'r> (Option<i64>,): FromRow<'r, Self::Row>,
 {
     /// The database's clock, in milliseconds since the Unix epoch, as an
     /// SQL expression.
@@ -139,22 +141,9 @@ where
             }
             SagaChange::Outcomes { fence, outcomes } => {
                 Self::check_fence(connection, &fence).await?;
-                let mut recorded = Vec::with_capacity(outcomes.len());
-                for outcome in outcomes {
-                    let update = sqlx::query(
-                        "UPDATE saga_commands SET status = $2, version = $3, reason = $4, code = $5, outcome_at_ms = $6 \
-                         WHERE id = $1 AND status = 'pending'",
-                    )
-                    .bind(outcome.command_id as i64)
-                    .bind(if outcome.accepted.is_some() { "accepted" } else { "rejected" })
-                    .bind(outcome.accepted.map(|v| v as i64))
-                    .bind(outcome.reason.as_deref())
-                    .bind(outcome.code.map(i64::from))
-                    .bind(now_ms);
-                    if Self::execute(connection, update).await? == 1 {
-                        recorded.push(outcome);
-                    }
-                }
+                let recorded = Self::record_outcomes(connection, &outcomes, now_ms).await?;
+                let recorded: Vec<CommandOutcomeWrite> =
+                    outcomes.into_iter().filter(|o| recorded.contains(&(o.command_id as i64))).collect();
                 let inputs: Vec<NewInput> = recorded
                     .into_iter()
                     .map(|o: CommandOutcomeWrite| NewInput {
@@ -206,11 +195,13 @@ where
                     .into_iter()
                     .map(|(instance, name, due_at_ms)| FiredTimer { key: TimerKey { instance, name }, due_at_ms })
                     .collect();
-                applied.next_due_ms = sqlx::query_scalar("SELECT MIN(due_at_ms) FROM saga_timers WHERE saga = $1")
-                    .bind(fence.saga.as_str())
-                    .fetch_one(&mut *connection)
-                    .await
-                    .map_err(database_error)?;
+                applied.next_due_ms =
+                    sqlx::query_as::<_, (Option<i64>,)>("SELECT MIN(due_at_ms) FROM saga_timers WHERE saga = $1")
+                        .bind(fence.saga.as_str())
+                        .fetch_one(&mut *connection)
+                        .await
+                        .map_err(database_error)?
+                        .0;
             }
             SagaChange::SetError { fence, error } => {
                 Self::check_fence(connection, &fence).await?;
@@ -222,7 +213,7 @@ where
                 applied.rows = Self::resume(connection, &saga, &instance, now_ms, "status = 'parked'").await?;
             }
             SagaChange::Skip { saga, instance } => {
-                let parked: Option<Option<i64>> = sqlx::query_scalar(
+                let parked: Option<(Option<i64>,)> = sqlx::query_as(
                     "SELECT parked_input FROM saga_instances WHERE saga = $1 AND instance = $2 AND status = 'parked'",
                 )
                 .bind(saga.as_str())
@@ -230,7 +221,7 @@ where
                 .fetch_optional(&mut *connection)
                 .await
                 .map_err(database_error)?;
-                if let Some(input) = parked {
+                if let Some((input,)) = parked {
                     if let Some(id) = input {
                         Self::delete_ids(connection, "saga_inbox", &[id as u64]).await?;
                     }
@@ -247,6 +238,34 @@ where
             }
         }
         Ok(applied)
+    }
+
+    /// Move pending commands to their outcome, one statement per chunk;
+    /// returns the ids that were still pending (the others already had one).
+    async fn record_outcomes(
+        connection: &mut Self::Connection,
+        outcomes: &[CommandOutcomeWrite],
+        now_ms: i64,
+    ) -> Result<std::collections::HashSet<i64>, StoreError> {
+        let mut recorded = std::collections::HashSet::with_capacity(outcomes.len());
+        for chunk in outcomes.chunks(ROWS_PER_STATEMENT) {
+            let mut update: QueryBuilder<Self> = QueryBuilder::new(
+                "UPDATE saga_commands AS c SET status = v.column2, version = v.column3, reason = v.column4, \
+                 code = v.column5, outcome_at_ms = ",
+            );
+            update.push_bind(now_ms).push(" FROM (");
+            update.push_values(chunk, |mut row, outcome| {
+                row.push_bind(outcome.command_id as i64)
+                    .push_bind(if outcome.accepted.is_some() { "accepted" } else { "rejected" })
+                    .push_bind(outcome.accepted.map(|v| v as i64))
+                    .push_bind(outcome.reason.as_deref())
+                    .push_bind(outcome.code.map(i64::from));
+            });
+            update.push(") AS v WHERE c.id = v.column1 AND c.status = 'pending' RETURNING id");
+            let ids: Vec<(i64,)> = update.build_query_as().fetch_all(&mut *connection).await.map_err(database_error)?;
+            recorded.extend(ids.into_iter().map(|(id,)| id));
+        }
+        Ok(recorded)
     }
 
     async fn now_ms(connection: &mut Self::Connection) -> Result<i64, StoreError> {

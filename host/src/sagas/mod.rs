@@ -344,10 +344,15 @@ impl SagaService {
         let limit = query.limit;
         let records = self.inner.store.saga_instances(&InstanceQuery { limit: limit + 1, ..query.clone() }).await?;
         let more = records.len() > limit;
-        let mut instances: Vec<InstanceView> =
-            records.into_iter().take(limit).map(|r| view(&module, &query.saga, r)).collect();
+        // A page may hold a thousand states, each described by a guest call:
+        // off the async threads.
+        let saga = query.saga.clone();
+        let instances: Vec<InstanceView> = tokio::task::spawn_blocking(move || {
+            records.into_iter().take(limit).map(|r| view(&module, &saga, r)).collect()
+        })
+        .await
+        .expect("describing states does not panic");
         let next_cursor = if more { instances.last().map(|i| i.id.clone()) } else { None };
-        instances.shrink_to_fit();
         Ok(InstancePage { saga: query.saga, instances, next_cursor })
     }
 

@@ -77,7 +77,18 @@ impl ServeArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // A client's output piped into `head` ends it quietly, as with other
+        // command-line tools, rather than in a panic on the closed pipe. (The
+        // server keeps Rust's default: a closed socket is an error to handle.)
+        #[cfg(unix)]
+        // SAFETY: called before any other thread exists; restores the default action.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // The cause chain, without a backtrace: this is for the operator.

@@ -82,6 +82,13 @@ async fn list_instances(
     Ok(Json(state.sagas.instances(query).await?))
 }
 
+/// The saga name and instance id of an instance route, within the limits.
+fn check_instance_path(name: &str, id: &str) -> Result<(), ApiError> {
+    check_no_nul("saga", name)?;
+    check_id("instance", id)?;
+    Ok(())
+}
+
 fn invalid_query(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message)
 }
@@ -90,8 +97,7 @@ async fn instance(
     State(state): State<Arc<ApiState>>,
     ApiPath((name, id)): ApiPath<(String, String)>,
 ) -> Result<Json<InstanceView>, ApiError> {
-    check_no_nul("saga", &name)?;
-    check_id("instance", &id)?;
+    check_instance_path(&name, &id)?;
     Ok(Json(state.sagas.instance(&name, &id).await?))
 }
 
@@ -99,8 +105,7 @@ async fn retry(
     State(state): State<Arc<ApiState>>,
     ApiPath((name, id)): ApiPath<(String, String)>,
 ) -> Result<Json<InstanceView>, ApiError> {
-    check_no_nul("saga", &name)?;
-    check_id("instance", &id)?;
+    check_instance_path(&name, &id)?;
     Ok(Json(state.sagas.retry(&name, &id).await?))
 }
 
@@ -108,8 +113,7 @@ async fn skip(
     State(state): State<Arc<ApiState>>,
     ApiPath((name, id)): ApiPath<(String, String)>,
 ) -> Result<Json<InstanceView>, ApiError> {
-    check_no_nul("saga", &name)?;
-    check_id("instance", &id)?;
+    check_instance_path(&name, &id)?;
     Ok(Json(state.sagas.skip(&name, &id).await?))
 }
 
@@ -119,8 +123,7 @@ async fn cancel(
     ApiPath((name, id)): ApiPath<(String, String)>,
     body: Bytes,
 ) -> Result<Json<InstanceView>, ApiError> {
-    check_no_nul("saga", &name)?;
-    check_id("instance", &id)?;
+    check_instance_path(&name, &id)?;
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         "cancelled by an operator".to_owned()
     } else {

@@ -20,8 +20,7 @@ pub(super) use common::SagaSql;
 use serde::{Deserialize, Serialize};
 
 /// Where an instance is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstanceStatus {
     /// Takes inputs (possibly after a backoff, when its last reaction failed).
     Active,

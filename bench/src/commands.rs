@@ -109,8 +109,8 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
     if let Some(dir) = options.plugins_dir {
         config.plugins_dir = dir;
     }
-    let max_body_bytes = config.max_body_bytes;
     let runtime = Runtime::start(config.clone()).await.context("starting the host")?;
+    let body_limits = runtime.body_limits();
     if runtime.commands.modules().route("account").is_none() {
         bail!("the bank module is not in {}: build the plugins first (cargo xtask dist)", args.host.plugins.display());
     }
@@ -134,8 +134,7 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
                 let shutdown = async {
                     let _ = stopped.await;
                 };
-                orchestrix_host::server::serve(listener, router, &server_config, max_body_bytes, metrics, shutdown)
-                    .await
+                orchestrix_host::server::serve(listener, router, &server_config, body_limits, metrics, shutdown).await
             });
             let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
             let result = drive(clients, args, seconds, Driver::Http { client, url }).await;

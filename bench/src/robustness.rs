@@ -53,9 +53,9 @@ impl Served {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (router, metrics) = (runtime.router(), runtime.metrics.clone());
+        let (router, metrics, limits) = (runtime.router(), runtime.metrics.clone(), runtime.body_limits());
         let server = tokio::spawn(async move {
-            orchestrix_host::server::serve(listener, router, &config.server, config.max_body_bytes, metrics, async {
+            orchestrix_host::server::serve(listener, router, &config.server, limits, metrics, async {
                 let _ = stopped.await;
             })
             .await;

@@ -31,6 +31,13 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'sta
     type Command: Serialize + DeserializeOwned;
     /// Everything that can happen to it.
     type Event: Serialize + DeserializeOwned + 'static;
+    /// The version of the state: its serialized form and what `apply` makes
+    /// of each event. Declare it — and bump it whenever `Self` changes shape
+    /// or `apply` folds any event differently — to let the host keep the
+    /// states and snapshots the previous build folded across a hot swap,
+    /// instead of refolding every stream with the new build. `None` (the
+    /// default): states are trusted only by the very build that folded them.
+    const STATE_VERSION: Option<u32> = None;
 
     /// Decide which events record the outcome of `command`, or refuse it.
     fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, DomainError>;
@@ -45,6 +52,7 @@ pub(crate) trait ErasedAggregate: Send + Sync {
     fn aggregate_type(&self) -> &'static str;
     fn command_types(&self) -> Vec<String>;
     fn event_types(&self) -> Vec<String>;
+    fn state_version(&self) -> Option<u32>;
     /// The type of its event enum, for projections and sagas that read it.
     fn event_enum(&self) -> std::any::TypeId;
     fn handle(&self, state: &[u8], command_type: &str, payload: &str) -> Result<Vec<NewEvent>, DomainError>;
@@ -71,6 +79,10 @@ impl<A: Aggregate> ErasedAggregate for AggregateAdapter<A> {
 
     fn event_types(&self) -> Vec<String> {
         codec::variant_names::<A::Event>()
+    }
+
+    fn state_version(&self) -> Option<u32> {
+        A::STATE_VERSION
     }
 
     fn event_enum(&self) -> std::any::TypeId {

@@ -68,6 +68,7 @@ impl<M: Module> manifest::Guest for Exports<M> {
                     name: a.aggregate_type().to_owned(),
                     command_types: a.command_types(),
                     event_types: a.event_types(),
+                    state_version: a.state_version(),
                 })
                 .collect(),
             projections: module
@@ -226,9 +227,17 @@ impl<M: Module> saga::Guest for Exports<M> {
 }
 
 impl<M: Module> upcaster::Guest for Exports<M> {
-    fn upcast(event: upcaster::UpcastEvent) -> Result<upcaster::UpcastEvent, types::DomainError> {
-        let (schema_version, payload) =
-            registry::<M>().upcast(&event.event_type, event.schema_version, &event.payload)?;
-        Ok(upcaster::UpcastEvent { event_type: event.event_type, schema_version, payload })
+    fn upcast(events: Vec<upcaster::UpcastEvent>) -> Result<Vec<upcaster::UpcastEvent>, types::DomainError> {
+        let module = registry::<M>();
+        let current = module.event_schemas();
+        events
+            .into_iter()
+            .map(|event| {
+                let target = current.get(&event.event_type).copied().unwrap_or(1);
+                let (schema_version, payload) =
+                    module.upcast_to(&event.event_type, event.schema_version, target, event.payload)?;
+                Ok(upcaster::UpcastEvent { event_type: event.event_type, schema_version, payload })
+            })
+            .collect()
     }
 }

@@ -137,14 +137,28 @@ impl ModuleBuilder {
         versions
     }
 
-    /// Upgrade a payload by one version step.
-    pub(crate) fn upcast(&self, event_type: &str, version: u32, payload: &str) -> Result<(u32, String), DomainError> {
-        let step = self.upcasters.get(&(event_type.to_owned(), version)).ok_or_else(|| {
-            DomainError::Invalid(format!("no upcaster for `{event_type}` at schema version {version}"))
-        })?;
-        let body: Value = serde_json::from_str(payload)
+    /// Upgrade a payload from schema version `version` to `target`, one
+    /// registered step at a time (parsed once, serialized once).
+    pub(crate) fn upcast_to(
+        &self,
+        event_type: &str,
+        mut version: u32,
+        target: u32,
+        payload: String,
+    ) -> Result<(u32, String), DomainError> {
+        if version >= target {
+            return Ok((version, payload));
+        }
+        let mut body: Value = serde_json::from_str(&payload)
             .map_err(|e| DomainError::Invalid(format!("`{event_type}` payload is not valid JSON: {e}")))?;
-        Ok((version + 1, step(body)?.to_string()))
+        while version < target {
+            let step = self.upcasters.get(&(event_type.to_owned(), version)).ok_or_else(|| {
+                DomainError::Invalid(format!("no upcaster for `{event_type}` at schema version {version}"))
+            })?;
+            body = step(body)?;
+            version += 1;
+        }
+        Ok((version, body.to_string()))
     }
 }
 

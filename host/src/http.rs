@@ -6,6 +6,7 @@ mod extract;
 mod live;
 mod projections;
 mod sagas;
+mod whatif;
 
 use std::sync::Arc;
 
@@ -24,7 +25,7 @@ use self::extract::{ApiPath, ApiQuery};
 use crate::cloudevents::{self, BATCH_CONTENT_TYPE};
 use crate::limits::{InvalidInput, check_id, json_has_nul};
 use crate::metrics::Metrics;
-use crate::pipeline::{CommandError, CommandRequest, CommandService, ErrorKind};
+use crate::pipeline::{CommandError, CommandRequest, CommandService, ErrorKind, HistoryPoint};
 use crate::store::{StoreError, StreamId, StreamRange};
 
 /// What the handlers share.
@@ -32,6 +33,7 @@ pub struct ApiState {
     pub commands: Arc<CommandService>,
     pub projections: Arc<crate::projections::ProjectionService>,
     pub sagas: Arc<crate::sagas::SagaService>,
+    pub whatif: Arc<crate::whatif::WhatIfService>,
     pub metrics: Metrics,
     /// Turns true when the host shuts down: open event streams end, so a
     /// graceful shutdown does not wait for clients that never hang up.
@@ -41,8 +43,23 @@ pub struct ApiState {
 /// Largest page of the global log one request may ask for.
 const MAX_PAGE: usize = 10_000;
 
-/// The router with every route, limited to `max_body_bytes` per request body.
-pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
+/// Largest request bodies: a module (`POST /v1/what-if`), and any other
+/// request (a command).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub request: usize,
+    pub module: usize,
+}
+
+impl BodyLimits {
+    /// The limit of a request to `path`.
+    pub fn for_path(&self, path: &str) -> usize {
+        if path == whatif::WHAT_IF_PATH { self.module } else { self.request }
+    }
+}
+
+/// The router with every route, each request body limited by `limits`.
+pub fn router(state: Arc<ApiState>, limits: BodyLimits) -> Router {
     Router::new()
         .route("/v1/aggregates/{aggregate_type}/{aggregate_id}/commands/{command}", post(send_command))
         .route("/v1/aggregates/{aggregate_type}/{aggregate_id}", get(aggregate_state))
@@ -54,6 +71,7 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .route("/v1/modules/{name}/release", post(release_module))
         .merge(projections::routes())
         .merge(sagas::routes())
+        .merge(whatif::routes(limits.module))
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -67,7 +85,7 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
                 format!("{method} is not allowed on this route (see the Allow header)"),
             )
         })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(limits.request))
         .layer(axum::middleware::from_fn(request_limits))
         .with_state(state)
 }
@@ -78,13 +96,16 @@ pub const MAX_URI_BYTES: usize = 16 * 1024;
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Longest a request (reading its body included) may take, except the live
-/// feed, which streams for as long as its client reads.
+/// feed, which streams for as long as its client reads, and a what-if.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest a what-if may take (it may replay a whole store).
+pub const WHAT_IF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Refuse, in the API's error shape, a request target or headers larger
 /// than any route needs (414 `uri_too_long`, 431 `headers_too_large`), and
-/// end a request that takes longer than [`REQUEST_TIMEOUT`] — a body sent
-/// slowly or never — with 408 `request_timeout`.
+/// end a request that takes longer than [`REQUEST_TIMEOUT`] (a what-if:
+/// [`WHAT_IF_TIMEOUT`]) — a body sent slowly or never — with 408
+/// `request_timeout`.
 async fn request_limits(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let uri = request.uri().path_and_query().map_or(0, |target| target.as_str().len());
     if uri > MAX_URI_BYTES {
@@ -100,10 +121,11 @@ async fn request_limits(request: axum::extract::Request, next: axum::middleware:
     if request.uri().path() == "/v1/events/stream" {
         return next.run(request).await;
     }
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+    let limit = if request.uri().path() == whatif::WHAT_IF_PATH { WHAT_IF_TIMEOUT } else { REQUEST_TIMEOUT };
+    match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {
-            let message = format!("the request did not complete within {} s", REQUEST_TIMEOUT.as_secs());
+            let message = format!("the request did not complete within {} s", limit.as_secs());
             let mut response = ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message).into_response();
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             response
@@ -138,6 +160,7 @@ impl From<CommandError> for ApiError {
             CommandError::ModuleNotLoaded { .. } => "module_not_loaded",
             CommandError::UnknownCommand { .. } => "unknown_command",
             CommandError::NotFound(_) => "not_found",
+            CommandError::NoStateAt { .. } => "no_state_at",
             CommandError::Invalid(_) => "invalid_command",
             CommandError::InvalidInput(input) => invalid_input_code(input),
             CommandError::Rejected(_) => "rejected",
@@ -275,11 +298,34 @@ async fn send_command(
     Ok(response)
 }
 
+/// `GET /v1/aggregates/{type}/{id}`: `?version=N` or `?at=TIME` travel in
+/// time.
+#[derive(Deserialize)]
+struct StateQuery {
+    version: Option<u64>,
+    at: Option<DateTime<Utc>>,
+}
+
 async fn aggregate_state(
     State(state): State<Arc<ApiState>>,
     ApiPath((aggregate_type, aggregate_id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<StateQuery>,
 ) -> Result<Response, ApiError> {
-    let (version, body) = state.commands.state(&StreamId::new(aggregate_type, aggregate_id)).await?;
+    let stream = StreamId::new(aggregate_type, aggregate_id);
+    let point = match (query.version, query.at) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", "give `version` or `at`, not both"));
+        }
+        (Some(version), None) => Some(HistoryPoint::Version(version)),
+        (None, Some(at)) => Some(HistoryPoint::Time(at)),
+        (None, None) => None,
+    };
+    if let Some(point) = point {
+        let past = state.commands.state_at(&stream, point).await?;
+        let as_of = past.as_of.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        return Ok(Json(json!({"version": past.version, "as_of": as_of, "state": past.state})).into_response());
+    }
+    let (version, body) = state.commands.state(&stream).await?;
     let mut response = Json(json!({"version": version, "state": body})).into_response();
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {
         response.headers_mut().insert(header::ETAG, etag);
@@ -292,6 +338,32 @@ struct StreamQuery {
     from: Option<u64>,
     to: Option<u64>,
     until: Option<DateTime<Utc>>,
+    #[serde(default)]
+    schema: Schema,
+}
+
+/// `?schema=`: events as stored (the default), or upcast to the current
+/// schema version of their types by the serving modules.
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Schema {
+    #[default]
+    Stored,
+    Current,
+}
+
+impl Schema {
+    /// `events` in the shape asked for.
+    pub(crate) fn shape(
+        self,
+        commands: &CommandService,
+        events: Vec<crate::store::StoredEvent>,
+    ) -> Result<Vec<crate::store::StoredEvent>, CommandError> {
+        match self {
+            Schema::Stored => Ok(events),
+            Schema::Current => commands.current_shape(events),
+        }
+    }
 }
 
 fn batch_response(events: Value) -> Response {
@@ -312,6 +384,7 @@ async fn stream_events(
     check_id("aggregate_id", &aggregate_id)?;
     let range = StreamRange { from_version: query.from.unwrap_or(1), to_version: query.to, until: query.until };
     let events = state.commands.store().read_stream(&StreamId::new(aggregate_type, aggregate_id), range).await?;
+    let events = query.schema.shape(&state.commands, events)?;
     Ok(batch_response(cloudevents::to_batch(&events)))
 }
 
@@ -319,6 +392,8 @@ async fn stream_events(
 struct FeedQuery {
     after: Option<u64>,
     limit: Option<usize>,
+    #[serde(default)]
+    schema: Schema,
 }
 
 async fn global_events(
@@ -331,6 +406,7 @@ async fn global_events(
     let head = *store.head().borrow();
     let events = store.read_all(after, limit).await?;
     let next = events.last().map_or(after, |e| e.position);
+    let events = query.schema.shape(&state.commands, events)?;
     let mut response = batch_response(cloudevents::to_batch(&events));
     for (name, value) in [("x-next-after", next), ("x-head-position", head.max(next))] {
         response.headers_mut().insert(name, HeaderValue::from(value));

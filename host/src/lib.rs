@@ -9,6 +9,8 @@
 //! - [`pipeline`]: the command path (route, load, handle, append, fold).
 //! - [`projections`]: read models — runners, rebuilds into shadow copies,
 //!   parking of poison events.
+//! - [`whatif`]: what-if replay — a candidate module folds and projects
+//!   history beside the serving one, never serving.
 //! - [`sagas`]: process managers — runners under store leases, the
 //!   reaction transaction, timers, the outbox, parking.
 //! - [`http`]: the JSON HTTP API; [`cloudevents`]: the event wire format;
@@ -29,3 +31,4 @@ pub mod sandbox;
 pub mod server;
 pub mod sse;
 pub mod store;
+pub mod whatif;

@@ -1,6 +1,6 @@
 //! `orchestrix`: the host binary. `serve` runs the host; `send`, `events`,
-//! `modules`, `projections`, `query` and `sagas` talk to a running host over
-//! HTTP.
+//! `state`, `what-if`, `modules`, `projections`, `query` and `sagas` talk to
+//! a running host over HTTP.
 //! (The benchmarks are a binary of their own: `bench/`, `orchestrix-bench`.)
 
 mod cli;
@@ -28,6 +28,10 @@ enum Command {
     Send(cli::client::SendArgs),
     /// Print events: one aggregate's stream, or the global log.
     Events(cli::client::EventsArgs),
+    /// Print an aggregate's state: now, at a version, or at a time.
+    State(cli::history::StateArgs),
+    /// Replay the stored history through a candidate module build and report what would differ.
+    WhatIf(cli::history::WhatIfArgs),
     /// List the modules a running host serves (and the files it refused), or reload them.
     Modules(cli::client::ModulesArgs),
     /// Show projection status, or rebuild a projection, retry or skip its parked event.
@@ -113,6 +117,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Serve(args) => serve(args).await,
             Command::Send(args) => cli::client::send(args).await,
             Command::Events(args) => cli::client::events(args).await,
+            Command::State(args) => cli::history::state(args).await,
+            Command::WhatIf(args) => cli::history::what_if(args).await,
             Command::Modules(args) => cli::client::modules(args).await,
             Command::Projections(args) => cli::read_side::projections(args).await,
             Command::Query(args) => cli::read_side::query(args).await,

@@ -20,6 +20,8 @@ struct Inner {
     commands: IntCounterVec,
     command_seconds: HistogramVec,
     events_appended: IntCounterVec,
+    snapshots: IntCounterVec,
+    events_folded_per_load: Histogram,
     wasm_call_seconds: HistogramVec,
     append_batch_size: Histogram,
     commit_seconds: Histogram,
@@ -69,6 +71,23 @@ impl Metrics {
         let events_appended = IntCounterVec::new(
             Opts::new("orchestrix_events_appended_total", "Events durably appended, by module"),
             &["module"],
+        )
+        .expect("valid metric");
+        let snapshots = IntCounterVec::new(
+            Opts::new(
+                "orchestrix_snapshots_total",
+                "Snapshots of aggregate state: written, used by a load, ignored (only other code's found), \
+                 dropped (the writer's queue was full), failed (the store refused or was unavailable)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let events_folded_per_load = Histogram::with_opts(
+            HistogramOpts::new(
+                "orchestrix_events_folded_per_load",
+                "Stored events folded to load one aggregate's state (after its snapshot, if any)",
+            )
+            .buckets(vec![0.0, 1.0, 10.0, 50.0, 100.0, 250.0, 1000.0, 10_000.0, 100_000.0]),
         )
         .expect("valid metric");
         let wasm_call_seconds = HistogramVec::new(
@@ -231,6 +250,8 @@ impl Metrics {
             Box::new(commands.clone()),
             Box::new(command_seconds.clone()),
             Box::new(events_appended.clone()),
+            Box::new(snapshots.clone()),
+            Box::new(events_folded_per_load.clone()),
             Box::new(wasm_call_seconds.clone()),
             Box::new(append_batch_size.clone()),
             Box::new(commit_seconds.clone()),
@@ -252,6 +273,8 @@ impl Metrics {
                 commands,
                 command_seconds,
                 events_appended,
+                snapshots,
+                events_folded_per_load,
                 wasm_call_seconds,
                 append_batch_size,
                 commit_seconds,
@@ -288,6 +311,21 @@ impl Metrics {
 
     pub fn observe_appended(&self, module: &str, events: usize) {
         self.inner.events_appended.with_label_values(&[module]).inc_by(events as u64);
+    }
+
+    /// A snapshot written, used, ignored, dropped or failed.
+    pub fn observe_snapshots(&self, outcome: &str, count: usize) {
+        self.inner.snapshots.with_label_values(&[outcome]).inc_by(count as u64);
+    }
+
+    /// Snapshots counted with `outcome` so far (for benchmarks and tests).
+    pub fn snapshots_counted(&self, outcome: &str) -> u64 {
+        self.inner.snapshots.with_label_values(&[outcome]).get()
+    }
+
+    /// One aggregate's state loaded by folding `events` stored events.
+    pub fn observe_fold_load(&self, events: usize) {
+        self.inner.events_folded_per_load.observe(events as f64);
     }
 
     pub fn observe_wasm_call(&self, module: &str, function: &str, elapsed: Duration) {

@@ -9,9 +9,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
+use tokio::sync::mpsc;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -19,11 +21,11 @@ use crate::limits::{InvalidInput, check_id};
 use crate::metrics::Metrics;
 use crate::sandbox::{
     Command, DomainError, FoldError, GuestFailure, GuestModule, ModuleRegistry, ModuleSet, NewEvent, RecordedEvent,
-    SwapHook, fold_events, to_recorded,
+    SwapHook, UpcastFailure, fold_events, to_recorded, upcast_events,
 };
 use crate::store::{
-    AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, StoreError, StoredEvent,
-    StreamId, StreamRange,
+    AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, Snapshot, SnapshotLookup,
+    StoreError, StoredEvent, StreamId, StreamRange,
 };
 
 /// A command as received from a client.
@@ -66,6 +68,10 @@ pub enum CommandError {
     UnknownCommand { aggregate_type: String, command_type: String },
     #[error("{0} does not exist")]
     NotFound(StreamId),
+    /// Time travel to a point before the stream's first event or beyond
+    /// its last.
+    #[error("{stream} has no state at {point}: {reason}")]
+    NoStateAt { stream: StreamId, point: String, reason: String },
     /// An id or header broke the limits every store shares ([`crate::limits`]).
     #[error(transparent)]
     InvalidInput(#[from] InvalidInput),
@@ -193,7 +199,8 @@ impl CommandError {
             CommandError::UnknownAggregate(_)
             | CommandError::ModuleNotLoaded { .. }
             | CommandError::UnknownCommand { .. }
-            | CommandError::NotFound(_) => ErrorKind::NotFound,
+            | CommandError::NotFound(_)
+            | CommandError::NoStateAt { .. } => ErrorKind::NotFound,
             CommandError::Invalid(_) | CommandError::InvalidInput(_) => ErrorKind::Invalid,
             CommandError::Rejected(_) => ErrorKind::Rejected,
             CommandError::Conflict { .. } => ErrorKind::Conflict,
@@ -205,10 +212,116 @@ impl CommandError {
 }
 
 /// State of one aggregate instance as last folded.
+#[derive(Clone)]
 struct Folded {
-    module_hash: Arc<str>,
+    /// Whose states these are: `GuestModule::state_key` of the code that
+    /// folded it (a declared state version, or a build's content hash).
+    state_key: Arc<str>,
     version: u64,
     state: Vec<u8>,
+    /// The version of the last snapshot kept of this state (or loaded).
+    snapshot_version: u64,
+}
+
+impl Folded {
+    fn empty(state_key: Arc<str>) -> Self {
+        Self { state_key, version: 0, state: Vec::new(), snapshot_version: 0 }
+    }
+}
+
+/// When the host keeps a snapshot of an aggregate's folded state.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotPolicy {
+    /// Every this many events since the last snapshot (0: never by count).
+    pub every: u64,
+    /// After a load whose fold took at least this long (even below `every`).
+    pub slow_fold: Duration,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        Self { every: 100, slow_fold: Duration::from_millis(5) }
+    }
+}
+
+/// Snapshots queued to a background writer: off the append path, batched,
+/// and never able to fail a command (a full queue drops, a failed write is
+/// logged and counted).
+struct SnapshotWriter {
+    policy: SnapshotPolicy,
+    queue: mpsc::Sender<Snapshot>,
+    metrics: Metrics,
+}
+
+/// Snapshots waiting to be written before new ones are dropped.
+const SNAPSHOT_QUEUE: usize = 4096;
+
+/// Most snapshots written in one transaction.
+const SNAPSHOT_BATCH: usize = 256;
+
+impl SnapshotWriter {
+    fn start(store: Arc<dyn EventStore>, metrics: Metrics, policy: SnapshotPolicy) -> Self {
+        let (queue, mut queued) = mpsc::channel::<Snapshot>(SNAPSHOT_QUEUE);
+        let writer_metrics = metrics.clone();
+        tokio::spawn(async move {
+            while let Some(first) = queued.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < SNAPSHOT_BATCH
+                    && let Ok(next) = queued.try_recv()
+                {
+                    batch.push(next);
+                }
+                let count = batch.len();
+                match store.save_snapshots(batch).await {
+                    Ok(()) => writer_metrics.observe_snapshots("written", count),
+                    Err(error) => {
+                        writer_metrics.observe_snapshots("failed", count);
+                        tracing::warn!(%error, count, "snapshots not written (states are refolded instead)");
+                    }
+                }
+            }
+        });
+        Self { policy, queue, metrics }
+    }
+
+    /// Keep a snapshot of `folded` if the policy asks for one now.
+    fn consider(&self, stream: &StreamId, folded: &mut Folded, fold_took: Option<Duration>) {
+        let due_by_count = self.policy.every > 0 && folded.version >= folded.snapshot_version + self.policy.every;
+        let slow = fold_took.is_some_and(|took| took >= self.policy.slow_fold);
+        if folded.version <= folded.snapshot_version || !(due_by_count || slow) {
+            return;
+        }
+        let snapshot = Snapshot {
+            stream: stream.clone(),
+            state_key: folded.state_key.to_string(),
+            version: folded.version,
+            state: folded.state.clone(),
+        };
+        match self.queue.try_send(snapshot) {
+            Ok(()) => folded.snapshot_version = folded.version,
+            Err(_) => self.metrics.observe_snapshots("dropped", 1),
+        }
+    }
+}
+
+/// A point in an aggregate's history (time travel).
+#[derive(Debug, Clone, Copy)]
+pub enum HistoryPoint {
+    /// Right after the event at this stream version.
+    Version(u64),
+    /// As of this time: after every event committed at or before it.
+    Time(DateTime<Utc>),
+}
+
+/// An aggregate's state at a point in its history.
+#[derive(Debug, Clone)]
+pub struct StateAt {
+    /// The stream version the state reflects.
+    pub version: u64,
+    /// The time asked (`Time`), or the commit time of the event at `version`.
+    pub as_of: DateTime<Utc>,
+    /// The state as the serving module renders it.
+    pub state: serde_json::Value,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Folded>>>;
@@ -232,14 +345,21 @@ impl AggregateCache {
         }
     }
 
-    /// Streams whose cached state was folded by the module build `hash`.
-    fn streams_folded_by(&self, hash: &str) -> Vec<StreamId> {
+    /// Streams whose cached state `next` cannot read: folded by `previous`
+    /// under a state key `next` does not share (another state version, or
+    /// none declared and another build).
+    fn streams_to_refold(&self, previous: &GuestModule, next: &GuestModule) -> Vec<StreamId> {
         let mut streams = Vec::new();
         for shard in &self.shards {
             let shard = shard.lock();
             for (stream, slot) in shard.iter() {
+                let Some(_) = next.aggregate(&stream.aggregate_type) else { continue };
+                let outgoing = previous.state_key(&stream.aggregate_type);
+                if outgoing == next.state_key(&stream.aggregate_type) {
+                    continue;
+                }
                 if let Ok(folded) = slot.try_lock()
-                    && folded.as_ref().is_some_and(|f| *f.module_hash == *hash)
+                    && folded.as_ref().is_some_and(|f| f.state_key == outgoing)
                 {
                     streams.push(stream.clone());
                 }
@@ -248,10 +368,10 @@ impl AggregateCache {
         streams
     }
 
-    fn take_warm(&self, stream: &StreamId, hash: &str) -> Option<Folded> {
+    fn take_warm(&self, stream: &StreamId, state_key: &str) -> Option<Folded> {
         let mut warm = self.warm.lock();
         match warm.get(stream) {
-            Some(folded) if *folded.module_hash == *hash => warm.remove(stream),
+            Some(folded) if *folded.state_key == *state_key => warm.remove(stream),
             _ => None,
         }
     }
@@ -291,6 +411,7 @@ pub struct CommandService {
     modules: Arc<ModuleRegistry>,
     store: Arc<dyn EventStore>,
     cache: AggregateCache,
+    snapshots: SnapshotWriter,
     metrics: Metrics,
 }
 
@@ -300,8 +421,10 @@ impl CommandService {
         store: Arc<dyn EventStore>,
         metrics: Metrics,
         cache_capacity: usize,
+        snapshots: SnapshotPolicy,
     ) -> Self {
-        Self { modules, store, cache: AggregateCache::new(cache_capacity), metrics }
+        let snapshots = SnapshotWriter::start(store.clone(), metrics.clone(), snapshots);
+        Self { modules, store, cache: AggregateCache::new(cache_capacity), snapshots, metrics }
     }
 
     /// The modules serving now (a snapshot: a reload swaps in a new set).
@@ -451,49 +574,88 @@ impl CommandService {
         self.metrics.observe_appended(&module.name, stored.len());
         let version = stored.last().map_or(folded.version, |e| e.version);
         *guard = fold_appended(module, &request.stream, folded, &stored);
+        if let Some(folded) = guard.as_mut() {
+            self.snapshots.consider(&request.stream, folded, None);
+        }
         Ok(CommandReply { stream: request.stream, version, events: stored, duplicate: false })
     }
 
-    /// Make sure the slot holds state folded by this very module build,
-    /// refolding from the stream when it does not. Returns a copy of it.
+    /// Make sure the slot holds state this module build can read (folded
+    /// under its state key), loading it when it does not: from a state the
+    /// build folded ahead of its swap, else from the nearest snapshot, then
+    /// the events after it. Returns a copy of it.
     async fn ensure_folded(
         &self,
         module: &GuestModule,
         stream: &StreamId,
         slot: &mut Option<Folded>,
     ) -> Result<Folded, CommandError> {
+        let state_key = module.state_key(&stream.aggregate_type);
         if let Some(folded) = slot.as_ref()
-            && *folded.module_hash == *module.content_hash
+            && folded.state_key == state_key
         {
-            return Ok(Folded {
-                module_hash: folded.module_hash.clone(),
-                version: folded.version,
-                state: folded.state.clone(),
-            });
+            return Ok(folded.clone());
         }
         *slot = None;
-        // Start from a state the new version folded ahead of its swap, if
-        // any, and fold only what was appended since.
-        let (mut version, mut state) = match self.cache.take_warm(stream, &module.content_hash) {
-            Some(warm) => (warm.version, warm.state),
-            None => (0, Vec::new()),
+        let base = match self.cache.take_warm(stream, &state_key) {
+            Some(warm) => warm,
+            None => self.snapshot_base(stream, state_key, u64::MAX).await?,
         };
-        let events = self.store.read_stream(stream, StreamRange::after(version)).await?;
-        state = fold_events(module, &stream.aggregate_type, state, &events).map_err(|error| match error {
-            FoldError::Failed { failure, .. } => CommandError::Guest(failure),
-            FoldError::Refused { error, .. } => CommandError::Contract {
-                module: module.name.clone(),
-                reason: format!("cannot fold stored history of {stream}: {error:?}"),
-            },
-        })?;
-        version = events.last().map_or(version, |e| e.version);
-        let folded = Folded { module_hash: Arc::from(module.content_hash.as_str()), version, state };
-        *slot = Some(Folded {
-            module_hash: folded.module_hash.clone(),
-            version: folded.version,
-            state: folded.state.clone(),
-        });
+        let (folded, _) = self.fold_from(module, stream, base, None).await?;
+        *slot = Some(folded.clone());
         Ok(folded)
+    }
+
+    /// The nearest snapshot of `stream` by the code `state_key` at or
+    /// below `at_most`, or the empty state.
+    async fn snapshot_base(
+        &self,
+        stream: &StreamId,
+        state_key: Arc<str>,
+        at_most: u64,
+    ) -> Result<Folded, CommandError> {
+        Ok(match self.store.load_snapshot(stream, &state_key, at_most).await? {
+            SnapshotLookup::Found { version, state } => {
+                self.metrics.observe_snapshots("used", 1);
+                Folded { state_key, version, state, snapshot_version: version }
+            }
+            SnapshotLookup::OtherCode => {
+                self.metrics.observe_snapshots("ignored", 1);
+                Folded::empty(state_key)
+            }
+            SnapshotLookup::None => Folded::empty(state_key),
+        })
+    }
+
+    /// Fold the events of `stream` after `base` (up to version `to`) with
+    /// `module`, keeping a snapshot when the policy asks for one. Also
+    /// returns the commit time of the last event folded.
+    async fn fold_from(
+        &self,
+        module: &GuestModule,
+        stream: &StreamId,
+        mut base: Folded,
+        to: Option<u64>,
+    ) -> Result<(Folded, Option<DateTime<Utc>>), CommandError> {
+        let range = StreamRange { to_version: to, ..StreamRange::after(base.version) };
+        let events = self.store.read_stream(stream, range).await?;
+        let started = Instant::now();
+        base.state =
+            fold_events(module, &stream.aggregate_type, std::mem::take(&mut base.state), &events).map_err(|error| {
+                match error {
+                    FoldError::Failed { failure, .. } => CommandError::Guest(failure),
+                    FoldError::Refused { error, .. } => CommandError::Contract {
+                        module: module.name.clone(),
+                        reason: format!("cannot fold stored history of {stream}: {error:?}"),
+                    },
+                }
+            })?;
+        let took = started.elapsed();
+        self.metrics.observe_fold_load(events.len());
+        let last_time = events.last().map(|e| e.time);
+        base.version = events.last().map_or(base.version, |e| e.version);
+        self.snapshots.consider(stream, &mut base, Some(took));
+        Ok((base, last_time))
     }
 
     async fn replay_duplicate(
@@ -522,32 +684,88 @@ impl CommandService {
         if folded.version == 0 {
             return Err(CommandError::NotFound(stream.clone()));
         }
-        let rendered = module.describe_state(&stream.aggregate_type, &folded.state)??;
-        let state = serde_json::from_str(&rendered).map_err(|e| CommandError::Contract {
-            module: module.name.clone(),
-            reason: format!("describe-state returned invalid JSON: {e}"),
+        Ok((folded.version, render_state(&module, &stream.aggregate_type, &folded.state)?))
+    }
+
+    /// Stored events as the serving modules read them: upcast to the
+    /// current schema version of their types (`?schema=current`).
+    pub fn current_shape(&self, mut events: Vec<StoredEvent>) -> Result<Vec<StoredEvent>, CommandError> {
+        let modules = self.modules.current();
+        upcast_events(&*modules, &mut events).map_err(|failure| match failure {
+            UpcastFailure::Refused { module, error } => {
+                CommandError::Contract { module, reason: format!("cannot upcast a stored event: {}", error.describe()) }
+            }
+            UpcastFailure::Failed { failure, .. } => CommandError::Guest(failure),
         })?;
-        Ok((folded.version, state))
+        Ok(events)
+    }
+
+    /// Time travel: the state of an aggregate at a point of its history,
+    /// folded by the serving module from the nearest snapshot at or before
+    /// it. The cached current state is neither used nor disturbed.
+    pub async fn state_at(&self, stream: &StreamId, point: HistoryPoint) -> Result<StateAt, CommandError> {
+        check_id("aggregate_id", &stream.aggregate_id)?;
+        let module = self.route(&stream.aggregate_type)?;
+        let no_state = |reason: &str| CommandError::NoStateAt {
+            stream: stream.clone(),
+            point: match point {
+                HistoryPoint::Version(version) => format!("version {version}"),
+                HistoryPoint::Time(time) => time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            },
+            reason: reason.to_owned(),
+        };
+        let (version, asked_time) = match point {
+            HistoryPoint::Version(0) => return Err(no_state("version 0 is before the first event")),
+            HistoryPoint::Version(version) => (version, None),
+            HistoryPoint::Time(time) => match self.store.stream_version_at(stream, time).await? {
+                Some((version, _)) => (version, Some(time)),
+                None => return Err(no_state("it is before the stream's first event")),
+            },
+        };
+        let base = self.snapshot_base(stream, module.state_key(&stream.aggregate_type), version).await?;
+        let (folded, last_time) = self.fold_from(&module, stream, base, Some(version)).await?;
+        if folded.version < version {
+            return Err(if folded.version == 0 {
+                CommandError::NotFound(stream.clone())
+            } else {
+                no_state(&format!("the stream is at version {}", folded.version))
+            });
+        }
+        let as_of = match (asked_time, last_time) {
+            (Some(time), _) | (None, Some(time)) => time,
+            // The snapshot was exactly at the version: its event's time.
+            (None, None) => {
+                let range = StreamRange { from_version: version, to_version: Some(version), until: None };
+                let events = self.store.read_stream(stream, range).await?;
+                events.first().map(|e| e.time).ok_or_else(|| no_state("its event is missing"))?
+            }
+        };
+        let state = render_state(&module, &stream.aggregate_type, &folded.state)?;
+        Ok(StateAt { version: folded.version, as_of, state })
     }
 }
 
-/// The guest's view of a stored event.
+/// A state blob as JSON, rendered by the module that folded it.
+fn render_state(module: &GuestModule, aggregate_type: &str, state: &[u8]) -> Result<serde_json::Value, CommandError> {
+    let rendered = module.describe_state(aggregate_type, state)??;
+    serde_json::from_str(&rendered).map_err(|e| CommandError::Contract {
+        module: module.name.clone(),
+        reason: format!("describe-state returned invalid JSON: {e}"),
+    })
+}
+
 #[async_trait::async_trait]
 impl SwapHook for CommandService {
-    /// Fold, with the incoming version, every aggregate whose state is
-    /// cached for the outgoing one, within `budget`; the first command after
-    /// the swap then folds only the events appended meanwhile instead of the
-    /// whole stream.
+    /// Fold, with the incoming version, every aggregate whose cached state
+    /// it cannot read (see [`GuestModule::state_key`]: a build declaring
+    /// the same state version reads them as they are), within `budget`; the
+    /// first command after the swap then folds only the events appended
+    /// meanwhile instead of the whole stream.
     async fn before_swap(&self, previous: &GuestModule, next: &Arc<GuestModule>, budget: std::time::Duration) -> usize {
         use futures_util::StreamExt;
         let deadline = Instant::now() + budget;
         self.cache.warm.lock().clear();
-        let streams: Vec<StreamId> = self
-            .cache
-            .streams_folded_by(&previous.content_hash)
-            .into_iter()
-            .filter(|stream| next.aggregate(&stream.aggregate_type).is_some())
-            .collect();
+        let streams = self.cache.streams_to_refold(previous, next);
         // Read many streams per query, a few queries at a time: under load
         // each read waits for a turn, and the budget should cover them all.
         let chunks: Vec<Vec<StreamId>> = streams.chunks(PREPARE_CHUNK).map(<[StreamId]>::to_vec).collect();
@@ -559,14 +777,26 @@ impl SwapHook for CommandService {
                 let Ok(histories) = self.store.read_streams(&chunk).await else {
                     return 0;
                 };
+                // From the next build's own snapshots where it has some (a
+                // rollback to a build that served before).
+                let mut bases = Vec::with_capacity(chunk.len());
+                for stream in &chunk {
+                    let key = next.state_key(&stream.aggregate_type);
+                    match self.snapshot_base(stream, key, u64::MAX).await {
+                        Ok(base) => bases.push(base),
+                        Err(_) => return 0,
+                    }
+                }
                 // Folding is the bulk of the work: keep it off the runtime's
                 // worker threads, so commands keep their turns meanwhile.
-                let next = next.clone();
+                let (next, metrics) = (next.clone(), self.metrics.clone());
                 let folded = tokio::task::spawn_blocking(move || {
                     chunk
                         .into_iter()
-                        .zip(histories)
-                        .filter_map(|(stream, events)| fold_with(&next, &stream, &events).map(|f| (stream, f)))
+                        .zip(bases.into_iter().zip(histories))
+                        .filter_map(|(stream, (base, events))| {
+                            fold_with(&next, &stream, base, &events, &metrics).map(|f| (stream, f))
+                        })
                         .collect::<Vec<_>>()
                 })
                 .await
@@ -638,7 +868,7 @@ fn fold_appended(module: &GuestModule, stream: &StreamId, folded: Folded, stored
     let version = stored.last().map_or(folded.version, |e| e.version);
     let recorded: Vec<RecordedEvent> = stored.iter().map(to_recorded).collect();
     match module.apply(&stream.aggregate_type, &folded.state, &recorded) {
-        Ok(Ok(state)) => Some(Folded { module_hash: folded.module_hash, version, state }),
+        Ok(Ok(state)) => Some(Folded { version, state, ..folded }),
         outcome => {
             tracing::error!(module = %module.name, %stream, ?outcome, "apply failed after append");
             None
@@ -646,11 +876,20 @@ fn fold_appended(module: &GuestModule, stream: &StreamId, folded: Folded, stored
     }
 }
 
-/// Fold a whole stream with `module`; `None` if it fails.
-fn fold_with(module: &GuestModule, stream: &StreamId, events: &[StoredEvent]) -> Option<Folded> {
-    let state = fold_events(module, &stream.aggregate_type, Vec::new(), events).ok()?;
-    let version = events.last().map_or(0, |e| e.version);
-    Some(Folded { module_hash: Arc::from(module.content_hash.as_str()), version, state })
+/// Fold the events of a whole stream after `base` with `module`; `None` if
+/// it fails.
+fn fold_with(
+    module: &GuestModule,
+    stream: &StreamId,
+    base: Folded,
+    events: &[StoredEvent],
+    metrics: &Metrics,
+) -> Option<Folded> {
+    let after = events.partition_point(|e| e.version <= base.version);
+    metrics.observe_fold_load(events.len() - after);
+    let state = fold_events(module, &stream.aggregate_type, base.state, &events[after..]).ok()?;
+    let version = events.last().map_or(base.version, |e| e.version);
+    Some(Folded { state_key: base.state_key, version, state, snapshot_version: base.snapshot_version })
 }
 
 /// Streams read per query ahead of a swap.

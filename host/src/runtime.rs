@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::http::{ApiState, router};
+use crate::http::{ApiState, BodyLimits, router};
 use crate::metrics::Metrics;
-use crate::pipeline::CommandService;
+use crate::pipeline::{CommandService, SnapshotPolicy};
 use crate::projections::{ProjectionConfig, ProjectionService};
 use crate::sagas::{SagaConfig, SagaService};
 use crate::sandbox::{
@@ -21,6 +21,7 @@ use crate::sandbox::{
 };
 use crate::server::{self, ServerConfig};
 use crate::store::{self, StoreError, StoreOptions};
+use crate::whatif::WhatIfService;
 
 pub use options::HostOptions;
 
@@ -34,8 +35,12 @@ pub struct RuntimeConfig {
     pub cache_dir: PathBuf,
     /// Largest accepted HTTP request body.
     pub max_body_bytes: usize,
+    /// Largest module accepted as a request body (`POST /v1/what-if`).
+    pub max_module_bytes: usize,
     /// Aggregate instances whose folded state is kept in memory.
     pub state_cache_capacity: usize,
+    /// When aggregate states are snapshotted.
+    pub snapshots: SnapshotPolicy,
     pub sandbox: SandboxLimits,
     /// Streams per aggregate type the replay check folds through a new
     /// module version before it may serve (0: no check).
@@ -58,7 +63,9 @@ impl RuntimeConfig {
             plugins_dir,
             store_url: store_url.into(),
             max_body_bytes: 1 << 20,
+            max_module_bytes: 32 << 20,
             state_cache_capacity: 100_000,
+            snapshots: SnapshotPolicy::default(),
             sandbox: SandboxLimits::default(),
             replay_sample: 100,
             watch_plugins: Some(std::time::Duration::from_millis(10)),
@@ -85,6 +92,7 @@ pub struct Runtime {
     pub commands: Arc<CommandService>,
     pub projections: Arc<ProjectionService>,
     pub sagas: Arc<SagaService>,
+    pub whatif: Arc<WhatIfService>,
     pub metrics: Metrics,
     config: RuntimeConfig,
     stopping: tokio::sync::watch::Sender<bool>,
@@ -129,8 +137,14 @@ impl Runtime {
         let projections =
             ProjectionService::start(store.clone(), registry.clone(), metrics.clone(), config.projections.clone())
                 .await;
-        let commands =
-            Arc::new(CommandService::new(registry.clone(), store, metrics.clone(), config.state_cache_capacity));
+        let whatif = Arc::new(WhatIfService::new(registry.clone(), store.clone()));
+        let commands = Arc::new(CommandService::new(
+            registry.clone(),
+            store,
+            metrics.clone(),
+            config.state_cache_capacity,
+            config.snapshots,
+        ));
         let hook: Arc<dyn crate::sandbox::SwapHook> = commands.clone();
         registry.set_swap_hook(Arc::downgrade(&hook));
         let sagas = SagaService::start(commands.clone(), metrics.clone(), config.sagas.clone()).await;
@@ -139,6 +153,7 @@ impl Runtime {
             commands,
             projections,
             sagas,
+            whatif,
             metrics,
             config,
             stopping,
@@ -158,10 +173,16 @@ impl Runtime {
             commands: self.commands.clone(),
             projections: self.projections.clone(),
             sagas: self.sagas.clone(),
+            whatif: self.whatif.clone(),
             metrics: self.metrics.clone(),
             stopping: self.stopping.subscribe(),
         });
-        router(state, self.config.max_body_bytes)
+        router(state, self.body_limits())
+    }
+
+    /// The request body limits of this host's API.
+    pub fn body_limits(&self) -> BodyLimits {
+        BodyLimits { request: self.config.max_body_bytes, module: self.config.max_module_bytes }
     }
 
     /// Serve HTTP (see [`server`]) until `shutdown` resolves; then open
@@ -179,15 +200,7 @@ impl Runtime {
             stopping.send_replace(true);
         };
         let router = self.router();
-        server::serve(
-            listener,
-            router,
-            &self.config.server,
-            self.config.max_body_bytes,
-            self.metrics.clone(),
-            shutdown,
-        )
-        .await;
+        server::serve(listener, router, &self.config.server, self.body_limits(), self.metrics.clone(), shutdown).await;
         self.close().await;
         Ok(())
     }

@@ -50,7 +50,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::http::ApiError;
+use crate::http::{ApiError, BodyLimits};
 use crate::metrics::{GaugeGuard, Metrics};
 
 /// Connections served beyond `max_connections`, for probes only.
@@ -186,7 +186,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     config: &ServerConfig,
-    max_body_bytes: usize,
+    body_limits: BodyLimits,
     metrics: Metrics,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -209,7 +209,7 @@ pub async fn serve(
         main_http,
         reserve_http,
         config: config.clone(),
-        max_body_bytes,
+        body_limits,
         max_connections,
         metrics,
         main_open: AtomicUsize::new(0),
@@ -277,7 +277,7 @@ struct Shared {
     /// One request per connection.
     reserve_http: http1::Builder,
     config: ServerConfig,
-    max_body_bytes: usize,
+    body_limits: BodyLimits,
     max_connections: usize,
     metrics: Metrics,
     /// Connections of the main pool.
@@ -633,13 +633,14 @@ impl ConnectionService {
                 .get(header::CONTENT_LENGTH)
                 .and_then(|value| value.to_str().ok())
                 .and_then(|value| value.trim().parse::<u64>().ok())?;
-            if declared <= self.shared.max_body_bytes as u64 {
+            let limit = self.shared.body_limits.for_path(request.uri().path());
+            if declared <= limit as u64 {
                 return None;
             }
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
-                format!("the request body is {declared} bytes; the limit is {} bytes", self.shared.max_body_bytes),
+                format!("the request body is {declared} bytes; the limit is {limit} bytes"),
             )
         };
         let mut response = refused.into_response();

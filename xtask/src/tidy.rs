@@ -9,7 +9,7 @@
 //! | wiring | `runtime`, `main`, `cli` |
 //! | edges | `http`, `server` |
 //! | processes | `sagas` (sends commands through the pipeline) |
-//! | services | `pipeline`, `projections` (not each other) |
+//! | services | `pipeline`, `projections`, `whatif` (not each other) |
 //! | runtime parts | `sandbox` (may read the `store`), `cloudevents` (the wire form of stored events), `store` |
 //! | leaves | `limits`, `metrics`, `sse` |
 
@@ -49,7 +49,7 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
         "store" => &["limits", "metrics", "sse"],
         "cloudevents" => &["store"],
         "sandbox" => &["limits", "metrics", "cloudevents", "sse", "store"],
-        "pipeline" | "projections" => &["limits", "metrics", "cloudevents", "sse", "store", "sandbox"],
+        "pipeline" | "projections" | "whatif" => &["limits", "metrics", "cloudevents", "sse", "store", "sandbox"],
         "sagas" => &["limits", "metrics", "cloudevents", "sse", "store", "sandbox", "pipeline"],
         "http" | "server" => &[
             "limits",
@@ -60,6 +60,7 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
             "sandbox",
             "pipeline",
             "projections",
+            "whatif",
             "sagas",
             "http",
             "server",

@@ -63,6 +63,25 @@ pub struct EventsArgs {
     /// With --follow: only streams whose `type/id` starts with this.
     #[arg(long, requires = "follow")]
     stream_prefix: Option<String>,
+    /// `stored`: events as they were written; `current`: upcast to the
+    /// current schema version of their types by the serving modules.
+    #[arg(long, value_enum, default_value = "stored")]
+    schema: Schema,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Schema {
+    Stored,
+    Current,
+}
+
+impl Schema {
+    fn as_query(self) -> &'static str {
+        match self {
+            Schema::Stored => "stored",
+            Schema::Current => "current",
+        }
+    }
 }
 
 #[derive(Args)]
@@ -153,8 +172,12 @@ pub async fn events(args: EventsArgs) -> Result<()> {
     }
     let base = args.target.url.trim_end_matches('/');
     let url = match (&args.aggregate_type, &args.aggregate_id) {
-        (Some(kind), Some(id)) => format!("{base}/v1/aggregates/{kind}/{id}/events"),
-        (None, None) => format!("{base}/v1/events?after={}&limit={}", args.after, args.limit),
+        (Some(kind), Some(id)) => {
+            format!("{base}/v1/aggregates/{kind}/{id}/events?schema={}", args.schema.as_query())
+        }
+        (None, None) => {
+            format!("{base}/v1/events?after={}&limit={}&schema={}", args.after, args.limit, args.schema.as_query())
+        }
         _ => bail!("give both an aggregate type and an id, or neither for the global log"),
     };
     get_and_print(&url).await
@@ -178,7 +201,8 @@ pub async fn modules(args: ModulesArgs) -> Result<()> {
 /// CloudEvent as one line. When the connection drops, reconnect with
 /// `Last-Event-ID` so nothing is skipped or printed twice.
 async fn follow(args: EventsArgs) -> Result<()> {
-    let mut url = format!("{}/v1/events/stream?", args.target.url.trim_end_matches('/'));
+    let mut url =
+        format!("{}/v1/events/stream?schema={}&", args.target.url.trim_end_matches('/'), args.schema.as_query());
     if let Some(types) = &args.event_types {
         url.push_str(&format!("type={}&", encode(types)));
     }

@@ -1,8 +1,9 @@
 //! Subcommands of the `orchestrix` binary other than `serve`, each a thin
 //! HTTP client of a running host: `client` (`send`, `events`, `modules`,
-//! and the helpers the others share), `read_side` (`projections`, `query`)
-//! and `sagas`.
+//! and the helpers the others share), `history` (`state`, `what-if`),
+//! `read_side` (`projections`, `query`) and `sagas`.
 
 pub mod client;
+pub mod history;
 pub mod read_side;
 pub mod sagas;

@@ -40,6 +40,8 @@ pub(super) struct LiveQuery {
     #[serde(rename = "type")]
     event_types: Option<String>,
     stream_prefix: Option<String>,
+    #[serde(default)]
+    schema: super::Schema,
 }
 
 /// An event on its way to the body, holding its share of the buffer.
@@ -79,6 +81,7 @@ pub(super) async fn live_events(
     };
     let (sender, mut receiver) = mpsc::unbounded_channel::<Buffered>();
     let producer = Producer {
+        shape: (query.schema, state.commands.clone()),
         sender,
         buffer: Arc::new(Semaphore::new(BUFFER_BYTES)),
         stall_timeout: connection.as_ref().map_or(DEFAULT_STALL_TIMEOUT, |c| c.sse_stall_timeout()),
@@ -100,6 +103,8 @@ pub(super) async fn live_events(
 
 /// Fills one subscriber's buffer.
 struct Producer {
+    /// The schema asked for, and who upcasts.
+    shape: (super::Schema, Arc<crate::pipeline::CommandService>),
     sender: mpsc::UnboundedSender<Buffered>,
     buffer: Arc<Semaphore>,
     stall_timeout: Duration,
@@ -143,6 +148,10 @@ impl Producer {
             let Some(batch) = batch else {
                 return self.drained().await;
             };
+            let (schema, commands) = &self.shape;
+            let batch = batch
+                .map_err(super::ApiError::from)
+                .and_then(|events| schema.shape(commands, events).map_err(super::ApiError::from));
             match batch {
                 Ok(batch) => {
                     for event in batch {
@@ -153,8 +162,7 @@ impl Producer {
                     }
                 }
                 Err(error) => {
-                    let (_, code) = super::store_status(&error);
-                    let data = json!({"error": {"code": code, "message": error.to_string()}});
+                    let data = json!({"error": {"code": error.code, "message": error.message}});
                     if let Err(end) = self.push(SseEvent::default().event("error"), data.to_string()).await {
                         return end;
                     }

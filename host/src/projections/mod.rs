@@ -277,6 +277,7 @@ impl ProjectionService {
                     store: self.store.clone(),
                     metrics: self.metrics.clone(),
                     module: module.clone(),
+                    registry: self.registry.clone(),
                     info,
                     config: self.config.clone(),
                     copy,

@@ -15,8 +15,10 @@ use tokio::sync::{Notify, mpsc};
 
 use super::ProjectionConfig;
 use crate::metrics::Metrics;
-use crate::sandbox::into_recorded;
-use crate::sandbox::{GuestDocument, GuestDocumentKey, GuestModule, ProjectionInfo, ReadModelOp, RecordedEvent};
+use crate::sandbox::{
+    GuestDocument, GuestDocumentKey, GuestFailure, GuestModule, ModuleRegistry, ProjectionInfo, ReadModelOp,
+    RecordedEvent, into_recorded, is_current, upcast_events,
+};
 use crate::store::{
     CopyRecord, CopyRole, DocumentKey, DocumentOp, EventNames, EventStore, Parked, ReadModelChange, StoreError,
     StoredEvent,
@@ -43,6 +45,8 @@ pub(super) struct Runner {
     pub store: Arc<dyn EventStore>,
     pub metrics: Metrics,
     pub module: Arc<GuestModule>,
+    /// Who upcasts the events read (the modules owning their aggregate types).
+    pub registry: Arc<ModuleRegistry>,
     pub info: ProjectionInfo,
     pub config: ProjectionConfig,
     pub copy: CopyRecord,
@@ -340,10 +344,24 @@ impl Runner {
         self.finish_project(self.start_touches(events)).await
     }
 
-    /// Call `touches` for `events` on a blocking thread.
+    /// Upcast `events` to the current schemas of their types and call
+    /// `touches` on a blocking thread. An event that cannot be upcast fails
+    /// the batch like a guest failure of the projection (and parks on it).
     fn start_touches(&self, events: Events) -> Touched {
         let (module, name) = (self.module.clone(), self.info.name.clone());
+        let owners = self.registry.current();
         tokio::task::spawn_blocking(move || {
+            let events = if is_current(&*owners, &events) {
+                events
+            } else {
+                let mut current = events.to_vec();
+                if let Err(failure) = upcast_events(&*owners, &mut current) {
+                    let failure =
+                        GuestFailure { module: module.name.clone(), function: "upcast", reason: failure.describe() };
+                    return (events, Err(failure));
+                }
+                Arc::from(current)
+            };
             let keys = module.touches(&name, &events);
             (events, keys)
         })

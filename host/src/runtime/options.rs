@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::RuntimeConfig;
+use crate::pipeline::SnapshotPolicy;
 use crate::projections::{ProjectionConfig, ProjectionSelection};
 use crate::sandbox::SandboxLimits;
 use crate::store::StoreOptions;
@@ -28,12 +29,21 @@ pub struct HostOptions {
     /// Largest accepted request body, in bytes (also the event payload limit).
     #[arg(long, env = "ORCHESTRIX_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Largest module accepted by `POST /v1/what-if`, in bytes.
+    #[arg(long, env = "ORCHESTRIX_MAX_MODULE_BYTES", default_value_t = 32 << 20)]
+    pub max_module_bytes: usize,
     /// Deadline of one guest call, in milliseconds.
     #[arg(long, env = "ORCHESTRIX_CALL_DEADLINE_MS", default_value_t = 100)]
     pub call_deadline_ms: u64,
     /// Streams per aggregate type that a new module version must fold without error before it serves (0: no check).
     #[arg(long, env = "ORCHESTRIX_REPLAY_SAMPLE", default_value_t = 100)]
     pub replay_sample: usize,
+    /// Keep a snapshot of an aggregate's state every this many events (0: only after slow folds).
+    #[arg(long, env = "ORCHESTRIX_SNAPSHOT_EVERY", default_value_t = SnapshotPolicy::default().every)]
+    pub snapshot_every: u64,
+    /// Keep a snapshot after loading a state whose fold took at least this long, in milliseconds.
+    #[arg(long, env = "ORCHESTRIX_SNAPSHOT_SLOW_FOLD_MS", default_value_t = SnapshotPolicy::default().slow_fold.as_millis() as u64)]
+    pub snapshot_slow_fold_ms: u64,
     /// Do not watch the plugins directory (reload with `orchestrix modules reload` instead).
     #[arg(long, env = "ORCHESTRIX_NO_WATCH")]
     pub no_watch: bool,
@@ -93,7 +103,10 @@ impl HostOptions {
             config.cache_dir = dir.clone();
         }
         config.max_body_bytes = self.max_body_bytes;
+        config.max_module_bytes = self.max_module_bytes;
         config.replay_sample = self.replay_sample;
+        config.snapshots =
+            SnapshotPolicy { every: self.snapshot_every, slow_fold: Duration::from_millis(self.snapshot_slow_fold_ms) };
         config.watch_plugins = (!self.no_watch).then(|| Duration::from_millis(self.watch_quiet_ms));
         config.store_options = StoreOptions {
             max_event_bytes: self.max_body_bytes,

@@ -16,7 +16,7 @@ use super::{Inner, recorded_from_input};
 use crate::pipeline::{CommandRequest, ErrorKind};
 use crate::sandbox::{
     GuestCommandOutcome, GuestCommandRejection, GuestCommandResult, GuestFailure, GuestModule, GuestSagaInput,
-    GuestTimerFired, Reaction, to_recorded,
+    GuestTimerFired, ModuleSet, Reaction, to_recorded, upcast_events,
 };
 use crate::store::{
     CommandOutcomeWrite, EventNames, Fence, InputRecord, InstanceStatus, InstanceWrite, NewInput, NewInstance,
@@ -289,10 +289,14 @@ impl Runner {
         let info = module.saga(&self.saga).expect("the runner's module declares its saga");
         let subscribed = EventNames::new(&info.event_types);
         let starting = EventNames::new(&info.starting_event_types);
-        let relevant: Vec<_> = events.into_iter().filter(|e| subscribed.contains(e)).collect();
+        let mut relevant: Vec<_> = events.into_iter().filter(|e| subscribed.contains(e)).collect();
         let correlating = module.clone();
+        let owners = self.inner.commands.modules();
         let saga = self.saga.clone();
         let correlated = tokio::task::spawn_blocking(move || {
+            // The events in the shape current now: `correlate` reads them,
+            // and they are queued so.
+            upcast_events(&*owners, &mut relevant).map_err(|failure| failure.describe())?;
             relevant
                 .into_iter()
                 .map(|event| {
@@ -404,12 +408,13 @@ impl Runner {
             by_instance.entry(input.instance.clone()).or_default().push(input);
         }
         let reacting = module.clone();
+        let owners = self.inner.commands.modules();
         let saga = self.saga.clone();
         let config = self.inner.config.clone();
         let outcomes = tokio::task::spawn_blocking(move || {
             by_instance
                 .into_values()
-                .map(|inputs| react_instance(&reacting, &saga, &config, inputs))
+                .map(|inputs| react_instance(&reacting, &owners, &saga, &config, inputs))
                 .collect::<Vec<_>>()
         })
         .await
@@ -590,6 +595,7 @@ impl InstanceOutcome {
 /// instance is done.
 pub(super) fn react_instance(
     module: &GuestModule,
+    owners: &ModuleSet,
     saga: &str,
     config: &super::SagaConfig,
     inputs: Vec<ReadyInput>,
@@ -606,7 +612,7 @@ pub(super) fn react_instance(
     let mut commands = Vec::new();
     let mut done = false;
     for input in inputs {
-        let reaction = decode_input(&input.input).and_then(|guest_input| {
+        let reaction = decode_input(&input.input, owners).and_then(|guest_input| {
             call_react(module, saga, &state, &guest_input, input.at_ms).and_then(|r| check_reaction(r, &commands))
         });
         match reaction {
@@ -756,11 +762,18 @@ fn check_reaction(reaction: Reaction, earlier: &[OutboxCommand]) -> Result<React
     Ok(reaction)
 }
 
-fn decode_input(input: &str) -> Result<GuestSagaInput, String> {
+/// An inbox input as the guest's `saga-input`; an event upcast to the
+/// current schema of its type (it was queued in the shape current then).
+fn decode_input(input: &str, owners: &ModuleSet) -> Result<GuestSagaInput, String> {
     let record: InputRecord =
         serde_json::from_str(input).map_err(|e| format!("the inbox holds an input the host cannot read: {e}"))?;
     Ok(match record {
-        InputRecord::Event { .. } => GuestSagaInput::Event(recorded_from_input(&record).expect("an event input")),
+        InputRecord::Event { .. } => {
+            let mut event = [recorded_from_input(&record).expect("an event input")];
+            upcast_events(owners, &mut event).map_err(|failure| failure.describe())?;
+            let [event] = event;
+            GuestSagaInput::Event(event)
+        }
         InputRecord::Outcome { request_id, accepted, reason, code } => GuestSagaInput::Outcome(GuestCommandOutcome {
             request_id,
             result: match accepted {

@@ -77,6 +77,16 @@ pub(super) fn compile_file(
     Ok((module, steps))
 }
 
+/// A module that will never serve (a what-if candidate): compiled without
+/// touching the precompile cache, validated like any file, its calls under
+/// the same limits as any guest.
+pub(super) fn compile_candidate(sandbox: &Sandbox, bytes: &[u8], metrics: &Metrics) -> Result<GuestModule, String> {
+    check_component_header(bytes)?;
+    let content_hash = content_hash(bytes);
+    let component = Component::new(sandbox.engine(), bytes).map_err(|e| format!("invalid component: {e:#}"))?;
+    prepare_module(sandbox, &component, "what-if candidate".into(), content_hash, metrics.clone())
+}
+
 /// Explain the two most common wrong files before wasmtime does, tersely.
 fn check_component_header(bytes: &[u8]) -> Result<(), String> {
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {

@@ -25,7 +25,10 @@ use wasmtime::component::{HasSelf, InstancePre, Linker, ResourceTable};
 use wasmtime::{Config, Engine, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-pub use fold::{FoldError, fold_events, into_recorded, to_recorded};
+pub use fold::{
+    EventOwners, FoldError, UpcastFailure, Upcastable, fold_events, into_recorded, is_current, to_recorded,
+    upcast_events,
+};
 pub use loader::ModuleSet;
 pub use registry::{LoadFailure, ModuleChange, ModuleRegistry, RegistryConfig, ReloadReport, SwapHook};
 pub use watcher::{PluginsWatcher, watch_plugins};
@@ -47,6 +50,7 @@ pub use bindings::exports::orchestrix::domain::saga::{
     CommandOutcome as GuestCommandOutcome, CommandRejection as GuestCommandRejection,
     CommandResult as GuestCommandResult, Reaction, SagaInput as GuestSagaInput, TimerFired as GuestTimerFired,
 };
+pub use bindings::exports::orchestrix::domain::upcaster::UpcastEvent;
 pub use bindings::orchestrix::domain::types::{Command, DomainError, NewEvent, RecordedEvent};
 
 impl DomainError {
@@ -298,6 +302,8 @@ pub struct GuestModule {
     pub content_hash: String,
     pub file: std::path::PathBuf,
     pub manifest: ModuleManifest,
+    /// [`GuestModule::state_key`] of each aggregate type.
+    state_keys: Vec<(String, Arc<str>)>,
     engine: Engine,
     pre: bindings::ModulePre<GuestState>,
     limits: SandboxLimits,
@@ -533,6 +539,13 @@ impl GuestModule {
         })
     }
 
+    /// Bring events of this module's types to their current schema versions.
+    pub fn upcast(&self, events: &[UpcastEvent]) -> Result<Result<Vec<UpcastEvent>, DomainError>, GuestFailure> {
+        self.call_with("upcast", Breaking::Ignored, |b, store| {
+            b.orchestrix_domain_upcaster().call_upcast(store, events)
+        })
+    }
+
     /// A saga instance's state as JSON (an error: this code cannot read it).
     pub fn describe_saga_state(&self, saga: &str, state: &[u8]) -> Result<Result<String, DomainError>, GuestFailure> {
         self.call_with("describe-state", Breaking::Ignored, |b, store| {
@@ -566,6 +579,18 @@ impl GuestModule {
     pub fn schema_version(&self, event_type: &str) -> u32 {
         self.manifest.event_schemas.iter().find(|s| s.event_type == event_type).map_or(1, |s| s.version)
     }
+
+    /// The identity of the code whose folded states of `aggregate_type`
+    /// this build can read: `module/aggregate@state-vN` when the manifest
+    /// declares a state version (any build declaring the same one shares
+    /// it), else the build's content hash. Cached states and snapshots are
+    /// keyed by it.
+    pub fn state_key(&self, aggregate_type: &str) -> Arc<str> {
+        match self.state_keys.iter().find(|(name, _)| name == aggregate_type) {
+            Some((_, key)) => key.clone(),
+            None => Arc::from(self.content_hash.as_str()),
+        }
+    }
 }
 
 fn describe_trap(error: &wasmtime::Error, limits: &SandboxLimits) -> String {
@@ -591,7 +616,7 @@ fn describe_trap(error: &wasmtime::Error, limits: &SandboxLimits) -> String {
 /// The version of the `orchestrix:domain` package this host serves: the
 /// `package` line of `wit/domain.wit`, which the `bindgen!` reads (a test
 /// keeps the two equal).
-const WORLD_VERSION: &str = "0.2.0";
+const WORLD_VERSION: &str = "0.3.0";
 
 /// Refuse a component built against another version of the contract,
 /// naming both versions. Without this, wasmtime's type check would report
@@ -652,6 +677,7 @@ pub(crate) fn prepare_module(
             sagas: Vec::new(),
             event_schemas: Vec::new(),
         },
+        state_keys: Vec::new(),
         engine: sandbox.engine.clone(),
         pre,
         limits: sandbox.limits.clone(),
@@ -667,6 +693,17 @@ pub(crate) fn prepare_module(
     check_subscriptions(&manifest)?;
     module.name = manifest.name.clone();
     module.version = manifest.version.clone();
+    module.state_keys = manifest
+        .aggregates
+        .iter()
+        .map(|a| {
+            let key = match a.state_version {
+                Some(version) => format!("{}/{}@state-v{version}", manifest.name, a.name),
+                None => module.content_hash.clone(),
+            };
+            (a.name.clone(), Arc::from(key))
+        })
+        .collect();
     module.manifest = manifest;
     if let Some(deadline) = module.limits.module_deadlines.get(&module.name).copied() {
         module.limits.call_deadline = deadline;

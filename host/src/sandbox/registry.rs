@@ -36,7 +36,7 @@ use super::loader::{ModuleSet, compile_file};
 use super::{FoldError, fold_events};
 use super::{GuestModule, Sandbox};
 use crate::metrics::Metrics;
-use crate::store::{EventStore, StoredEvent, StreamId};
+use crate::store::{EventStore, SnapshotLookup, StoredEvent, StreamId, StreamRange};
 
 /// A file that was refused, and why.
 #[derive(Debug, Clone, Serialize)]
@@ -165,6 +165,16 @@ impl ModuleRegistry {
     /// The modules serving now.
     pub fn current(&self) -> Arc<ModuleSet> {
         self.serving.read().clone()
+    }
+
+    /// Load `bytes` as a module that never serves (a what-if candidate):
+    /// compiled and validated on a blocking thread like a reload's file.
+    pub async fn load_candidate(&self, bytes: Vec<u8>) -> Result<Arc<GuestModule>, String> {
+        let (sandbox, metrics) = (self.sandbox.clone(), self.metrics.clone());
+        tokio::task::spawn_blocking(move || super::loader::compile_candidate(&sandbox, &bytes, &metrics))
+            .await
+            .map_err(|e| format!("loading the candidate panicked: {e}"))?
+            .map(Arc::new)
     }
 
     /// Changes whenever a reload swaps in a new serving set.
@@ -510,16 +520,36 @@ impl ModuleRegistry {
                 .recent_streams(&aggregate.name, self.config.replay_sample)
                 .await
                 .map_err(|e| format!("replay check could not read history: {e}"))?;
-            // One query for the sample, folded off the runtime's worker
-            // threads: this is untrusted code, perhaps looping until its deadline.
-            let histories = self
-                .store
-                .read_streams(&streams)
-                .await
-                .map_err(|e| format!("replay check could not read history: {e}"))?;
+            // Each stream from the newest snapshot this build can read (a
+            // build declaring the same state version reads the serving
+            // one's: only the events after it are checked), else from the
+            // start; folded off the runtime's worker threads: this is
+            // untrusted code, perhaps looping until its deadline.
+            let mut histories = Vec::with_capacity(streams.len());
+            for stream in &streams {
+                let state_key = module.state_key(&stream.aggregate_type);
+                let base = self
+                    .store
+                    .load_snapshot(stream, &state_key, u64::MAX)
+                    .await
+                    .map_err(|e| format!("replay check could not read history: {e}"))?;
+                let (version, state) = match base {
+                    SnapshotLookup::Found { version, state } => (version, state),
+                    SnapshotLookup::OtherCode | SnapshotLookup::None => (0, Vec::new()),
+                };
+                let events = self
+                    .store
+                    .read_stream(stream, StreamRange::after(version))
+                    .await
+                    .map_err(|e| format!("replay check could not read history: {e}"))?;
+                histories.push((state, events));
+            }
             let module = module.clone();
             tokio::task::spawn_blocking(move || {
-                streams.iter().zip(&histories).try_for_each(|(stream, events)| fold_history(&module, stream, events))
+                streams
+                    .iter()
+                    .zip(histories)
+                    .try_for_each(|(stream, (state, events))| fold_history(&module, stream, state, &events))
             })
             .await
             .expect("the replay check does not panic")?;
@@ -530,8 +560,8 @@ impl ModuleRegistry {
 
 /// Fold a stream's stored events through `module`'s `apply`; the first
 /// trap or error is the reason to refuse it.
-fn fold_history(module: &GuestModule, stream: &StreamId, events: &[StoredEvent]) -> Result<(), String> {
-    match fold_events(module, &stream.aggregate_type, Vec::new(), events) {
+fn fold_history(module: &GuestModule, stream: &StreamId, state: Vec<u8>, events: &[StoredEvent]) -> Result<(), String> {
+    match fold_events(module, &stream.aggregate_type, state, events) {
         Ok(_) => Ok(()),
         Err(FoldError::Refused { first, last, error }) => {
             Err(format!("replay check: `apply` refused stored events of {stream} (versions {first}..={last}): {error}"))

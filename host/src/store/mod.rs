@@ -14,6 +14,7 @@ mod group;
 mod postgres;
 pub mod read_models;
 pub mod sagas;
+mod snapshots;
 mod sqlite;
 
 use std::fmt;
@@ -35,6 +36,7 @@ pub use sagas::{
     InstanceWrite, NewInput, NewInstance, OutboxCommand, PendingCommand, QueuedInput, ReadyInput, SagaApplied,
     SagaChange, SagaCounts, SagaRecord, SentCommand, TimerKey,
 };
+pub use snapshots::{Snapshot, SnapshotLookup};
 pub use sqlite::SqliteStore;
 
 use crate::metrics::Metrics;
@@ -507,6 +509,36 @@ pub trait EventStore: Send + Sync + 'static {
     /// `(instance, state)` of up to `limit` instances that are not done,
     /// most recently changed first.
     async fn saga_state_sample(&self, saga: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Streams of an aggregate type in id order, after `after` (a page of
+    /// at most `limit`).
+    async fn stream_ids(
+        &self,
+        aggregate_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StreamId>, StoreError>;
+
+    /// The nearest snapshot of `stream` folded by the code `state_key`, at
+    /// or below version `at_most`.
+    async fn load_snapshot(
+        &self,
+        stream: &StreamId,
+        state_key: &str,
+        at_most: u64,
+    ) -> Result<SnapshotLookup, StoreError>;
+
+    /// Keep snapshots (one transaction; never on the append path: SQLite
+    /// queues it behind the appends like a read-model change).
+    async fn save_snapshots(&self, snapshots: Vec<Snapshot>) -> Result<(), StoreError>;
+
+    /// The version `stream` had at `at` (0: no event yet), with the commit
+    /// time of that version's event.
+    async fn stream_version_at(
+        &self,
+        stream: &StreamId,
+        at: DateTime<Utc>,
+    ) -> Result<Option<(u64, DateTime<Utc>)>, StoreError>;
 
     /// Finish every append already submitted, then release the database.
     async fn close(&self);

@@ -41,10 +41,11 @@ use super::sagas::{
     InstanceDetail, InstanceQuery, InstanceRecord, PendingCommand, ReadyInput, SagaApplied, SagaChange, SagaCounts,
     SagaRecord, SagaSql,
 };
+use super::snapshots::SnapshotSql;
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
-    DocumentQuery, EventStore, ReadModelChange, StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
-    database_error, database_error_in, read_models,
+    DocumentQuery, EventStore, ReadModelChange, Snapshot, SnapshotLookup, StoreError, StoreOptions, StoredEvent,
+    StreamId, StreamRange, database_error, database_error_in, read_models,
 };
 use crate::metrics::Metrics;
 
@@ -363,6 +364,54 @@ impl EventStore for PostgresStore {
 
     async fn load_documents(&self, copy: &CopyId, keys: &[DocumentKey]) -> Result<Vec<Option<String>>, StoreError> {
         Postgres::load_documents(&self.reads, copy, keys).await
+    }
+
+    async fn stream_ids(
+        &self,
+        aggregate_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StreamId>, StoreError> {
+        super::snapshots::stream_ids::<Postgres>(&self.reads, aggregate_type, after, limit).await
+    }
+
+    async fn load_snapshot(
+        &self,
+        stream: &StreamId,
+        state_key: &str,
+        at_most: u64,
+    ) -> Result<SnapshotLookup, StoreError> {
+        Postgres::find_snapshot(&self.reads, stream, state_key, at_most).await
+    }
+
+    /// One transaction on the read-model pool (no flush wait: a lost
+    /// snapshot is only refolded).
+    async fn save_snapshots(&self, snapshots: Vec<Snapshot>) -> Result<(), StoreError> {
+        let work = async {
+            let mut connection = self.read_model_writes.acquire().await.map_err(database_error)?;
+            Postgres::save_snapshots(&mut connection, &snapshots).await
+        };
+        tokio::time::timeout(self.commit_timeout, work).await.unwrap_or_else(|_| {
+            Err(StoreError::unavailable(format!("snapshot write got no answer within {:?}", self.commit_timeout)))
+        })
+    }
+
+    async fn stream_version_at(
+        &self,
+        stream: &StreamId,
+        at: DateTime<Utc>,
+    ) -> Result<Option<(u64, DateTime<Utc>)>, StoreError> {
+        let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT version, recorded_at FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+             AND recorded_at <= $3 ORDER BY version DESC LIMIT 1",
+        )
+        .bind(&stream.aggregate_type)
+        .bind(&stream.aggregate_id)
+        .bind(at)
+        .fetch_optional(&self.reads)
+        .await
+        .map_err(database_error)?;
+        Ok(row.map(|(version, time)| (version as u64, time)))
     }
 
     async fn lookup_document(&self, projection: &str, key: &DocumentKey) -> Result<Option<DocumentLookup>, StoreError> {

@@ -33,10 +33,11 @@ use super::sagas::{
     InstanceDetail, InstanceQuery, InstanceRecord, PendingCommand, ReadyInput, SagaApplied, SagaChange, SagaCounts,
     SagaRecord, SagaSql,
 };
+use super::snapshots::SnapshotSql;
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
-    DocumentQuery, EventStore, ReadModelChange, StoreError, StoreOptions, StoredEvent, StreamId, StreamRange,
-    database_error, read_models,
+    DocumentQuery, EventStore, ReadModelChange, Snapshot, SnapshotLookup, StoreError, StoreOptions, StoredEvent,
+    StreamId, StreamRange, database_error, read_models,
 };
 use crate::metrics::Metrics;
 
@@ -51,6 +52,7 @@ pub struct SqliteStore {
 enum ChangeWork {
     ReadModel { change: Box<ReadModelChange>, reply: oneshot::Sender<Result<u64, StoreError>> },
     Saga { change: Box<SagaChange>, reply: oneshot::Sender<Result<SagaApplied, StoreError>> },
+    Snapshots { snapshots: Vec<Snapshot>, reply: oneshot::Sender<Result<(), StoreError>> },
 }
 
 impl WriterWork for ChangeWork {
@@ -60,6 +62,9 @@ impl WriterWork for ChangeWork {
                 let _ = reply.send(Err(StoreError::ShuttingDown));
             }
             Self::Saga { reply, .. } => {
+                let _ = reply.send(Err(StoreError::ShuttingDown));
+            }
+            Self::Snapshots { reply, .. } => {
                 let _ = reply.send(Err(StoreError::ShuttingDown));
             }
         }
@@ -304,6 +309,49 @@ impl EventStore for SqliteStore {
         Sqlite::state_sample(&self.reads, saga, limit).await
     }
 
+    async fn stream_ids(
+        &self,
+        aggregate_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StreamId>, StoreError> {
+        super::snapshots::stream_ids::<Sqlite>(&self.reads, aggregate_type, after, limit).await
+    }
+
+    async fn load_snapshot(
+        &self,
+        stream: &StreamId,
+        state_key: &str,
+        at_most: u64,
+    ) -> Result<SnapshotLookup, StoreError> {
+        Sqlite::find_snapshot(&self.reads, stream, state_key, at_most).await
+    }
+
+    /// Queued to the writer behind the appends already queued.
+    async fn save_snapshots(&self, snapshots: Vec<Snapshot>) -> Result<(), StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        self.submitter.queue_work(ChangeWork::Snapshots { snapshots, reply }).await?;
+        outcome.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    async fn stream_version_at(
+        &self,
+        stream: &StreamId,
+        at: DateTime<Utc>,
+    ) -> Result<Option<(u64, DateTime<Utc>)>, StoreError> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT version, time_us FROM events WHERE aggregate_type = ? AND aggregate_id = ? AND time_us <= ? \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(&stream.aggregate_type)
+        .bind(&stream.aggregate_id)
+        .bind(at.timestamp_micros())
+        .fetch_optional(&self.reads)
+        .await
+        .map_err(database_error)?;
+        Ok(row.map(|(version, time_us)| (version as u64, DateTime::from_timestamp_micros(time_us).unwrap_or_default())))
+    }
+
     async fn lookup_document(&self, projection: &str, key: &DocumentKey) -> Result<Option<DocumentLookup>, StoreError> {
         Sqlite::lookup_document(&self.reads, projection, key).await
     }
@@ -411,6 +459,15 @@ impl Writer {
                     self.health.record(&applied);
                     self.commits_since_checkpoint += 1;
                     let _ = reply.send(applied);
+                }
+                Some(ChangeWork::Snapshots { snapshots, reply }) => {
+                    let saved = relaxed_transaction(&mut self.connection, self.fsync_appends, async |connection| {
+                        Sqlite::save_snapshots(connection, &snapshots).await
+                    })
+                    .await;
+                    self.health.record(&saved);
+                    self.commits_since_checkpoint += 1;
+                    let _ = reply.send(saved);
                 }
                 None => {}
             }

@@ -102,6 +102,7 @@ impl Aggregate for Account {
     const TYPE: &'static str = "account";
     type Command = AccountCommand;
     type Event = AccountEvent;
+    const STATE_VERSION: Option<u32> = Some(1);
 
     fn handle(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, DomainError> {
         use AccountCommand::*;

@@ -99,6 +99,7 @@ impl Aggregate for Transfer {
     const TYPE: &'static str = "transfer";
     type Command = TransferCommand;
     type Event = TransferEvent;
+    const STATE_VERSION: Option<u32> = Some(1);
 
     fn handle(&self, command: TransferCommand) -> Result<Vec<TransferEvent>, DomainError> {
         use TransferCommand::*;

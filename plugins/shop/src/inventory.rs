@@ -74,6 +74,7 @@ impl Aggregate for Inventory {
     const TYPE: &'static str = "inventory";
     type Command = InventoryCommand;
     type Event = InventoryEvent;
+    const STATE_VERSION: Option<u32> = Some(1);
 
     fn handle(&self, command: InventoryCommand) -> Result<Vec<InventoryEvent>, DomainError> {
         use InventoryCommand::*;

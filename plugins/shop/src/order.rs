@@ -175,6 +175,7 @@ impl Aggregate for Order {
     const TYPE: &'static str = "order";
     type Command = OrderCommand;
     type Event = OrderEvent;
+    const STATE_VERSION: Option<u32> = Some(1);
 
     fn handle(&self, command: OrderCommand) -> Result<Vec<OrderEvent>, DomainError> {
         use OrderCommand::*;

@@ -36,6 +36,7 @@ pub(crate) use fixture_tests;
 /// ambiguity error.
 mod tested {
     pub(crate) use crate::bank_rules::tested::*;
+    pub(crate) use crate::history::tested::*;
     pub(crate) use crate::lifecycle::tested::*;
     pub(crate) use crate::plugins_dir::tested::*;
     pub(crate) use crate::projections::tested::*;

@@ -8,6 +8,7 @@ mod commands;
 mod connections;
 mod feed;
 mod fixtures;
+mod history;
 mod lifecycle;
 mod plugins_dir;
 mod projections;

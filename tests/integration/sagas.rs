@@ -31,7 +31,12 @@ async fn saga_status(host: &TestHost, name: &str) -> Value {
 }
 
 /// Poll the saga's status until `done` holds (or fail after `within`).
-async fn wait_for_saga(host: &TestHost, name: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_for_saga(
+    host: &TestHost,
+    name: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let started = Instant::now();
     loop {
         let status = saga_status(host, name).await;

@@ -10,11 +10,13 @@
 //! - `rebuild` and `lag`: see [`projections`].
 //! - `robustness`: see [`robustness`].
 //! - `sagas`: see [`sagas`].
+//! - `history`: see [`history`].
 //!
 //! The figures measured so far, and how, are in `docs/benchmarks.md`.
 
 mod commands;
 mod feed;
+mod history;
 mod lifecycle;
 mod projections;
 mod robustness;
@@ -58,6 +60,9 @@ pub enum Suite {
     /// Money transfers run by the saga (throughput, latency at 1,000/s)
     /// and 10,000 durable timers falling due within one second.
     Sagas,
+    /// Cold loads with and without snapshots, fold throughput with an
+    /// upcast on every event, and a what-if over 10,000 streams.
+    History,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -70,7 +75,8 @@ pub enum Backend {
 #[command(
     name = "orchestrix-bench",
     version,
-    about = "Measure the Orchestrix host: commands, the feed, hot swap, projection rebuilds and lag, robustness, sagas"
+    about = "Measure the Orchestrix host: commands, the feed, hot swap, projection rebuilds and lag, robustness, sagas, \
+             history"
 )]
 pub struct BenchArgs {
     /// The host's options, as for `orchestrix serve`.
@@ -81,7 +87,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness,sagas"
+        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness,sagas,history"
     )]
     suites: Vec<Suite>,
     /// Backends to measure on (comma-separated); PostgreSQL needs --postgres-url.
@@ -112,6 +118,9 @@ pub struct BenchArgs {
     /// Transfers the saga throughput benchmark runs.
     #[arg(long, default_value_t = 20_000)]
     pub saga_transfers: usize,
+    /// Test fixtures some suites load (`cargo xtask bench` builds them here).
+    #[arg(long, default_value = "target/bench-fixtures")]
+    pub fixtures: std::path::PathBuf,
 }
 
 fn main() -> std::process::ExitCode {
@@ -162,6 +171,7 @@ async fn run(args: BenchArgs) -> Result<()> {
                 Suite::Lag => projections::lag(&args, backend).await?,
                 Suite::Robustness => robustness::robustness(&args, backend).await?,
                 Suite::Sagas => sagas::sagas(&args, backend).await?,
+                Suite::History => history::history(&args, backend).await?,
             }
         }
     }

@@ -28,24 +28,34 @@ use crate::{Backend, BenchArgs, describe, median_by, percentile_ms};
 const EVENTS_PER_ACCOUNT: usize = 100;
 const SUMMARY: &str = "account_summaries";
 
-fn account_history(account: usize) -> AppendRequest {
-    let mut events = vec![EventData {
-        event_type: "AccountOpened".into(),
-        schema_version: 1,
-        data: format!(r#"{{"owner":"owner-{account}","initial_balance":1000}}"#),
-    }];
-    events.extend((1..EVENTS_PER_ACCOUNT).map(|i| EventData {
-        event_type: if i % 4 == 0 { "MoneyWithdrawn" } else { "MoneyDeposited" }.into(),
-        schema_version: 1,
-        data: format!(r#"{{"amount":{}}}"#, 1 + i % 7),
-    }));
+/// A bank account's history of `events` events, appended straight to the
+/// store: opened, then deposits and withdrawals.
+pub(crate) fn account_history(id: String, events: usize) -> AppendRequest {
     AppendRequest {
-        stream: StreamId::new("account", format!("rebuild-{account}")),
+        stream: StreamId::new("account", id),
         expected: ExpectedVersion::NoStream,
-        events,
+        events: account_events(0, events),
         metadata: EventMetadata { module: "bank".into(), module_version: "0.1.0".into(), ..Default::default() },
         command_id: None,
     }
+}
+
+/// Bank events `first..first + count` of an account's history.
+pub(crate) fn account_events(first: usize, count: usize) -> Vec<EventData> {
+    (first..first + count)
+        .map(|i| match i {
+            0 => EventData {
+                event_type: "AccountOpened".into(),
+                schema_version: 1,
+                data: format!(r#"{{"owner":"owner-{i}","initial_balance":1000}}"#),
+            },
+            _ => EventData {
+                event_type: if i % 4 == 0 { "MoneyWithdrawn" } else { "MoneyDeposited" }.into(),
+                schema_version: 1,
+                data: format!(r#"{{"amount":{}}}"#, 1 + i % 7),
+            },
+        })
+        .collect()
 }
 
 /// Wait until `SUMMARY` is served by copy `generation` with no rebuild
@@ -84,7 +94,7 @@ pub async fn rebuild(args: &BenchArgs, backend: Backend) -> Result<()> {
             let store = store.clone();
             tokio::spawn(async move {
                 for account in (writer..accounts).step_by(writers) {
-                    store.append(account_history(account)).await?;
+                    store.append(account_history(format!("rebuild-{account}"), EVENTS_PER_ACCOUNT)).await?;
                 }
                 anyhow::Ok(())
             })

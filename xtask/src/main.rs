@@ -4,7 +4,8 @@
 //!   plugins, and serve them on embedded SQLite (`./orchestrix.db`).
 //! - `test`  — formatting, clippy (`-D warnings`), and every test.
 //! - `dist`  — `target/release/orchestrix` and `target/plugins/<name>.wasm`.
-//! - `bench` — `dist`, then `target/release/orchestrix-bench` on
+//! - `bench` — `dist` and the test fixtures some suites load
+//!   (`target/bench-fixtures`), then `target/release/orchestrix-bench` on
 //!   `target/plugins` (extra arguments pass through).
 
 #[cfg(test)]
@@ -35,6 +36,7 @@ fn main() -> Result<()> {
         "dist" => dist(&root),
         "bench" => {
             dist(&root)?;
+            bench_fixtures(&root)?;
             run(cargo().args(["build", "--release", "-p", "orchestrix-bench"]))?;
             let mut bench = Command::new(root.join("target/release/orchestrix-bench"));
             bench.args(["--plugins", "target/plugins"]).args(&rest);
@@ -114,6 +116,29 @@ fn test() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(cargo().args(["test", "--workspace"]))
+}
+
+/// Test fixtures the benchmarks load: `counter_upcast.wasm` (the
+/// `fixture-counter` build with an upcaster).
+fn bench_fixtures(root: &Path) -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--target",
+        WASM_TARGET,
+        "--profile",
+        "wasm",
+        "--target-dir",
+        "target/wasm-build",
+        "-p",
+        "fixture-counter",
+        "--features",
+        "upcast",
+    ]))?;
+    let out = root.join("target/bench-fixtures");
+    std::fs::create_dir_all(&out)?;
+    let from = root.join("target/wasm-build").join(WASM_TARGET).join("wasm/fixture_counter.wasm");
+    std::fs::copy(&from, out.join("counter_upcast.wasm")).with_context(|| format!("copying {}", from.display()))?;
+    Ok(())
 }
 
 fn dist(root: &Path) -> Result<()> {

@@ -82,6 +82,10 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        // Every outcome is exported from the start, at 0.
+        for outcome in ["written", "used", "ignored", "dropped", "failed"] {
+            snapshots.with_label_values(&[outcome]);
+        }
         let events_folded_per_load = Histogram::with_opts(
             HistogramOpts::new(
                 "orchestrix_events_folded_per_load",

@@ -210,30 +210,45 @@ impl WhatIfService {
         let streams = self.streams(aggregate_type, sample).await?;
         let mut report =
             AggregateReport { aggregate_type: aggregate_type.to_owned(), streams: streams.len(), ..Default::default() };
-        // Read the next chunk while the previous one folds (on blocking
-        // threads: untrusted code, perhaps looping until its deadline).
+        // Read the next chunks while earlier ones fold; each chunk's two
+        // folds run side by side (on blocking threads: untrusted code,
+        // perhaps looping until its deadline).
         let chunks: Vec<Vec<StreamId>> = streams.chunks(STREAMS_PER_READ).map(<[StreamId]>::to_vec).collect();
         let mut outcomes = futures_util::stream::iter(chunks)
             .map(|chunk| {
                 let (candidate, current) = (candidate.clone(), current.clone());
                 async move {
-                    let histories = self.store.read_streams(&chunk).await?;
-                    let compared = tokio::task::spawn_blocking(move || {
-                        chunk
-                            .into_iter()
-                            .zip(histories)
-                            .map(|(stream, events)| {
-                                let outcome = compare_stream(&candidate, current.as_deref(), &stream, &events);
-                                (stream, outcome)
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                    .await
-                    .expect("folding does not panic");
+                    let histories = Arc::new(self.store.read_streams(&chunk).await?);
+                    let chunk = Arc::new(chunk);
+                    let fold_all = |module: Arc<GuestModule>| {
+                        let (chunk, histories) = (chunk.clone(), histories.clone());
+                        tokio::task::spawn_blocking(move || {
+                            chunk
+                                .iter()
+                                .zip(histories.iter())
+                                .map(|(stream, events)| folded_state(&module, stream, events))
+                                .collect::<Vec<_>>()
+                        })
+                    };
+                    let candidate_states = fold_all(candidate);
+                    let current_states = current.map(fold_all);
+                    let candidate_states = candidate_states.await.expect("folding does not panic");
+                    let current_states = match current_states {
+                        Some(states) => Some(states.await.expect("folding does not panic")),
+                        None => None,
+                    };
+                    let compared: Vec<(StreamId, Compared)> = candidate_states
+                        .into_iter()
+                        .enumerate()
+                        .map(|(n, candidate)| {
+                            let current = current_states.as_ref().map(|states| &states[n]);
+                            (chunk[n].clone(), compare(candidate, current))
+                        })
+                        .collect();
                     Ok::<_, StoreError>(compared)
                 }
             })
-            .buffered(2);
+            .buffered(3);
         while let Some(compared) = outcomes.next().await {
             for (stream, outcome) in compared? {
                 match outcome {
@@ -382,27 +397,19 @@ enum Compared {
     Failed(String),
 }
 
-/// Fold one stream with both versions and compare the rendered states.
-fn compare_stream(
-    candidate: &GuestModule,
-    current: Option<&GuestModule>,
-    stream: &StreamId,
-    events: &[StoredEvent],
-) -> Compared {
-    let candidate_state = match folded_state(candidate, stream, events) {
+/// The candidate's rendered state of a stream against the serving
+/// version's (`None`: no serving version owns the type).
+fn compare(candidate: Result<Value, String>, current: Option<&Result<Value, String>>) -> Compared {
+    let candidate = match candidate {
         Ok(state) => state,
         Err(error) => return Compared::Failed(error),
     };
-    let current_state = match current.map(|module| folded_state(module, stream, events)) {
+    let current = match current {
         None => Value::Null,
-        Some(Ok(state)) => state,
+        Some(Ok(state)) => state.clone(),
         Some(Err(error)) => return Compared::Failed(format!("the serving version failed too: {error}")),
     };
-    if current_state == candidate_state {
-        Compared::Identical
-    } else {
-        Compared::Differ { current: current_state, candidate: candidate_state }
-    }
+    if current == candidate { Compared::Identical } else { Compared::Differ { current, candidate } }
 }
 
 /// A stream folded from its start by `module`, rendered as JSON.

@@ -718,7 +718,7 @@ impl CommandService {
             HistoryPoint::Version(0) => return Err(no_state("version 0 is before the first event")),
             HistoryPoint::Version(version) => (version, None),
             HistoryPoint::Time(time) => match self.store.stream_version_at(stream, time).await? {
-                Some((version, _)) => (version, Some(time)),
+                Some(version) => (version, Some(time)),
                 None => return Err(no_state("it is before the stream's first event")),
             },
         };

@@ -7,8 +7,8 @@ use futures::future::join_all;
 use orchestrix_host::metrics::Metrics;
 use orchestrix_host::store::{
     AppendOutcome, AppendRequest, CopyId, CopyRole, DocumentKey, DocumentOp, DocumentQuery, EventData, EventMetadata,
-    EventStore, ExpectedVersion, PostgresStore, ReadModelChange, SqliteStore, StoreError, StoreOptions, StoredEvent,
-    StreamId, StreamRange,
+    EventStore, ExpectedVersion, PostgresStore, ReadModelChange, Snapshot, SnapshotLookup, SqliteStore, StoreError,
+    StoreOptions, StoredEvent, StreamId, StreamRange,
 };
 use orchestrix_testkit::{Purpose, drop_schema, fresh_schema};
 
@@ -195,6 +195,53 @@ async fn stream_reads_by_version_range_and_time() {
         let shape: Vec<Vec<u64>> = grouped.iter().map(|events| events.iter().map(|e| e.version).collect()).collect();
         assert_eq!(shape, [vec![1], vec![], vec![1, 2, 3, 4, 5]], "{name}");
         assert!(grouped[2].iter().all(|e| e.stream == s) && grouped[0][0].stream == other, "{name}");
+        backend.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn snapshots_are_found_by_code_and_version_and_stream_versions_by_time() {
+    for backend in backends("snapshots_are_found_by_code_and_version").await {
+        let (name, store) = (backend.name, backend.store.clone());
+        let s = StreamId::new("t", "snap");
+        let first = appended(store.append(append(&s, ExpectedVersion::Any, &["A", "B"])).await);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        appended(store.append(append(&s, ExpectedVersion::Any, &["C", "D", "E"])).await);
+        let at = |time| store.stream_version_at(&s, time);
+        assert_eq!(at(first[1].time).await.unwrap(), Some(2), "{name}");
+        assert_eq!(at(first[0].time - std::time::Duration::from_secs(1)).await.unwrap(), None, "{name}");
+        assert_eq!(at(first[0].time + std::time::Duration::from_secs(3600)).await.unwrap(), Some(5), "{name}");
+
+        let snapshot = |key: &str, version: u64| Snapshot {
+            stream: s.clone(),
+            state_key: key.to_owned(),
+            version,
+            state: format!("{key}@{version}").into_bytes(),
+        };
+        let find = |key: &'static str, at_most: u64| {
+            let store = store.clone();
+            let s = s.clone();
+            async move {
+                match store.load_snapshot(&s, key, at_most).await.unwrap() {
+                    SnapshotLookup::Found { version, state } => {
+                        format!("{version}:{}", String::from_utf8(state).unwrap())
+                    }
+                    SnapshotLookup::OtherCode => "other".into(),
+                    SnapshotLookup::None => "none".into(),
+                }
+            }
+        };
+        assert_eq!(find("v1", u64::MAX).await, "none", "{name}");
+        store.save_snapshots(vec![snapshot("v1", 2), snapshot("v1", 4), snapshot("v2", 5)]).await.unwrap();
+        // The first write of a (stream, key, version) stands.
+        store.save_snapshots(vec![Snapshot { state: b"later".to_vec(), ..snapshot("v1", 4) }]).await.unwrap();
+        assert_eq!(find("v1", u64::MAX).await, "4:v1@4", "{name}");
+        assert_eq!(find("v1", 3).await, "2:v1@2", "{name}: the nearest at or below");
+        assert_eq!(find("v1", 1).await, "none", "{name}: nothing at or below version 1");
+        assert_eq!(find("v2", u64::MAX).await, "5:v2@5", "{name}");
+        assert_eq!(find("v3", u64::MAX).await, "other", "{name}: v3 has none; v1's and v2's are not its own");
+        let ids = store.stream_ids("t", None, 10).await.unwrap();
+        assert_eq!(ids, std::slice::from_ref(&s), "{name}");
         backend.finish().await;
     }
 }

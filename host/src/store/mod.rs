@@ -532,13 +532,9 @@ pub trait EventStore: Send + Sync + 'static {
     /// queues it behind the appends like a read-model change).
     async fn save_snapshots(&self, snapshots: Vec<Snapshot>) -> Result<(), StoreError>;
 
-    /// The version `stream` had at `at` (0: no event yet), with the commit
-    /// time of that version's event.
-    async fn stream_version_at(
-        &self,
-        stream: &StreamId,
-        at: DateTime<Utc>,
-    ) -> Result<Option<(u64, DateTime<Utc>)>, StoreError>;
+    /// The version `stream` had at `at`: that of its last event committed
+    /// at or before it (`None`: no event yet).
+    async fn stream_version_at(&self, stream: &StreamId, at: DateTime<Utc>) -> Result<Option<u64>, StoreError>;
 
     /// Finish every append already submitted, then release the database.
     async fn close(&self);

@@ -396,13 +396,9 @@ impl EventStore for PostgresStore {
         })
     }
 
-    async fn stream_version_at(
-        &self,
-        stream: &StreamId,
-        at: DateTime<Utc>,
-    ) -> Result<Option<(u64, DateTime<Utc>)>, StoreError> {
-        let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT version, recorded_at FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+    async fn stream_version_at(&self, stream: &StreamId, at: DateTime<Utc>) -> Result<Option<u64>, StoreError> {
+        let version: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
              AND recorded_at <= $3 ORDER BY version DESC LIMIT 1",
         )
         .bind(&stream.aggregate_type)
@@ -411,7 +407,7 @@ impl EventStore for PostgresStore {
         .fetch_optional(&self.reads)
         .await
         .map_err(database_error)?;
-        Ok(row.map(|(version, time)| (version as u64, time)))
+        Ok(version.map(|version| version as u64))
     }
 
     async fn lookup_document(&self, projection: &str, key: &DocumentKey) -> Result<Option<DocumentLookup>, StoreError> {

@@ -334,13 +334,9 @@ impl EventStore for SqliteStore {
         outcome.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
-    async fn stream_version_at(
-        &self,
-        stream: &StreamId,
-        at: DateTime<Utc>,
-    ) -> Result<Option<(u64, DateTime<Utc>)>, StoreError> {
-        let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT version, time_us FROM events WHERE aggregate_type = ? AND aggregate_id = ? AND time_us <= ? \
+    async fn stream_version_at(&self, stream: &StreamId, at: DateTime<Utc>) -> Result<Option<u64>, StoreError> {
+        let version: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM events WHERE aggregate_type = ? AND aggregate_id = ? AND time_us <= ? \
              ORDER BY version DESC LIMIT 1",
         )
         .bind(&stream.aggregate_type)
@@ -349,7 +345,7 @@ impl EventStore for SqliteStore {
         .fetch_optional(&self.reads)
         .await
         .map_err(database_error)?;
-        Ok(row.map(|(version, time_us)| (version as u64, DateTime::from_timestamp_micros(time_us).unwrap_or_default())))
+        Ok(version.map(|version| version as u64))
     }
 
     async fn lookup_document(&self, projection: &str, key: &DocumentKey) -> Result<Option<DocumentLookup>, StoreError> {

@@ -195,6 +195,17 @@ async fn stream_reads_by_version_range_and_time() {
         let shape: Vec<Vec<u64>> = grouped.iter().map(|events| events.iter().map(|e| e.version).collect()).collect();
         assert_eq!(shape, [vec![1], vec![], vec![1, 2, 3, 4, 5]], "{name}");
         assert!(grouped[2].iter().all(|e| e.stream == s) && grouped[0][0].stream == other, "{name}");
+        // Read together, every field is what a single stream's read gives,
+        // text with escapes and non-ASCII characters and absent ids included.
+        let mut odd = append(&other, ExpectedVersion::Any, &["Y"]);
+        odd.events[0].data = r#"{"text":"quote \" backslash \\ tab \t é 😀 \u0001"}"#.into();
+        odd.metadata.correlation_id = Some("c-1".into());
+        appended(store.append(odd).await);
+        let together = store.read_streams(&[s.clone(), other.clone()]).await.unwrap();
+        for (events, stream) in together.iter().zip([&s, &other]) {
+            assert_eq!(events, &store.read_stream(stream, StreamRange::all()).await.unwrap(), "{name}: {stream}");
+        }
+        assert!(together[1][1].data.contains('😀') && together[1][0].correlation_id.is_none(), "{name}");
         backend.finish().await;
     }
 }

@@ -8,7 +8,7 @@ mod cli;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use orchestrix_host::runtime::{HostOptions, Runtime, RuntimeConfig};
 use orchestrix_host::server::ServerConfig;
@@ -104,13 +104,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ORCHESTRIX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(default_level)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
@@ -125,6 +119,23 @@ fn run(cli: Cli) -> Result<()> {
             Command::Sagas(args) => cli::sagas::sagas(args).await,
         }
     })
+}
+
+/// Logs on stderr, filtered by `ORCHESTRIX_LOG` (an `EnvFilter`), as text
+/// — coloured only when stderr is a terminal — or, with
+/// `ORCHESTRIX_LOG_FORMAT=json`, as one JSON object per line.
+fn init_logging(default_level: &str) -> Result<()> {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ORCHESTRIX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match std::env::var("ORCHESTRIX_LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+        Ok("text") | Err(std::env::VarError::NotPresent) => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        Ok(other) => bail!("ORCHESTRIX_LOG_FORMAT must be `text` or `json`, not `{other}`"),
+        Err(std::env::VarError::NotUnicode(_)) => bail!("ORCHESTRIX_LOG_FORMAT is not text"),
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {

@@ -1,0 +1,95 @@
+//! The `orchestrix` binary run as an operator runs it, checked from
+//! outside: what its log output looks like on a pipe.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Start `orchestrix serve` on an empty plugins directory with
+/// `ORCHESTRIX_LOG_FORMAT` set to `format` (or unset), stderr on a pipe;
+/// return its stderr lines up to the one saying it serves HTTP (or until it
+/// exits), and its exit status if it exited by itself.
+fn serve_until_listening(format: Option<&str>) -> (Vec<String>, Option<std::process::ExitStatus>) {
+    let dir = std::env::temp_dir().join(format!("orchestrix-binary-test-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_orchestrix"));
+    command
+        .arg("serve")
+        .arg("--plugins")
+        .arg(dir.join("plugins"))
+        .arg("--store")
+        .arg(format!("sqlite://{}", dir.join("events.db").display()))
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("ORCHESTRIX_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    match format {
+        Some(format) => command.env("ORCHESTRIX_LOG_FORMAT", format),
+        None => command.env_remove("ORCHESTRIX_LOG_FORMAT"),
+    };
+    let mut child = command.spawn().expect("orchestrix starts");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let exited = loop {
+        match received.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                let listening = line.contains("serving HTTP");
+                seen.push(line);
+                if listening {
+                    child.kill().unwrap();
+                    child.wait().unwrap();
+                    break None;
+                }
+            }
+            // Its stderr closed: it has exited, or is about to.
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Some(child.wait().unwrap()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                child.kill().unwrap();
+                panic!("no sign of serving within 60 s: {seen:?}");
+            }
+        }
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    (seen, exited)
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let (lines, exited) = serve_until_listening(Some("json"));
+    assert!(exited.is_none(), "serve stopped early: {lines:?}");
+    let records: Vec<Value> =
+        lines.iter().map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))).collect();
+    let listening = records.iter().find(|r| r["message"] == "serving HTTP").expect("the listening line");
+    assert_eq!(listening["level"], "INFO", "{listening}");
+    assert!(listening["target"].as_str().unwrap().starts_with("orchestrix_host"), "{listening}");
+    assert!(listening["max_connections"].is_u64(), "fields are keys of the object: {listening}");
+    assert!(records.iter().all(|r| r["timestamp"].is_string()), "{records:?}");
+}
+
+#[test]
+fn text_logs_on_a_pipe_have_no_colour_codes() {
+    let (lines, exited) = serve_until_listening(None);
+    assert!(exited.is_none(), "serve stopped early: {lines:?}");
+    assert!(lines.iter().any(|line| line.contains("serving HTTP")), "{lines:?}");
+    assert!(lines.iter().all(|line| !line.contains('\u{1b}')), "escape codes on a pipe: {lines:?}");
+    let (explicit, _) = serve_until_listening(Some("text"));
+    assert!(explicit.iter().all(|line| !line.contains('\u{1b}')), "{explicit:?}");
+}
+
+#[test]
+fn an_unknown_log_format_is_refused_by_name() {
+    let (lines, exited) = serve_until_listening(Some("yaml"));
+    assert!(exited.is_some_and(|status| !status.success()), "{lines:?}");
+    assert!(lines.iter().any(|line| line.contains("ORCHESTRIX_LOG_FORMAT") && line.contains("yaml")), "{lines:?}");
+}

@@ -23,12 +23,14 @@ struct Inner {
     snapshots: IntCounterVec,
     events_folded_per_load: Histogram,
     wasm_call_seconds: HistogramVec,
+    wasm_call_failures: IntCounterVec,
     append_batch_size: Histogram,
     commit_seconds: Histogram,
     module_loads: IntCounterVec,
     module_load_step_seconds: HistogramVec,
     fuel: IntCounterVec,
     quarantines: IntCounterVec,
+    quarantined: IntGaugeVec,
     head_position: IntGauge,
     live_streams: IntGauge,
     live_streams_dropped: IntCounter,
@@ -100,6 +102,15 @@ impl Metrics {
             &["module", "function"],
         )
         .expect("valid metric");
+        let wasm_call_failures = IntCounterVec::new(
+            Opts::new(
+                "orchestrix_wasm_call_failures_total",
+                "Guest calls that failed, by module, function and kind: trap (a panic or other trap), deadline, \
+                 memory (the memory cap), host (a WASI interface the host does not serve during calls)",
+            ),
+            &["module", "function", "kind"],
+        )
+        .expect("valid metric");
         let append_batch_size = Histogram::with_opts(
             HistogramOpts::new("orchestrix_append_batch_size", "Appends committed per group-commit transaction")
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
@@ -134,6 +145,11 @@ impl Metrics {
         .expect("valid metric");
         let quarantines = IntCounterVec::new(
             Opts::new("orchestrix_module_quarantines_total", "Times a module was quarantined after failing calls"),
+            &["module"],
+        )
+        .expect("valid metric");
+        let quarantined = IntGaugeVec::new(
+            Opts::new("orchestrix_module_quarantined", "1 while a module is quarantined, 0 while it serves"),
             &["module"],
         )
         .expect("valid metric");
@@ -257,12 +273,14 @@ impl Metrics {
             Box::new(snapshots.clone()),
             Box::new(events_folded_per_load.clone()),
             Box::new(wasm_call_seconds.clone()),
+            Box::new(wasm_call_failures.clone()),
             Box::new(append_batch_size.clone()),
             Box::new(commit_seconds.clone()),
             Box::new(module_loads.clone()),
             Box::new(module_load_step_seconds.clone()),
             Box::new(fuel.clone()),
             Box::new(quarantines.clone()),
+            Box::new(quarantined.clone()),
             Box::new(head_position.clone()),
             Box::new(live_streams.clone()),
             Box::new(live_streams_dropped.clone()),
@@ -280,12 +298,14 @@ impl Metrics {
                 snapshots,
                 events_folded_per_load,
                 wasm_call_seconds,
+                wasm_call_failures,
                 append_batch_size,
                 commit_seconds,
                 module_loads,
                 module_load_step_seconds,
                 fuel,
                 quarantines,
+                quarantined,
                 head_position,
                 live_streams,
                 live_streams_dropped,
@@ -377,6 +397,18 @@ impl Metrics {
 
     pub fn observe_quarantine(&self, module: &str) {
         self.inner.quarantines.with_label_values(&[module]).inc();
+        self.set_quarantined(module, true);
+    }
+
+    /// Whether `module`'s serving build takes no calls (a build starts
+    /// serving, or an operator lifts a quarantine: `false`).
+    pub fn set_quarantined(&self, module: &str, quarantined: bool) {
+        self.inner.quarantined.with_label_values(&[module]).set(i64::from(quarantined));
+    }
+
+    /// A guest call that failed, by kind (`trap`, `deadline`, `memory`, `host`).
+    pub fn observe_wasm_failure(&self, module: &str, function: &str, kind: &str) {
+        self.inner.wasm_call_failures.with_label_values(&[module, function, kind]).inc();
     }
 
     pub fn set_head_position(&self, position: u64) {
@@ -504,5 +536,55 @@ pub struct GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every metric this module registers has a row in README's metrics
+    /// table, and every row names a metric this module registers.
+    #[test]
+    fn the_readme_lists_every_metric() {
+        let source = include_str!("metrics.rs");
+        let readme = include_str!("../../README.md");
+        let quoted = |text: &'static str, open: &'static str, close: char| -> std::collections::BTreeSet<String> {
+            text.split(open)
+                .skip(1)
+                .filter_map(|rest| rest.split(close).next())
+                .filter(|name| !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                .map(|name| format!("orchestrix_{name}"))
+                .collect()
+        };
+        let registered = quoted(source, "\"orchestrix_", '"');
+        let documented = quoted(readme, "| `orchestrix_", '`');
+        assert!(registered.len() > 20, "{registered:?}");
+        assert_eq!(registered, documented, "README's metrics table and metrics.rs disagree");
+    }
+
+    /// The Grafana dashboard queries only metrics this module registers
+    /// (a histogram by its `_bucket`, `_sum` or `_count` series).
+    #[test]
+    fn the_dashboard_queries_real_metrics() {
+        let source = include_str!("metrics.rs");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/grafana/orchestrix.json")).expect("the dashboard is JSON");
+        let panels = dashboard["panels"].as_array().expect("panels");
+        assert!(panels.len() >= 10);
+        for target in panels.iter().flat_map(|panel| panel["targets"].as_array().expect("targets")) {
+            let expr = target["expr"].as_str().expect("a PromQL expression");
+            let names =
+                expr.split(|c: char| !(c.is_ascii_lowercase() || c == '_')).filter(|w| w.starts_with("orchestrix_"));
+            let mut any = false;
+            for name in names {
+                let metric =
+                    ["_bucket", "_sum", "_count"].iter().fold(name, |n, suffix| n.strip_suffix(suffix).unwrap_or(n));
+                assert!(
+                    source.contains(&format!("\"{metric}\"")),
+                    "the dashboard queries `{name}`, which is not registered"
+                );
+                any = true;
+            }
+            assert!(any, "a panel without an orchestrix metric: {expr}");
+        }
     }
 }

@@ -21,7 +21,7 @@ use crate::fixtures::{
 };
 use crate::sagas::wait_for_saga;
 use crate::support::{
-    Sandbox, StoreUnderTest, TestHost, caught_up, error_code, host_process_config, spawn_host_process,
+    Sandbox, StoreUnderTest, TestHost, caught_up, error_code, host_process_config, metric, spawn_host_process,
 };
 
 fixture_tests! { FIXTURE_COUNTER_UPCAST => upcasters_serve_every_reader_across_a_swap_with_old_events_stored }
@@ -47,16 +47,6 @@ async fn counter(host: &TestHost, id: &str) -> Value {
     let (status, body) = host.get(&format!("/v1/aggregates/counter/{id}")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body
-}
-
-/// One series of `/metrics` (0 when absent), e.g. `orchestrix_snapshots_total{outcome="used"}`.
-async fn metric(host: &TestHost, series: &str) -> f64 {
-    let (_, body) = host.get("/metrics").await;
-    let text = body.as_str().expect("the metrics are text");
-    text.lines()
-        .filter_map(|line| line.strip_prefix(series))
-        .find_map(|rest| rest.strip_prefix(' ').and_then(|value| value.trim().parse().ok()))
-        .unwrap_or(0.0)
 }
 
 async fn snapshots(host: &TestHost, outcome: &str) -> f64 {

@@ -13,7 +13,7 @@ use serde_json::Value;
 use orchestrix_testkit::with_build_label;
 
 use crate::fixtures::{FIXTURE_HAZARD, fixture_tests, read};
-use crate::support::{Sandbox, TestHost, error_code};
+use crate::support::{Sandbox, TestHost, error_code, metric};
 
 fixture_tests! { FIXTURE_HAZARD => each_failure_costs_one_call_and_other_modules_keep_serving }
 
@@ -75,6 +75,11 @@ async fn each_failure_costs_one_call_and_other_modules_keep_serving() {
     assert!(body["error"]["message"].as_str().unwrap().contains("stdout/stderr"), "{body}");
 
     assert_eq!(hazard(&host, "Note").await.0, StatusCode::OK, "hazard itself still serves");
+    for (kind, count) in [("trap", 1.0), ("deadline", 1.0), ("memory", 1.0), ("host", 1.0)] {
+        let series =
+            format!("orchestrix_wasm_call_failures_total{{function=\"handle\",kind=\"{kind}\",module=\"hazard\"}}");
+        assert_eq!(metric(&host, &series).await, count, "{series}");
+    }
     let events = host.all_events().await;
     let hazard_events: Vec<&Value> = events.iter().filter(|e| e["subject"] == "hazard/h").collect();
     assert_eq!(hazard_events.len(), 2, "only the two notes were appended");
@@ -100,6 +105,8 @@ async fn failures_in_a_row_quarantine_a_module_until_released_or_replaced() {
     let (status, body) = hazard(&host, "Note").await;
     assert_eq!((status, error_code(&body)), (StatusCode::SERVICE_UNAVAILABLE, "module_quarantined"), "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("3 failed calls in a row"), "{body}");
+    let quarantined = r#"orchestrix_module_quarantined{module="hazard"}"#;
+    assert_eq!(metric(&host, quarantined).await, 1.0);
     let (_, modules) = host.get("/v1/modules").await;
     assert_eq!(module(&modules, "hazard")["state"], "quarantined");
     assert!(module(&modules, "hazard")["quarantine"]["reason"].as_str().unwrap().contains("panicked"));
@@ -111,6 +118,7 @@ async fn failures_in_a_row_quarantine_a_module_until_released_or_replaced() {
     let (status, body) = host.command("/v1/modules/hazard/release", "", &[]).await;
     assert_eq!((status, &body["released"]), (StatusCode::OK, &Value::Bool(true)), "{body}");
     assert_eq!(hazard(&host, "Note").await.0, StatusCode::OK);
+    assert_eq!(metric(&host, quarantined).await, 0.0);
     assert_eq!(host.command("/v1/modules/nope/release", "", &[]).await.0, StatusCode::NOT_FOUND);
 
     // Quarantined again, then a new build of the module replaces it.
@@ -123,6 +131,7 @@ async fn failures_in_a_row_quarantine_a_module_until_released_or_replaced() {
     let (status, report) = host.command("/v1/modules/reload", "", &[]).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(report["loaded"][0]["module"], "hazard", "{report}");
+    assert_eq!(metric(&host, quarantined).await, 0.0, "the new build serves");
     assert_eq!(hazard(&host, "Note").await.0, StatusCode::OK, "a new version starts with a clean record");
     host.stop().await;
 }

@@ -189,6 +189,17 @@ impl TestHost {
     }
 }
 
+/// One series of the host's `/metrics` (0 when absent), e.g.
+/// `orchestrix_snapshots_total{outcome="used"}`.
+pub async fn metric(host: &TestHost, series: &str) -> f64 {
+    let (_, body) = host.get("/metrics").await;
+    let text = body.as_str().expect("the metrics are text");
+    text.lines()
+        .filter_map(|line| line.strip_prefix(series))
+        .find_map(|rest| rest.strip_prefix(' ').and_then(|value| value.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
 pub fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
 }

@@ -414,8 +414,9 @@ impl GuestModule {
                 Ok(value)
             }
             Err(error) => {
-                let failure =
-                    GuestFailure { module: self.name.clone(), function, reason: describe_trap(&error, &self.limits) };
+                let (kind, reason) = describe_trap(&error, &self.limits);
+                self.metrics.observe_wasm_failure(&self.name, function, kind);
+                let failure = GuestFailure { module: self.name.clone(), function, reason };
                 if breaking == Breaking::Counts {
                     self.record_failure(&failure);
                 }
@@ -456,6 +457,7 @@ impl GuestModule {
         self.breaker.failures_in_a_row.store(0, Ordering::Relaxed);
         self.breaker.quarantined.store(false, Ordering::Release);
         let released = quarantine.take().is_some();
+        self.metrics.set_quarantined(&self.name, false);
         if released {
             tracing::warn!(module = %self.name, version = %self.version, "quarantine lifted by an operator");
         }
@@ -593,21 +595,21 @@ impl GuestModule {
     }
 }
 
-fn describe_trap(error: &wasmtime::Error, limits: &SandboxLimits) -> String {
+/// The kind of a failed call (`trap`, `deadline`, `memory`, `host`: the
+/// label of `orchestrix_wasm_call_failures_total`) and what happened, in words.
+fn describe_trap(error: &wasmtime::Error, limits: &SandboxLimits) -> (&'static str, String) {
     match error.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => {
-            format!("call exceeded its deadline of {} ms", limits.call_deadline.as_millis())
+            ("deadline", format!("call exceeded its deadline of {} ms", limits.call_deadline.as_millis()))
         }
-        Some(wasmtime::Trap::UnreachableCodeReached) => {
-            format!("guest panicked or trapped: {error:#}")
-        }
-        Some(trap) => format!("trap: {trap}"),
+        Some(wasmtime::Trap::UnreachableCodeReached) => ("trap", format!("guest panicked or trapped: {error:#}")),
+        Some(trap) => ("trap", format!("trap: {trap}")),
         None => {
             let text = format!("{error:#}");
             if text.contains("memory") && text.contains("grow") {
-                format!("memory cap of {} MiB exceeded: {text}", limits.max_memory_bytes >> 20)
+                ("memory", format!("memory cap of {} MiB exceeded: {text}", limits.max_memory_bytes >> 20))
             } else {
-                text
+                ("host", text)
             }
         }
     }

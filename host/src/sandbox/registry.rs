@@ -381,6 +381,9 @@ impl ModuleRegistry {
             }
             unloaded.retain(|aggregate, _| set.route(aggregate).is_none());
         }
+        for module in set.modules() {
+            self.metrics.set_quarantined(&module.name, module.quarantine().is_some());
+        }
         let set = Arc::new(set);
         *self.serving.write() = set.clone();
         if !report.loaded.is_empty() || !report.unloaded.is_empty() {

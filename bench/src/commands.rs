@@ -150,6 +150,14 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
         }
     }
     runtime.close().await;
+    if orchestrix_host::telemetry::is_exporting() {
+        let dropped = orchestrix_host::metrics::trace_spans_dropped();
+        println!(
+            "    trace spans dropped so far: queue_full {}, export_failed {}",
+            dropped.with_label_values(&["queue_full"]).get(),
+            dropped.with_label_values(&["export_failed"]).get()
+        );
+    }
     let (commits, mean_size, mean_commit) = runtime.metrics.batch_summary();
     println!(
         "    group commits: {commits}, mean {mean_size:.1} appends per commit, mean commit {:.3} ms; \
@@ -183,6 +191,7 @@ fn command(account: usize, command_type: &str, payload: String) -> CommandReques
         expected_version: None,
         command_id: None,
         correlation_id: None,
+        trace: None,
     }
 }
 

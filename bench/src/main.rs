@@ -22,10 +22,12 @@ mod projections;
 mod robustness;
 mod sagas;
 mod storage;
+mod tracing_export;
 
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use orchestrix_host::runtime::HostOptions;
+use orchestrix_host::telemetry::{self, Export};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -63,6 +65,9 @@ pub enum Suite {
     /// Cold loads with and without snapshots, fold throughput with an
     /// upcast on every event, and a what-if over 10,000 streams.
     History,
+    /// The 64-client command load with trace export off, then on (every
+    /// span exported over OTLP to a local receiver).
+    Tracing,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -87,7 +92,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness,sagas,history"
+        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness,sagas,history,tracing"
     )]
     suites: Vec<Suite>,
     /// Backends to measure on (comma-separated); PostgreSQL needs --postgres-url.
@@ -125,18 +130,27 @@ pub struct BenchArgs {
 
 fn main() -> std::process::ExitCode {
     let args = BenchArgs::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ORCHESTRIX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Traces are exported as `orchestrix serve` exports them, when the
+    // `OTEL_*` variables ask (the `tracing` suite's runs with export on).
+    let export = match Export::from_env() {
+        Ok(export) => export,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if let Err(error) = telemetry::install_subscriber("warn", export.as_ref()) {
+        eprintln!("error: {error}");
+        return std::process::ExitCode::FAILURE;
+    }
     let outcome = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
         .and_then(|runtime| runtime.block_on(run(args)));
+    if let Some(export) = export {
+        export.shutdown();
+    }
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -172,6 +186,7 @@ async fn run(args: BenchArgs) -> Result<()> {
                 Suite::Robustness => robustness::robustness(&args, backend).await?,
                 Suite::Sagas => sagas::sagas(&args, backend).await?,
                 Suite::History => history::history(&args, backend).await?,
+                Suite::Tracing => tracing_export::trace_export(&args, backend).await?,
             }
         }
     }

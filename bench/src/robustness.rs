@@ -332,5 +332,6 @@ fn deposit_request(account: usize, command_type: &str, payload: &str) -> orchest
         expected_version: None,
         command_id: None,
         correlation_id: None,
+        trace: None,
     }
 }

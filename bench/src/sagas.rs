@@ -65,6 +65,7 @@ fn request(aggregate_type: &str, id: String, command_type: &str, payload: serde_
         expected_version: None,
         command_id: None,
         correlation_id: None,
+        trace: None,
     }
 }
 

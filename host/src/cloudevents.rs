@@ -32,6 +32,14 @@ pub fn to_cloudevent(event: &StoredEvent) -> Value {
     }
     object.insert("module".into(), json!(event.module));
     object.insert("moduleversion".into(), json!(event.module_version));
+    // The distributed-tracing extension: the trace of the work that
+    // produced the event.
+    if let Some(trace) = &event.trace {
+        object.insert("traceparent".into(), json!(trace.traceparent()));
+        if let Some(state) = trace.tracestate() {
+            object.insert("tracestate".into(), json!(state));
+        }
+    }
     Value::Object(object)
 }
 
@@ -61,6 +69,10 @@ mod tests {
             causation_id: None,
             module: "bank".into(),
             module_version: "0.1.0".into(),
+            trace: crate::telemetry::TraceContext::parse(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                Some("rojo=00f067aa0ba902b7"),
+            ),
         };
         let rendered = to_cloudevent(&event);
         assert_eq!(rendered["specversion"], "1.0");
@@ -72,6 +84,8 @@ mod tests {
         assert_eq!(rendered["streamversion"], json!(3));
         assert_eq!(rendered["correlationid"], "corr");
         assert!(rendered.get("causationid").is_none());
+        assert_eq!(rendered["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        assert_eq!(rendered["tracestate"], "rojo=00f067aa0ba902b7");
         for key in rendered.as_object().unwrap().keys() {
             assert!(key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()), "attribute `{key}`");
         }

@@ -27,6 +27,8 @@ use crate::limits::{InvalidInput, check_id, json_has_nul};
 use crate::metrics::Metrics;
 use crate::pipeline::{CommandError, CommandRequest, CommandService, ErrorKind, HistoryPoint};
 use crate::store::{StoreError, StreamId, StreamRange};
+use crate::telemetry::{self, TraceContext};
+use tracing::Instrument;
 
 /// What the handlers share.
 pub struct ApiState {
@@ -87,7 +89,45 @@ pub fn router(state: Arc<ApiState>, limits: BodyLimits) -> Router {
         })
         .layer(DefaultBodyLimit::max(limits.request))
         .layer(axum::middleware::from_fn(request_limits))
+        .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+/// The W3C trace context a request carries (`traceparent`, `tracestate`),
+/// when it carries a valid one.
+fn trace_context(headers: &HeaderMap) -> Option<TraceContext> {
+    let traceparent = headers.get("traceparent")?.to_str().ok()?;
+    TraceContext::parse(traceparent, headers.get("tracestate").and_then(|v| v.to_str().ok()))
+}
+
+/// When traces are exported: the request's span (`http_request`, a server
+/// span named after the method and route), continuing the caller's trace
+/// when the request carries one, else starting one. The probes and
+/// `/metrics` are not traced.
+async fn trace_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = request.uri().path();
+    if !telemetry::is_exporting() || matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        return next.run(request).await;
+    }
+    let route = request.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_owned());
+    let span = tracing::info_span!(
+        target: telemetry::TARGET,
+        "http_request",
+        otel.name = %format!("{} {}", request.method(), route.as_deref().unwrap_or("unmatched")),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        url.path = %path,
+        http.route = route.as_deref(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    telemetry::continue_trace(&span, trace_context(request.headers()).as_ref());
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        telemetry::record_error(&span, "server_error");
+    }
+    response
 }
 
 /// Longest request target (path and query) the API reads, in bytes.
@@ -282,6 +322,7 @@ async fn send_command(
         expected_version: expected_version(&headers)?,
         command_id: header_text(&headers, "idempotency-key")?.filter(|k| !k.is_empty()),
         correlation_id: header_text(&headers, "x-correlation-id")?.filter(|k| !k.is_empty()),
+        trace: trace_context(&headers),
     };
     let reply = state.commands.execute(request).await?;
     let body = json!({

@@ -17,6 +17,7 @@
 //!   [`sse`]: the Server-Sent Events parser of the CLI's `--follow`.
 //! - [`limits`]: what a request may name, the same on every store.
 //! - [`server`]: the HTTP server (accept loop, connection limits and timeouts).
+//! - [`telemetry`]: W3C trace context, spans, OTLP export.
 //! - [`metrics`]: Prometheus metrics; [`runtime`]: wiring it all together.
 
 pub mod cloudevents;
@@ -31,4 +32,5 @@ pub mod sandbox;
 pub mod server;
 pub mod sse;
 pub mod store;
+pub mod telemetry;
 pub mod whatif;

@@ -8,10 +8,11 @@ mod cli;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use orchestrix_host::runtime::{HostOptions, Runtime, RuntimeConfig};
 use orchestrix_host::server::ServerConfig;
+use orchestrix_host::telemetry::{self, Export};
 
 #[derive(Parser)]
 #[command(name = "orchestrix", version, about = "Event-sourced domain modules in WebAssembly, hosted durably")]
@@ -103,10 +104,15 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
-    init_logging(default_level)?;
+    let serving = matches!(cli.command, Command::Serve(_));
+    // Traces are the server's: a client subcommand exports none.
+    let export = if serving { Export::from_env().context("OpenTelemetry settings")? } else { None };
+    telemetry::install_subscriber(if serving { "info" } else { "warn" }, export.as_ref())?;
+    if let Some(export) = &export {
+        tracing::info!(endpoint = %export.endpoint, "exporting traces over OTLP");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Send(args) => cli::client::send(args).await,
@@ -118,24 +124,12 @@ fn run(cli: Cli) -> Result<()> {
             Command::Query(args) => cli::read_side::query(args).await,
             Command::Sagas(args) => cli::sagas::sagas(args).await,
         }
-    })
-}
-
-/// Logs on stderr, filtered by `ORCHESTRIX_LOG` (an `EnvFilter`), as text
-/// — coloured only when stderr is a terminal — or, with
-/// `ORCHESTRIX_LOG_FORMAT=json`, as one JSON object per line.
-fn init_logging(default_level: &str) -> Result<()> {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ORCHESTRIX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match std::env::var("ORCHESTRIX_LOG_FORMAT").as_deref() {
-        Ok("json") => logs.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
-        Ok("text") | Err(std::env::VarError::NotPresent) => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        Ok(other) => bail!("ORCHESTRIX_LOG_FORMAT must be `text` or `json`, not `{other}`"),
-        Err(std::env::VarError::NotUnicode(_)) => bail!("ORCHESTRIX_LOG_FORMAT is not text"),
+    });
+    drop(runtime);
+    if let Some(export) = export {
+        export.shutdown();
     }
-    Ok(())
+    result
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {

@@ -10,6 +10,29 @@ use prometheus::{
     TextEncoder,
 };
 
+/// Spans the trace export dropped, by reason (`queue_full`,
+/// `export_failed`). Process-wide, like the export itself; every
+/// [`Metrics`] registry exports it.
+pub fn trace_spans_dropped() -> &'static IntCounterVec {
+    static DROPPED: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
+    DROPPED.get_or_init(|| {
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "orchestrix_trace_spans_dropped_total",
+                "Trace spans not exported: queue_full (the bounded export queue was full; the work went on), \
+                 export_failed (the OTLP endpoint refused or could not be reached)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        // Both reasons are exported from the start, at 0.
+        for reason in ["queue_full", "export_failed"] {
+            dropped.with_label_values(&[reason]);
+        }
+        dropped
+    })
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
@@ -286,6 +309,7 @@ impl Metrics {
             Box::new(live_streams_dropped.clone()),
             Box::new(http_connections.clone()),
             Box::new(http_connections_closed.clone()),
+            Box::new(trace_spans_dropped().clone()),
         ] {
             registry.register(collector).expect("metric names are unique");
         }

@@ -27,6 +27,7 @@ use crate::store::{
     AppendOutcome, AppendRequest, EventData, EventMetadata, EventStore, ExpectedVersion, Snapshot, SnapshotLookup,
     StoreError, StoredEvent, StreamId, StreamRange,
 };
+use crate::telemetry::{self, TraceContext};
 
 /// A command as received from a client.
 #[derive(Debug, Clone)]
@@ -41,6 +42,11 @@ pub struct CommandRequest {
     pub command_id: Option<String>,
     /// `X-Correlation-Id`.
     pub correlation_id: Option<String>,
+    /// The trace this command continues: the request's `traceparent` and
+    /// `tracestate`, or the trace of the saga input that sent it. Its
+    /// events carry it (or the command's own span, when traces are
+    /// exported).
+    pub trace: Option<TraceContext>,
 }
 
 /// The result of an accepted command.
@@ -469,11 +475,23 @@ impl CommandService {
         let correlation_id = request.correlation_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string());
         let span = tracing::info_span!(
             "command",
+            otel.name = tracing::field::Empty,
             module = %module.name,
+            module_version = %module.version,
             aggregate = %request.stream,
             command = %request.command_type,
             correlation_id = %correlation_id,
+            outcome = tracing::field::Empty,
         );
+        if telemetry::is_exporting() {
+            span.record("otel.name", format!("{}.{}", request.stream.aggregate_type, request.command_type));
+            // Within an HTTP request the request's span is the parent;
+            // a saga's command continues the trace of its input.
+            if TraceContext::of_span(&tracing::Span::current()).is_none() {
+                telemetry::continue_trace(&span, request.trace.as_ref());
+            }
+        }
+        let trace = TraceContext::of_span(&span).or_else(|| request.trace.clone());
         let command_type = request.command_type.clone();
         let result = async {
             // A conflict the client did not ask for (no expected version)
@@ -481,7 +499,7 @@ impl CommandService {
             // PostgreSQL database wrote the stream. Refold and try again.
             let mut attempt = 1;
             loop {
-                let result = self.execute_routed(&module, request.clone(), correlation_id.clone()).await;
+                let result = self.execute_routed(&module, request.clone(), correlation_id.clone(), trace.clone()).await;
                 match result {
                     Err(CommandError::Conflict { .. })
                         if request.expected_version.is_none() && attempt < STALE_STATE_ATTEMPTS =>
@@ -492,13 +510,21 @@ impl CommandService {
                 }
             }
         }
-        .instrument(span)
+        .instrument(span.clone())
         .await;
         let outcome = match &result {
             Ok(reply) if reply.duplicate => "duplicate",
             Ok(_) => "accepted",
             Err(error) => error.kind().label(),
         };
+        if telemetry::is_exporting() {
+            span.record("outcome", outcome);
+            if let Err(error) = &result
+                && error.kind().log_level().is_some()
+            {
+                telemetry::record_error(&span, outcome);
+            }
+        }
         self.metrics.observe_command(&module.name, &command_type, outcome, started.elapsed());
         if let Err(error) = &result {
             match error.kind().log_level() {
@@ -515,6 +541,7 @@ impl CommandService {
         module: &Arc<GuestModule>,
         mut request: CommandRequest,
         correlation_id: String,
+        trace: Option<TraceContext>,
     ) -> Result<CommandReply, CommandError> {
         let aggregate = module.aggregate(&request.stream.aggregate_type).expect("routed by aggregate type");
         if !aggregate.command_types.contains(&request.command_type) {
@@ -554,8 +581,14 @@ impl CommandService {
             });
         }
 
-        let append = append_request(module, &request, folded.version, new_events, correlation_id);
-        let stored = match self.store.append(append).await {
+        let append = append_request(module, &request, folded.version, new_events, correlation_id, trace);
+        let append_span = tracing::info_span!(
+            target: telemetry::TARGET,
+            "append",
+            orchestrix.events = append.events.len(),
+            orchestrix.expected_version = folded.version,
+        );
+        let stored = match self.store.append(append).instrument(append_span).await {
             Ok(AppendOutcome::Appended(stored)) => stored,
             Ok(AppendOutcome::Duplicate(_)) => {
                 // A concurrent resend on another aggregate lock won the race.
@@ -597,11 +630,26 @@ impl CommandService {
             return Ok(folded.clone());
         }
         *slot = None;
-        let base = match self.cache.take_warm(stream, &state_key) {
-            Some(warm) => warm,
-            None => self.snapshot_base(stream, state_key, u64::MAX).await?,
-        };
-        let (folded, _) = self.fold_from(module, stream, base, None).await?;
+        let span = tracing::info_span!(
+            target: telemetry::TARGET,
+            "load_state",
+            orchestrix.aggregate = %stream,
+            orchestrix.state_key = %state_key,
+            orchestrix.from_version = tracing::field::Empty,
+            orchestrix.version = tracing::field::Empty,
+        );
+        let folded = async {
+            let base = match self.cache.take_warm(stream, &state_key) {
+                Some(warm) => warm,
+                None => self.snapshot_base(stream, state_key, u64::MAX).await?,
+            };
+            tracing::Span::current().record("orchestrix.from_version", base.version);
+            let (folded, _) = self.fold_from(module, stream, base, None).await?;
+            tracing::Span::current().record("orchestrix.version", folded.version);
+            Ok::<_, CommandError>(folded)
+        }
+        .instrument(span)
+        .await?;
         *slot = Some(folded.clone());
         Ok(folded)
     }
@@ -819,6 +867,7 @@ fn append_request(
     folded_version: u64,
     new_events: Vec<NewEvent>,
     correlation_id: String,
+    trace: Option<TraceContext>,
 ) -> AppendRequest {
     AppendRequest {
         stream: request.stream.clone(),
@@ -836,6 +885,7 @@ fn append_request(
             causation_id: Some(request.command_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string())),
             module: module.name.clone(),
             module_version: module.version.clone(),
+            trace,
         },
         command_id: request.command_id.clone(),
     }

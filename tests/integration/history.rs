@@ -146,6 +146,7 @@ async fn snapshotting_host_process() {
                         expected_version: None,
                         command_id: None,
                         correlation_id: None,
+                        trace: None,
                     };
                     commands.execute(request).await.expect("an increment");
                 }

@@ -18,3 +18,4 @@ mod sagas;
 mod sandbox_limits;
 mod store_conformance;
 mod support;
+mod telemetry;

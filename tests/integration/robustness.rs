@@ -372,6 +372,7 @@ async fn the_sqlite_write_ahead_log_stays_small_under_100_000_commands() {
         expected_version: None,
         command_id: None,
         correlation_id: None,
+        trace: None,
     };
     for i in 0..CLIENTS {
         let open = command(format!("w{i}"), "OpenAccount", r#"{"owner":"Ada","initial_balance":0}"#);

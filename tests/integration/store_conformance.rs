@@ -10,6 +10,7 @@ use orchestrix_host::store::{
     EventStore, ExpectedVersion, PostgresStore, ReadModelChange, Snapshot, SnapshotLookup, SqliteStore, StoreError,
     StoreOptions, StoredEvent, StreamId, StreamRange,
 };
+use orchestrix_host::telemetry::TraceContext;
 use orchestrix_testkit::{Purpose, drop_schema, fresh_schema};
 
 use crate::support::database_url;
@@ -200,12 +201,22 @@ async fn stream_reads_by_version_range_and_time() {
         let mut odd = append(&other, ExpectedVersion::Any, &["Y"]);
         odd.events[0].data = r#"{"text":"quote \" backslash \\ tab \t é 😀 \u0001"}"#.into();
         odd.metadata.correlation_id = Some("c-1".into());
-        appended(store.append(odd).await);
+        odd.metadata.trace = TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("vendor=opaque,other=x"),
+        );
+        let written = appended(store.append(odd.clone()).await);
+        assert_eq!(written[0].trace, odd.metadata.trace, "{name}");
         let together = store.read_streams(&[s.clone(), other.clone()]).await.unwrap();
         for (events, stream) in together.iter().zip([&s, &other]) {
             assert_eq!(events, &store.read_stream(stream, StreamRange::all()).await.unwrap(), "{name}: {stream}");
         }
         assert!(together[1][1].data.contains('😀') && together[1][0].correlation_id.is_none(), "{name}");
+        // The trace context comes back as it went in, and its absence too.
+        assert_eq!(together[1][1].trace, odd.metadata.trace, "{name}");
+        assert_eq!(together[1][0].trace, None, "{name}");
+        let logged = store.read_all(together[1][1].position - 1, 1).await.unwrap();
+        assert_eq!(logged[0].trace, odd.metadata.trace, "{name}: the global log");
         backend.finish().await;
     }
 }

@@ -55,16 +55,24 @@ pub fn host_process_config() -> Option<RuntimeConfig> {
 /// process on `config`'s store and `sandbox`'s plugins, to be killed with
 /// SIGKILL by the caller.
 pub fn spawn_host_process(test: &str, config: &RuntimeConfig, sandbox: &Sandbox) -> tokio::process::Child {
-    tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", test, "--test-threads", "1", "--quiet"])
+    host_process_command(test, config, sandbox)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a host process")
+}
+
+/// The command [`spawn_host_process`] runs, to add to (its output is not
+/// captured by the test harness: `--nocapture`).
+pub fn host_process_command(test: &str, config: &RuntimeConfig, sandbox: &Sandbox) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["--ignored", "--exact", test, "--test-threads", "1", "--quiet", "--nocapture"])
         .env(CHILD_STORE, &config.store_url)
         .env(CHILD_PLUGINS, sandbox.plugins())
         .envs(config.store_options.schema.iter().map(|schema| (CHILD_SCHEMA, schema)))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start a host process")
+        .kill_on_drop(true);
+    command
 }
 
 /// A temporary directory with a plugins folder and a database path.

@@ -11,7 +11,7 @@
 //! | processes | `sagas` (sends commands through the pipeline) |
 //! | services | `pipeline`, `projections`, `whatif` (not each other) |
 //! | runtime parts | `sandbox` (may read the `store`), `cloudevents` (the wire form of stored events), `store` |
-//! | leaves | `limits`, `metrics`, `sse` |
+//! | leaves | `limits`, `metrics`, `sse`; `telemetry` (trace context and export, counts drops in `metrics`) |
 
 use std::path::{Path, PathBuf};
 
@@ -46,14 +46,18 @@ fn host_module(relative: &Path) -> String {
 fn allowed(module: &str) -> Option<&'static [&'static str]> {
     Some(match module {
         "limits" | "metrics" | "sse" => &[],
-        "store" => &["limits", "metrics", "sse"],
-        "cloudevents" => &["store"],
-        "sandbox" => &["limits", "metrics", "cloudevents", "sse", "store"],
-        "pipeline" | "projections" | "whatif" => &["limits", "metrics", "cloudevents", "sse", "store", "sandbox"],
-        "sagas" => &["limits", "metrics", "cloudevents", "sse", "store", "sandbox", "pipeline"],
+        "telemetry" => &["metrics"],
+        "store" => &["limits", "metrics", "sse", "telemetry"],
+        "cloudevents" => &["store", "telemetry"],
+        "sandbox" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store"],
+        "pipeline" | "projections" | "whatif" => {
+            &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox"]
+        }
+        "sagas" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox", "pipeline"],
         "http" | "server" => &[
             "limits",
             "metrics",
+            "telemetry",
             "cloudevents",
             "sse",
             "store",

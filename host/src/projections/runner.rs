@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
+use tracing::{Instrument, Span};
 
 use super::ProjectionConfig;
 use crate::metrics::Metrics;
@@ -23,6 +24,7 @@ use crate::store::{
     CopyRecord, CopyRole, DocumentKey, DocumentOp, EventNames, EventStore, Parked, ReadModelChange, StoreError,
     StoredEvent,
 };
+use crate::telemetry;
 
 /// What a runner shares with status queries.
 #[derive(Default)]
@@ -182,7 +184,8 @@ impl Runner {
             }
             if let Some(through) = batch.through {
                 let exit = if let Some(touched) = batch.touched {
-                    self.project_and_commit(&batch.events, touched, through).await?
+                    let span = batch.span.clone();
+                    self.project_and_commit(&batch.events, touched, through).instrument(span).await?
                 } else if !batch.full || through - self.copy.position >= CHECKPOINT_EVERY {
                     self.commit(through, Vec::new(), 0, Instant::now()).await?
                 } else {
@@ -200,12 +203,28 @@ impl Runner {
         }
     }
 
-    /// Keep the subscribed events of a chunk and start their `touches`.
+    /// Keep the subscribed events of a chunk and start their `touches`,
+    /// in the batch's span (linked to the work that produced its events).
     fn prepare(&self, chunk: Chunk, subscribed: &EventNames) -> Batch {
         let through = chunk.events.last().map(|e| e.position);
-        let events: Events = chunk.events.into_iter().filter(|e| subscribed.contains(e)).map(into_recorded).collect();
-        let touched = (!events.is_empty()).then(|| self.start_touches(events.clone()));
-        Batch { events, through, full: chunk.full, touched }
+        let kept: Vec<StoredEvent> = chunk.events.into_iter().filter(|e| subscribed.contains(e)).collect();
+        if kept.is_empty() {
+            return Batch { events: Arc::from([]), through, full: chunk.full, touched: None, span: Span::none() };
+        }
+        let span = tracing::info_span!(
+            target: telemetry::TARGET,
+            parent: None,
+            "project_batch",
+            orchestrix.projection = %self.info.name,
+            orchestrix.copy = self.copy.id.generation,
+            orchestrix.module = %self.module.name,
+            orchestrix.events = kept.len(),
+            orchestrix.through = through,
+        );
+        telemetry::link_to(&span, kept.iter().filter_map(|e| e.trace.as_ref()));
+        let events: Events = kept.into_iter().map(into_recorded).collect();
+        let touched = Some(self.start_touches(events.clone(), span.clone()));
+        Batch { events, through, full: chunk.full, touched, span }
     }
 
     /// The rebuild has caught up with the head: switch it in.
@@ -341,16 +360,17 @@ impl Runner {
 
     /// `touches`, load, `project`: the operations for `events`.
     async fn project(&self, events: Events) -> Result<Vec<DocumentOp>, BatchFailure> {
-        self.finish_project(self.start_touches(events)).await
+        self.finish_project(self.start_touches(events, Span::current())).await
     }
 
     /// Upcast `events` to the current schemas of their types and call
     /// `touches` on a blocking thread. An event that cannot be upcast fails
     /// the batch like a guest failure of the projection (and parks on it).
-    fn start_touches(&self, events: Events) -> Touched {
+    fn start_touches(&self, events: Events, span: Span) -> Touched {
         let (module, name) = (self.module.clone(), self.info.name.clone());
         let owners = self.registry.current();
         tokio::task::spawn_blocking(move || {
+            let _in_span = span.enter();
             let events = if is_current(&*owners, &events) {
                 events
             } else {
@@ -383,7 +403,8 @@ impl Runner {
             })
             .collect();
         let (module, name) = (self.module.clone(), self.info.name.clone());
-        let ops = tokio::task::spawn_blocking(move || module.project(&name, &recorded, &documents))
+        let span = Span::current();
+        let ops = tokio::task::spawn_blocking(move || span.in_scope(|| module.project(&name, &recorded, &documents)))
             .await
             .map_err(|e| BatchFailure::Guest(format!("projection call panicked: {e}")))?;
         guest_result(ops, "project")?.into_iter().map(checked_op).collect()
@@ -406,6 +427,8 @@ struct Batch {
     through: Option<u64>,
     full: bool,
     touched: Option<Touched>,
+    /// The batch's `project_batch` span (disabled when traces are off).
+    span: Span,
 }
 
 /// A guest call's outcome as a batch result: traps and domain errors both

@@ -179,6 +179,9 @@ pub struct CommandView {
     pub code: Option<u16>,
     pub sent_at: String,
     pub outcome_at: Option<String>,
+    /// The trace the command continues (its reaction's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -378,6 +381,7 @@ impl SagaService {
                     aggregate_id: sent.command.aggregate_id,
                     command_type: sent.command.command_type,
                     idempotency_key: sent.command.idempotency_key,
+                    traceparent: sent.command.trace.as_ref().map(|t| t.traceparent().to_owned()),
                     status: sent.status,
                     version: sent.version,
                     reason: sent.reason,

@@ -22,6 +22,7 @@ use crate::store::{
     CommandOutcomeWrite, EventNames, Fence, InputRecord, InstanceStatus, InstanceWrite, NewInput, NewInstance,
     OutboxCommand, PendingCommand, ReadyInput, SagaChange, StoreError, StreamId, TimerKey,
 };
+use crate::telemetry::{self, TraceContext};
 
 /// Events read from the log per intake step.
 const INTAKE_BATCH: usize = 512;
@@ -354,6 +355,8 @@ impl Runner {
                 schema_version: recorded.schema_version,
                 time: recorded.time,
                 payload: recorded.payload,
+                traceparent: event.trace.as_ref().map(|t| t.traceparent().to_owned()),
+                tracestate: event.trace.as_ref().and_then(|t| t.tracestate().map(str::to_owned)),
             }
             .to_json();
             for instance in instances {
@@ -511,10 +514,17 @@ impl Runner {
                 expected_version: None,
                 command_id: Some(command.idempotency_key.clone()),
                 correlation_id: Some(pending.correlation_id.clone()).filter(|id| !id.is_empty()),
+                trace: command.trace.clone(),
             };
             let result = self.inner.commands.execute(request).await;
+            // The outcome continues the command's trace: its events' (the
+            // command's own span), else the one it was sent with.
+            let mut trace = command.trace.clone();
             let (accepted, reason, code, at_ms) = match result {
                 Ok(reply) => {
+                    if let Some(event_trace) = reply.events.first().and_then(|e| e.trace.clone()) {
+                        trace = Some(event_trace);
+                    }
                     let at_ms = reply.events.last().map_or_else(|| self.db_now_ms(), |e| e.time.timestamp_millis());
                     self.inner.metrics.observe_saga_command(&self.saga, "accepted");
                     (Some(reply.version), None, None, at_ms)
@@ -530,9 +540,15 @@ impl Runner {
                     (None, Some(error.to_string()), Some(code), self.db_now_ms())
                 }
             };
-            let input =
-                InputRecord::Outcome { request_id: command.request_id.clone(), accepted, reason: reason.clone(), code }
-                    .to_json();
+            let input = InputRecord::Outcome {
+                request_id: command.request_id.clone(),
+                accepted,
+                reason: reason.clone(),
+                code,
+                traceparent: trace.as_ref().map(|t| t.traceparent().to_owned()),
+                tracestate: trace.as_ref().and_then(|t| t.tracestate().map(str::to_owned)),
+            }
+            .to_json();
             outcomes.push(CommandOutcomeWrite {
                 command_id: pending.id,
                 instance: command.instance.clone(),
@@ -612,9 +628,27 @@ pub(super) fn react_instance(
     let mut commands = Vec::new();
     let mut done = false;
     for input in inputs {
-        let reaction = decode_input(&input.input, owners).and_then(|guest_input| {
+        let span = tracing::info_span!(
+            target: telemetry::TARGET,
+            "saga_react",
+            orchestrix.saga = saga,
+            orchestrix.instance = %instance,
+            orchestrix.input = input.id,
+        );
+        let _in_span = span.enter();
+        let record: Result<InputRecord, String> = serde_json::from_str(&input.input)
+            .map_err(|e| format!("the inbox holds an input the host cannot read: {e}"));
+        let input_trace = record.as_ref().ok().and_then(InputRecord::trace);
+        telemetry::continue_trace(&span, input_trace.as_ref());
+        // The commands of the reaction continue its trace.
+        let trace = TraceContext::of_span(&span).or(input_trace);
+        let reaction = record.and_then(|record| decode_input(record, owners)).and_then(|guest_input| {
             call_react(module, saga, &state, &guest_input, input.at_ms).and_then(|r| check_reaction(r, &commands))
         });
+        if let Err(error) = &reaction {
+            tracing::debug!(target: telemetry::TARGET, %error, "reaction failed");
+            telemetry::record_error(&span, "reaction_failed");
+        }
         match reaction {
             Ok(reaction) => {
                 state = reaction.state;
@@ -637,6 +671,7 @@ pub(super) fn react_instance(
                         aggregate_id: request.aggregate_id,
                         command_type: request.command_type,
                         payload: request.payload,
+                        trace: trace.clone(),
                     });
                 }
                 if reaction.done {
@@ -764,9 +799,7 @@ fn check_reaction(reaction: Reaction, earlier: &[OutboxCommand]) -> Result<React
 
 /// An inbox input as the guest's `saga-input`; an event upcast to the
 /// current schema of its type (it was queued in the shape current then).
-fn decode_input(input: &str, owners: &ModuleSet) -> Result<GuestSagaInput, String> {
-    let record: InputRecord =
-        serde_json::from_str(input).map_err(|e| format!("the inbox holds an input the host cannot read: {e}"))?;
+fn decode_input(record: InputRecord, owners: &ModuleSet) -> Result<GuestSagaInput, String> {
     Ok(match record {
         InputRecord::Event { .. } => {
             let mut event = [recorded_from_input(&record).expect("an event input")];
@@ -774,16 +807,18 @@ fn decode_input(input: &str, owners: &ModuleSet) -> Result<GuestSagaInput, Strin
             let [event] = event;
             GuestSagaInput::Event(event)
         }
-        InputRecord::Outcome { request_id, accepted, reason, code } => GuestSagaInput::Outcome(GuestCommandOutcome {
-            request_id,
-            result: match accepted {
-                Some(version) => GuestCommandResult::Accepted(version),
-                None => GuestCommandResult::Rejected(GuestCommandRejection {
-                    reason: reason.unwrap_or_default(),
-                    code: code.unwrap_or(500),
-                }),
-            },
-        }),
+        InputRecord::Outcome { request_id, accepted, reason, code, .. } => {
+            GuestSagaInput::Outcome(GuestCommandOutcome {
+                request_id,
+                result: match accepted {
+                    Some(version) => GuestCommandResult::Accepted(version),
+                    None => GuestCommandResult::Rejected(GuestCommandRejection {
+                        reason: reason.unwrap_or_default(),
+                        code: code.unwrap_or(500),
+                    }),
+                },
+            })
+        }
         InputRecord::Timer { name } => GuestSagaInput::Timer(GuestTimerFired { name }),
         InputRecord::Cancelled { reason } => GuestSagaInput::Cancelled(reason),
     })

@@ -34,6 +34,7 @@ pub use registry::{LoadFailure, ModuleChange, ModuleRegistry, RegistryConfig, Re
 pub use watcher::{PluginsWatcher, watch_plugins};
 
 use crate::metrics::Metrics;
+use crate::telemetry;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -379,6 +380,15 @@ impl GuestModule {
         if self.limits.fuel_metering {
             let _ = instance.store.set_fuel(FUEL_PER_CALL);
         }
+        let span = tracing::info_span!(
+            target: telemetry::TARGET,
+            "guest_call",
+            otel.name = function,
+            orchestrix.module = %self.name,
+            orchestrix.module.version = %self.version,
+            orchestrix.function = function,
+        );
+        let _in_span = span.enter();
         let started = Instant::now();
         // A host function that panics (wasmtime-wasi's blocking stream and
         // poll functions do, when a guest writes to stdout/stderr or sleeps
@@ -416,6 +426,7 @@ impl GuestModule {
             Err(error) => {
                 let (kind, reason) = describe_trap(&error, &self.limits);
                 self.metrics.observe_wasm_failure(&self.name, function, kind);
+                telemetry::record_error(&span, kind);
                 let failure = GuestFailure { module: self.name.clone(), function, reason };
                 if breaking == Breaking::Counts {
                     self.record_failure(&failure);

@@ -10,6 +10,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
+use crate::telemetry;
+
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, EventData, EventMetadata, ExpectedVersion, StoreError, StoredEvent,
     StreamId,
@@ -256,6 +258,22 @@ impl Plan {
         self.accepted.iter().filter_map(|a| Some((a.command_id.as_ref()?, a.events.first()?, a.events.last()?)))
     }
 
+    /// The span of this batch's commit (`db.system` names the database),
+    /// linked to the work whose appends it carries.
+    pub(super) fn commit_span(&self, system: &'static str) -> tracing::Span {
+        let span = tracing::info_span!(
+            target: telemetry::TARGET,
+            parent: None,
+            "group_commit",
+            db.system = system,
+            orchestrix.appends = self.accepted.len(),
+            orchestrix.events = self.accepted.iter().map(|a| a.events.len()).sum::<usize>(),
+            orchestrix.head = self.head,
+        );
+        telemetry::link_to(&span, self.accepted.iter().filter_map(|a| a.metadata.trace.as_ref()));
+        span
+    }
+
     /// Answer every accepted append once the transaction is durable.
     pub(super) fn acknowledge(self) {
         for append in self.accepted {
@@ -359,6 +377,7 @@ pub(super) fn plan(appends: Vec<(AppendRequest, Reply)>, facts: Facts, time: Dat
                     causation_id: metadata.causation_id.clone(),
                     module: metadata.module.clone(),
                     module_version: metadata.module_version.clone(),
+                    trace: metadata.trace.clone(),
                 }
             })
             .collect();

@@ -40,6 +40,7 @@ pub use snapshots::{Snapshot, SnapshotLookup};
 pub use sqlite::SqliteStore;
 
 use crate::metrics::Metrics;
+use crate::telemetry::TraceContext;
 
 /// Tuning of the event store. Fields marked with one backend are ignored by
 /// the other.
@@ -203,6 +204,8 @@ pub struct EventMetadata {
     pub causation_id: Option<String>,
     pub module: String,
     pub module_version: String,
+    /// The trace of the work that produced the events (W3C trace context).
+    pub trace: Option<TraceContext>,
 }
 
 /// An append: events for one stream, all or nothing.
@@ -232,6 +235,9 @@ pub struct StoredEvent {
     pub causation_id: Option<String>,
     pub module: String,
     pub module_version: String,
+    /// The trace of the work that produced it (CloudEvents `traceparent`
+    /// and `tracestate`).
+    pub trace: Option<TraceContext>,
 }
 
 impl StoredEvent {
@@ -558,6 +564,7 @@ mod tests {
             causation_id: None,
             module: module.into(),
             module_version: "1".into(),
+            trace: None,
         }
     }
 

@@ -40,6 +40,8 @@ use super::{
     StreamId, StreamRange, database_error, read_models,
 };
 use crate::metrics::Metrics;
+use crate::telemetry::TraceContext;
+use tracing::Instrument;
 
 /// The SQLite event store.
 pub struct SqliteStore {
@@ -109,7 +111,7 @@ pub(super) async fn relaxed_transaction<T>(
 macro_rules! columns {
     () => {
         "position, aggregate_type, aggregate_id, version, event_id, event_type, schema_version, \
-         time_us, data, correlation_id, causation_id, module, module_version"
+         time_us, data, correlation_id, causation_id, module, module_version, traceparent, tracestate"
     };
 }
 
@@ -408,6 +410,8 @@ struct PackedEvent(
     Option<String>,
     String,
     String,
+    Option<String>,
+    Option<String>,
 );
 
 impl PackedEvent {
@@ -426,6 +430,8 @@ impl PackedEvent {
             causation_id,
             module,
             module_version,
+            traceparent,
+            tracestate,
         ) = self;
         Ok(StoredEvent {
             position: position as u64,
@@ -440,6 +446,7 @@ impl PackedEvent {
             causation_id,
             module,
             module_version,
+            trace: TraceContext::from_stored(traceparent, tracestate),
         })
     }
 }
@@ -462,6 +469,7 @@ fn decode_event(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
         causation_id: row.get(10),
         module: row.get(11),
         module_version: row.get(12),
+        trace: TraceContext::from_stored(row.get(13), row.get(14)),
     })
 }
 
@@ -475,7 +483,7 @@ fn decode_command(row: &SqliteRow) -> CommandRecord {
     }
 }
 
-/// Rows per INSERT statement (13 parameters each; SQLite allows 32766).
+/// Rows per INSERT statement (15 parameters each; SQLite allows 32766).
 const ROWS_PER_INSERT: usize = 2000;
 /// Group commits (appends and read-model changes) between two passive
 /// checkpoints of the writer.
@@ -644,7 +652,7 @@ impl Writer {
             return;
         }
         let commit_started = std::time::Instant::now();
-        let written = self.write(&plan).await.map_err(database_error);
+        let written = self.write(&plan).instrument(plan.commit_span("sqlite")).await.map_err(database_error);
         self.health.record(&written);
         match written {
             Ok(()) => {
@@ -703,7 +711,9 @@ impl Writer {
                     .push_bind(&event.correlation_id)
                     .push_bind(&event.causation_id)
                     .push_bind(&event.module)
-                    .push_bind(&event.module_version);
+                    .push_bind(&event.module_version)
+                    .push_bind(event.trace.as_ref().map(TraceContext::traceparent))
+                    .push_bind(event.trace.as_ref().and_then(TraceContext::tracestate));
             });
             script.push("; ");
         }

@@ -19,8 +19,9 @@ use super::{
     SagaChange, SagaCounts, SagaRecord, SentCommand, TimerKey,
 };
 use crate::store::{StoreError, database_error, push_pairs_in};
+use crate::telemetry::TraceContext;
 
-/// Rows per multi-row statement (at most 12 parameters each; SQLite allows
+/// Rows per multi-row statement (at most 13 parameters each; SQLite allows
 /// 32766 per statement).
 const ROWS_PER_STATEMENT: usize = 1000;
 
@@ -440,7 +441,7 @@ where
         for chunk in commands.chunks(ROWS_PER_STATEMENT) {
             let mut insert: QueryBuilder<Self> = QueryBuilder::new(
                 "INSERT INTO saga_commands (saga, instance, input_id, request_id, aggregate_type, aggregate_id, \
-                 command_type, payload, idempotency_key, status, sent_at_ms) ",
+                 command_type, payload, idempotency_key, status, sent_at_ms, traceparent, tracestate) ",
             );
             insert.push_values(chunk, |mut row, command| {
                 row.push_bind(saga)
@@ -453,7 +454,9 @@ where
                     .push_bind(command.payload.as_str())
                     .push_bind(command.idempotency_key.as_str())
                     .push_bind("pending")
-                    .push_bind(now_ms);
+                    .push_bind(now_ms)
+                    .push_bind(command.trace.as_ref().map(TraceContext::traceparent))
+                    .push_bind(command.trace.as_ref().and_then(TraceContext::tracestate));
             });
             insert.build().execute(&mut *connection).await.map_err(database_error)?;
         }
@@ -778,7 +781,7 @@ impl ReadyRow {
 
 const COMMAND_COLUMNS: &str = "c.id, c.instance, c.input_id, c.request_id, c.aggregate_type, c.aggregate_id, \
      c.command_type, c.payload, c.idempotency_key, c.status, c.version, c.reason, c.code, c.sent_at_ms, \
-     c.outcome_at_ms";
+     c.outcome_at_ms, c.traceparent, c.tracestate";
 
 /// A `saga_commands` row (with the instance's correlation id, where joined).
 #[derive(sqlx::FromRow)]
@@ -798,6 +801,8 @@ pub(in crate::store) struct CommandRow {
     code: Option<i64>,
     sent_at_ms: i64,
     outcome_at_ms: Option<i64>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
     correlation_id: Option<String>,
 }
 
@@ -814,6 +819,7 @@ impl CommandRow {
                 command_type: self.command_type,
                 payload: self.payload,
                 idempotency_key: self.idempotency_key,
+                trace: TraceContext::from_stored(self.traceparent, self.tracestate),
             },
             status: self.status,
             version: self.version.map(|v| v as u64),

@@ -19,6 +19,8 @@ pub(super) use common::SagaSql;
 
 use serde::{Deserialize, Serialize};
 
+use crate::telemetry::TraceContext;
+
 /// Where an instance is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstanceStatus {
@@ -67,6 +69,11 @@ pub enum InputRecord {
         /// RFC 3339.
         time: String,
         payload: String,
+        /// The trace of the work that produced the event.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tracestate: Option<String>,
     },
     /// The outcome of a command the instance sent.
     Outcome {
@@ -75,6 +82,11 @@ pub enum InputRecord {
         accepted: Option<u64>,
         reason: Option<String>,
         code: Option<u16>,
+        /// The trace of the command's work.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tracestate: Option<String>,
     },
     Timer {
         name: String,
@@ -87,6 +99,18 @@ pub enum InputRecord {
 impl InputRecord {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("an input record serializes")
+    }
+
+    /// The trace a reaction to this input continues: the event's, or the
+    /// reported command's (a timer or a cancel starts its own).
+    pub fn trace(&self) -> Option<TraceContext> {
+        match self {
+            InputRecord::Event { traceparent, tracestate, .. }
+            | InputRecord::Outcome { traceparent, tracestate, .. } => {
+                TraceContext::from_stored(traceparent.clone(), tracestate.clone())
+            }
+            InputRecord::Timer { .. } | InputRecord::Cancelled { .. } => None,
+        }
     }
 }
 
@@ -194,6 +218,8 @@ pub struct OutboxCommand {
     pub command_type: String,
     pub payload: String,
     pub idempotency_key: String,
+    /// The trace of the reaction that sent it; the command continues it.
+    pub trace: Option<TraceContext>,
 }
 
 /// A command waiting in the outbox.

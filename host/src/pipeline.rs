@@ -476,18 +476,18 @@ impl CommandService {
         let span = tracing::info_span!(
             "command",
             otel.name = tracing::field::Empty,
-            module = %module.name,
-            module_version = %module.version,
+            module = module.name.as_str(),
+            module_version = module.version.as_str(),
             aggregate = %request.stream,
-            command = %request.command_type,
-            correlation_id = %correlation_id,
+            command = request.command_type.as_str(),
+            correlation_id = correlation_id.as_str(),
             outcome = tracing::field::Empty,
         );
         if telemetry::is_exporting() {
             span.record("otel.name", format!("{}.{}", request.stream.aggregate_type, request.command_type));
             // Within an HTTP request the request's span is the parent;
             // a saga's command continues the trace of its input.
-            if TraceContext::of_span(&tracing::Span::current()).is_none() {
+            if tracing::Span::current().is_none() {
                 telemetry::continue_trace(&span, request.trace.as_ref());
             }
         }

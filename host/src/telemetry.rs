@@ -17,7 +17,8 @@
 //! continues or links to that trace.
 
 use std::str::FromStr;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use opentelemetry::trace::{
@@ -27,6 +28,7 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
+use parking_lot::{Condvar, Mutex};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer;
@@ -487,34 +489,49 @@ impl Export {
     }
 }
 
-enum Message {
-    Span(Box<SpanData>),
-    Flush(SyncSender<()>),
-    Shutdown(SyncSender<()>),
-}
-
 /// A span processor that never blocks: finished spans go into a bounded
-/// queue (dropped, and counted, when it is full); one thread exports them
-/// in batches of `batch`, or every `delay`.
+/// buffer (dropped, and counted, when it is full); one thread takes the
+/// buffer whole and exports it, woken once a batch has gathered or every
+/// `delay` — never once per span.
 #[derive(Debug)]
 struct BoundedExport {
-    queue: SyncSender<Message>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    buffer: Mutex<Buffer>,
+    wake: Condvar,
+    capacity: usize,
+    batch: usize,
+}
+
+#[derive(Debug, Default)]
+struct Buffer {
+    spans: Vec<SpanData>,
+    /// Callers waiting for everything buffered before them to be exported.
+    flushed: Vec<SyncSender<()>>,
+    /// Set by a shutdown: export what is left, then stop.
+    shutdown: Option<SyncSender<()>>,
 }
 
 impl BoundedExport {
-    fn start<E: SpanExporter + 'static>(exporter: E, queue: usize, batch: usize, delay: Duration) -> Self {
-        let (sender, receiver) = std::sync::mpsc::sync_channel(queue);
+    fn start<E: SpanExporter + 'static>(exporter: E, capacity: usize, batch: usize, delay: Duration) -> Self {
+        let shared = Arc::new(Shared { buffer: Mutex::default(), wake: Condvar::new(), capacity, batch });
+        let worker = shared.clone();
         std::thread::Builder::new()
             .name("otlp-export".into())
-            .spawn(move || export_loop(exporter, receiver, batch, delay))
+            .spawn(move || export_loop(exporter, &worker, delay))
             .expect("a thread for the span export");
-        Self { queue: sender }
+        Self { shared }
     }
 
-    /// Send a control message and wait for its answer (at most `timeout`).
-    fn control(&self, message: impl FnOnce(SyncSender<()>) -> Message, timeout: Duration) -> OTelSdkResult {
+    /// Ask the export thread for something and wait for its answer (at
+    /// most `timeout`).
+    fn request(&self, ask: impl FnOnce(&mut Buffer, SyncSender<()>), timeout: Duration) -> OTelSdkResult {
         let (done, answered) = std::sync::mpsc::sync_channel(1);
-        self.queue.send(message(done)).map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        ask(&mut self.shared.buffer.lock(), done);
+        self.shared.wake.notify_one();
         answered.recv_timeout(timeout).map_err(|_| OTelSdkError::Timeout(timeout))
     }
 }
@@ -526,75 +543,69 @@ impl SpanProcessor for BoundedExport {
         if !span.span_context.is_sampled() {
             return;
         }
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.queue.try_send(Message::Span(Box::new(span)))
-        {
+        let mut buffer = self.shared.buffer.lock();
+        if buffer.spans.len() >= self.shared.capacity || buffer.shutdown.is_some() {
+            drop(buffer);
             metrics::trace_spans_dropped().with_label_values(&["queue_full"]).inc();
+            return;
+        }
+        buffer.spans.push(span);
+        let batch_ready = buffer.spans.len() == self.shared.batch;
+        drop(buffer);
+        if batch_ready {
+            self.shared.wake.notify_one();
         }
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.control(Message::Flush, Duration::from_secs(10))
+        self.request(|buffer, done| buffer.flushed.push(done), Duration::from_secs(10))
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.control(Message::Shutdown, timeout)
+        self.request(|buffer, done| buffer.shutdown = Some(done), timeout)
     }
 }
 
-fn export_loop<E: SpanExporter>(exporter: E, queue: Receiver<Message>, batch_size: usize, delay: Duration) {
-    let mut batch: Vec<SpanData> = Vec::with_capacity(batch_size);
-    let mut deadline = Instant::now() + delay;
+fn export_loop<E: SpanExporter>(exporter: E, shared: &Shared, delay: Duration) {
     let mut failing = false;
-    let mut export = |batch: &mut Vec<SpanData>, exporter: &E| {
-        if batch.is_empty() {
-            return;
-        }
-        let spans = std::mem::replace(batch, Vec::with_capacity(batch_size));
-        let count = spans.len();
-        match futures_executor::block_on(exporter.export(spans)) {
-            Ok(()) => {
-                if failing {
-                    tracing::info!("trace export works again");
-                }
-                failing = false;
-            }
-            Err(error) => {
-                metrics::trace_spans_dropped().with_label_values(&["export_failed"]).inc_by(count as u64);
-                if !failing {
-                    tracing::warn!(%error, "trace export failed; spans are dropped until it works again");
-                }
-                failing = true;
-            }
-        }
-    };
     loop {
-        match queue.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(Message::Span(span)) => {
-                batch.push(*span);
-                if batch.len() >= batch_size {
-                    export(&mut batch, &exporter);
-                    deadline = Instant::now() + delay;
+        let (spans, flushed, shutdown) = {
+            let mut buffer = shared.buffer.lock();
+            let deadline = Instant::now() + delay;
+            while buffer.spans.len() < shared.batch
+                && buffer.flushed.is_empty()
+                && buffer.shutdown.is_none()
+                && !shared.wake.wait_until(&mut buffer, deadline).timed_out()
+            {}
+            let spans = std::mem::take(&mut buffer.spans);
+            (spans, std::mem::take(&mut buffer.flushed), buffer.shutdown.take())
+        };
+        let mut spans = spans.into_iter().peekable();
+        while spans.peek().is_some() {
+            let batch: Vec<SpanData> = spans.by_ref().take(shared.batch).collect();
+            let count = batch.len() as u64;
+            match futures_executor::block_on(exporter.export(batch)) {
+                Ok(()) if failing => {
+                    tracing::info!("trace export works again");
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(error) => {
+                    metrics::trace_spans_dropped().with_label_values(&["export_failed"]).inc_by(count);
+                    if !failing {
+                        tracing::warn!(%error, "trace export failed; spans are dropped until it works again");
+                    }
+                    failing = true;
                 }
             }
-            Ok(Message::Flush(done)) => {
-                export(&mut batch, &exporter);
-                let _ = done.send(());
-            }
-            Ok(Message::Shutdown(done)) => {
-                export(&mut batch, &exporter);
-                let _ = exporter.shutdown();
-                let _ = done.send(());
-                return;
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                export(&mut batch, &exporter);
-                deadline = Instant::now() + delay;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                export(&mut batch, &exporter);
-                return;
-            }
+        }
+        for done in flushed {
+            let _ = done.send(());
+        }
+        if let Some(done) = shutdown {
+            let _ = exporter.shutdown();
+            let _ = done.send(());
+            return;
         }
     }
 }

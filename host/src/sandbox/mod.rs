@@ -384,8 +384,8 @@ impl GuestModule {
             target: telemetry::TARGET,
             "guest_call",
             otel.name = function,
-            orchestrix.module = %self.name,
-            orchestrix.module.version = %self.version,
+            orchestrix.module = self.name.as_str(),
+            orchestrix.module.version = self.version.as_str(),
             orchestrix.function = function,
         );
         let _in_span = span.enter();

@@ -138,7 +138,7 @@ impl TraceContext {
     /// The context of `span` as exported, when tracing is on and `span` is
     /// one of its spans.
     pub fn of_span(span: &Span) -> Option<Self> {
-        if span.is_disabled() {
+        if !is_exporting() || span.is_disabled() {
             return None;
         }
         let context = span.context();
@@ -158,7 +158,7 @@ pub fn is_exporting() -> bool {
 /// Make `span` a child of `parent` (a context from outside this process, or
 /// stored with an event). A no-op when tracing is off.
 pub fn continue_trace(span: &Span, parent: Option<&TraceContext>) {
-    if span.is_disabled() {
+    if !is_exporting() || span.is_disabled() {
         return;
     }
     if let Some(parent) = parent {
@@ -169,7 +169,7 @@ pub fn continue_trace(span: &Span, parent: Option<&TraceContext>) {
 /// Link `span` to the work in `contexts` (each distinct span once, at most
 /// [`MAX_LINKS`]). A no-op when tracing is off.
 pub fn link_to<'a>(span: &Span, contexts: impl IntoIterator<Item = &'a TraceContext>) {
-    if span.is_disabled() {
+    if !is_exporting() || span.is_disabled() {
         return;
     }
     let mut linked: Vec<&str> = Vec::new();
@@ -186,7 +186,7 @@ pub fn link_to<'a>(span: &Span, contexts: impl IntoIterator<Item = &'a TraceCont
 
 /// Mark `span` failed, with the class of failure as `error.type`.
 pub fn record_error(span: &Span, kind: &'static str) {
-    if span.is_disabled() {
+    if !is_exporting() || span.is_disabled() {
         return;
     }
     span.set_status(opentelemetry::trace::Status::error(kind));

@@ -6,6 +6,7 @@ mod extract;
 mod live;
 mod projections;
 mod sagas;
+mod subscriptions;
 mod whatif;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ pub struct ApiState {
     pub commands: Arc<CommandService>,
     pub projections: Arc<crate::projections::ProjectionService>,
     pub sagas: Arc<crate::sagas::SagaService>,
+    pub bus: Arc<crate::bus::BusService>,
     pub whatif: Arc<crate::whatif::WhatIfService>,
     pub metrics: Metrics,
     /// Turns true when the host shuts down: open event streams end, so a
@@ -73,6 +75,7 @@ pub fn router(state: Arc<ApiState>, limits: BodyLimits) -> Router {
         .route("/v1/modules/{name}/release", post(release_module))
         .merge(projections::routes())
         .merge(sagas::routes())
+        .merge(subscriptions::routes())
         .merge(whatif::routes(limits.module))
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
@@ -241,7 +244,7 @@ fn invalid_input_code(input: &InvalidInput) -> &'static str {
         "aggregate_id" => "invalid_aggregate_id",
         "idempotency_key" => "invalid_idempotency_key",
         "correlation_id" => "invalid_correlation_id",
-        "key" | "collection" | "projection" | "saga" | "instance" => "invalid_path",
+        "key" | "collection" | "projection" | "saga" | "instance" | "subscription" => "invalid_path",
         "reason" => "invalid_command",
         _ => "invalid_query",
     }
@@ -287,17 +290,22 @@ fn expected_version(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     })
 }
 
+/// A request body, or the API's error for one too large or unreadable.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let code =
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_body" };
+        ApiError::new(rejection.status(), code, rejection.body_text())
+    })
+}
+
 async fn send_command(
     State(state): State<Arc<ApiState>>,
     ApiPath((aggregate_type, aggregate_id, command)): ApiPath<(String, String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| {
-        let code =
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_body" };
-        ApiError::new(rejection.status(), code, rejection.body_text())
-    })?;
+    let body = read_body(body)?;
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "body is not UTF-8"))?;
     let text = if text.trim().is_empty() { "{}" } else { text };

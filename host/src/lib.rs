@@ -13,6 +13,9 @@
 //!   history beside the serving one, never serving.
 //! - [`sagas`]: process managers — runners under store leases, the
 //!   reaction transaction, timers, the outbox, parking.
+//! - [`bus`]: the outbound bus — subscriptions delivering events to NATS
+//!   JetStream and webhooks under store leases, retries, dead letters.
+//! - [`leases`]: lease identity and times shared by sagas and the bus.
 //! - [`http`]: the JSON HTTP API; [`cloudevents`]: the event wire format;
 //!   [`sse`]: the Server-Sent Events parser of the CLI's `--follow`.
 //! - [`limits`]: what a request may name, the same on every store.
@@ -20,8 +23,10 @@
 //! - [`telemetry`]: W3C trace context, spans, OTLP export.
 //! - [`metrics`]: Prometheus metrics; [`runtime`]: wiring it all together.
 
+pub mod bus;
 pub mod cloudevents;
 pub mod http;
+pub mod leases;
 pub mod limits;
 pub mod metrics;
 pub mod pipeline;

@@ -41,6 +41,8 @@ enum Command {
     Query(cli::read_side::QueryArgs),
     /// Show saga status and instances, or retry, skip or cancel an instance.
     Sagas(cli::sagas::SagasArgs),
+    /// Manage the outbound bus: subscriptions to NATS JetStream and webhooks, and their dead letters.
+    Subscriptions(cli::subscriptions::SubscriptionsArgs),
 }
 
 #[derive(Args)]
@@ -123,6 +125,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Projections(args) => cli::read_side::projections(args).await,
             Command::Query(args) => cli::read_side::query(args).await,
             Command::Sagas(args) => cli::sagas::sagas(args).await,
+            Command::Subscriptions(args) => cli::subscriptions::subscriptions(args).await,
         }
     });
     drop(runtime);

@@ -72,6 +72,90 @@ struct Inner {
     saga_reactions: IntCounterVec,
     saga_commands: IntCounterVec,
     saga_timer_lag_seconds: HistogramVec,
+    subscriptions: SubscriptionMetrics,
+}
+
+/// The outbound bus's metrics, per subscription.
+struct SubscriptionMetrics {
+    lag: IntGaugeVec,
+    deliveries: IntCounterVec,
+    failures: IntCounterVec,
+    dead_lettered: IntCounterVec,
+    dead_letters: IntGaugeVec,
+    state: IntGaugeVec,
+    failing: IntGaugeVec,
+    delivering: IntGaugeVec,
+    delivery_seconds: HistogramVec,
+}
+
+impl SubscriptionMetrics {
+    fn new() -> Self {
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let counter = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["subscription"]).expect("valid metric")
+        };
+        Self {
+            lag: gauge(
+                "orchestrix_subscription_lag_events",
+                "Events in the log after the subscription's checkpoint",
+                &["subscription"],
+            ),
+            deliveries: counter(
+                "orchestrix_subscription_deliveries_total",
+                "Events the subscription's sink acknowledged",
+            ),
+            failures: counter("orchestrix_subscription_failures_total", "Failed delivery attempts"),
+            dead_lettered: counter(
+                "orchestrix_subscription_dead_lettered_total",
+                "Events moved to the dead-letter queue after their retries",
+            ),
+            dead_letters: gauge(
+                "orchestrix_subscription_dead_letters",
+                "Entries in the subscription's dead-letter queue",
+                &["subscription"],
+            ),
+            state: gauge(
+                "orchestrix_subscription_state",
+                "1 for the subscription's state (active, paused), 0 for the other",
+                &["subscription", "state"],
+            ),
+            failing: gauge(
+                "orchestrix_subscription_failing",
+                "1 while this host retries a failed delivery of the subscription",
+                &["subscription"],
+            ),
+            delivering: gauge(
+                "orchestrix_subscription_delivering",
+                "1 on the host holding the subscription's lease",
+                &["subscription"],
+            ),
+            delivery_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "orchestrix_subscription_delivery_seconds",
+                    "From an event's commit to its acknowledgement by the sink",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["subscription"],
+            )
+            .expect("valid metric"),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.lag.clone()),
+            Box::new(self.deliveries.clone()),
+            Box::new(self.failures.clone()),
+            Box::new(self.dead_lettered.clone()),
+            Box::new(self.dead_letters.clone()),
+            Box::new(self.state.clone()),
+            Box::new(self.failing.clone()),
+            Box::new(self.delivering.clone()),
+            Box::new(self.delivery_seconds.clone()),
+        ]
+    }
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -313,6 +397,10 @@ impl Metrics {
         ] {
             registry.register(collector).expect("metric names are unique");
         }
+        let subscriptions = SubscriptionMetrics::new();
+        for collector in subscriptions.collectors() {
+            registry.register(collector).expect("metric names are unique");
+        }
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -348,6 +436,7 @@ impl Metrics {
                 saga_reactions,
                 saga_commands,
                 saga_timer_lag_seconds,
+                subscriptions,
             }),
         }
     }
@@ -501,6 +590,79 @@ impl Metrics {
         inner.saga_parked.with_label_values(&[saga]).set(parked as i64);
         inner.saga_timers_pending.with_label_values(&[saga]).set(timers as i64);
         inner.saga_lag.with_label_values(&[saga]).set(lag as i64);
+    }
+
+    /// Events after a subscription's checkpoint.
+    pub fn set_subscription_lag(&self, subscription: &str, lag: u64) {
+        self.inner.subscriptions.lag.with_label_values(&[subscription]).set(lag as i64);
+    }
+
+    /// A subscription's state and dead-letter queue size, as stored.
+    pub fn set_subscription_state(&self, subscription: &str, state: &str, dead_letters: u64) {
+        let metrics = &self.inner.subscriptions;
+        for candidate in ["active", "paused"] {
+            metrics.state.with_label_values(&[subscription, candidate]).set(i64::from(candidate == state));
+        }
+        metrics.dead_letters.with_label_values(&[subscription]).set(dead_letters as i64);
+    }
+
+    /// Events a sink acknowledged, each with its time since commit.
+    pub fn observe_subscription_delivered(&self, subscription: &str, since_commit: impl Iterator<Item = Duration>) {
+        let metrics = &self.inner.subscriptions;
+        let histogram = metrics.delivery_seconds.with_label_values(&[subscription]);
+        let mut count = 0;
+        for latency in since_commit {
+            histogram.observe(latency.as_secs_f64());
+            count += 1;
+        }
+        metrics.deliveries.with_label_values(&[subscription]).inc_by(count);
+    }
+
+    pub fn observe_subscription_failure(&self, subscription: &str) {
+        self.inner.subscriptions.failures.with_label_values(&[subscription]).inc();
+    }
+
+    pub fn observe_subscription_dead_lettered(&self, subscription: &str, count: usize) {
+        self.inner.subscriptions.dead_lettered.with_label_values(&[subscription]).inc_by(count as u64);
+    }
+
+    pub fn set_subscription_failing(&self, subscription: &str, failing: bool) {
+        self.inner.subscriptions.failing.with_label_values(&[subscription]).set(i64::from(failing));
+    }
+
+    pub fn set_subscription_delivering(&self, subscription: &str, delivering: bool) {
+        self.inner.subscriptions.delivering.with_label_values(&[subscription]).set(i64::from(delivering));
+    }
+
+    /// `(count, p99 upper bound in ms)` of a subscription's commit-to-ack
+    /// latency.
+    pub fn subscription_delivery_p99_ms(&self, subscription: &str) -> (u64, f64) {
+        use prometheus::core::Metric;
+        let metric = self.inner.subscriptions.delivery_seconds.with_label_values(&[subscription]).metric();
+        let histogram = metric.get_histogram();
+        let total = histogram.get_sample_count();
+        let rank = ((total as f64) * 0.99).ceil() as u64;
+        let bound = histogram
+            .get_bucket()
+            .iter()
+            .find(|bucket| bucket.cumulative_count() >= rank.max(1))
+            .map_or(f64::INFINITY, |bucket| bucket.upper_bound() * 1000.0);
+        (total, bound)
+    }
+
+    /// Drop a deleted subscription's series.
+    pub fn forget_subscription(&self, subscription: &str) {
+        let metrics = &self.inner.subscriptions;
+        for vec in [&metrics.lag, &metrics.dead_letters, &metrics.failing, &metrics.delivering] {
+            let _ = vec.remove_label_values(&[subscription]);
+        }
+        for state in ["active", "paused"] {
+            let _ = metrics.state.remove_label_values(&[subscription, state]);
+        }
+        for vec in [&metrics.deliveries, &metrics.failures, &metrics.dead_lettered] {
+            let _ = vec.remove_label_values(&[subscription]);
+        }
+        let _ = metrics.delivery_seconds.remove_label_values(&[subscription]);
     }
 
     pub fn observe_saga_reactions(&self, saga: &str, outcome: &str, count: usize) {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::bus::{BusConfig, BusService};
 use crate::http::{ApiState, BodyLimits, router};
 use crate::metrics::Metrics;
 use crate::pipeline::{CommandService, SnapshotPolicy};
@@ -51,6 +52,7 @@ pub struct RuntimeConfig {
     pub store_options: StoreOptions,
     pub projections: ProjectionConfig,
     pub sagas: SagaConfig,
+    pub bus: BusConfig,
     /// Connection limits and timeouts of [`Runtime::serve`].
     pub server: ServerConfig,
 }
@@ -72,6 +74,7 @@ impl RuntimeConfig {
             store_options: StoreOptions::default(),
             projections: ProjectionConfig::default(),
             sagas: SagaConfig::default(),
+            bus: BusConfig::default(),
             server: ServerConfig::default(),
         }
     }
@@ -92,6 +95,7 @@ pub struct Runtime {
     pub commands: Arc<CommandService>,
     pub projections: Arc<ProjectionService>,
     pub sagas: Arc<SagaService>,
+    pub bus: Arc<BusService>,
     pub whatif: Arc<WhatIfService>,
     pub metrics: Metrics,
     config: RuntimeConfig,
@@ -148,11 +152,13 @@ impl Runtime {
         let hook: Arc<dyn crate::sandbox::SwapHook> = commands.clone();
         registry.set_swap_hook(Arc::downgrade(&hook));
         let sagas = SagaService::start(commands.clone(), metrics.clone(), config.sagas.clone()).await;
+        let bus = BusService::start(commands.store().clone(), metrics.clone(), config.bus.clone()).await;
         let (stopping, _) = tokio::sync::watch::channel(false);
         Ok(Self {
             commands,
             projections,
             sagas,
+            bus,
             whatif,
             metrics,
             config,
@@ -173,6 +179,7 @@ impl Runtime {
             commands: self.commands.clone(),
             projections: self.projections.clone(),
             sagas: self.sagas.clone(),
+            bus: self.bus.clone(),
             whatif: self.whatif.clone(),
             metrics: self.metrics.clone(),
             stopping: self.stopping.subscribe(),
@@ -205,12 +212,13 @@ impl Runtime {
         Ok(())
     }
 
-    /// Stop watching the plugins directory, running sagas (releasing their
-    /// leases) and projections, finish
+    /// Stop watching the plugins directory, running sagas and subscriptions
+    /// (releasing their leases) and projections, finish
     /// pending appends and release the store.
     pub async fn close(&self) {
         drop(self.watcher.lock().take());
         self.sagas.stop().await;
+        self.bus.stop().await;
         self.projections.stop();
         self.commands.store().close().await;
     }

@@ -9,9 +9,9 @@
 //! | wiring | `runtime`, `main`, `cli` |
 //! | edges | `http`, `server` |
 //! | processes | `sagas` (sends commands through the pipeline) |
-//! | services | `pipeline`, `projections`, `whatif` (not each other) |
+//! | services | `pipeline`, `projections`, `whatif`, `bus` (not each other) |
 //! | runtime parts | `sandbox` (may read the `store`), `cloudevents` (the wire form of stored events), `store` |
-//! | leaves | `limits`, `metrics`, `sse`; `telemetry` (trace context and export, counts drops in `metrics`) |
+//! | leaves | `limits`, `metrics`, `sse`, `leases`; `telemetry` (trace context and export, counts drops in `metrics`) |
 
 use std::path::{Path, PathBuf};
 
@@ -45,7 +45,7 @@ fn host_module(relative: &Path) -> String {
 /// Host modules a module may name with `crate::…`.
 fn allowed(module: &str) -> Option<&'static [&'static str]> {
     Some(match module {
-        "limits" | "metrics" | "sse" => &[],
+        "limits" | "metrics" | "sse" | "leases" => &[],
         "telemetry" => &["metrics"],
         "store" => &["limits", "metrics", "sse", "telemetry"],
         "cloudevents" => &["store", "telemetry"],
@@ -53,7 +53,8 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
         "pipeline" | "projections" | "whatif" => {
             &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox"]
         }
-        "sagas" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox", "pipeline"],
+        "bus" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "leases"],
+        "sagas" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox", "pipeline", "leases"],
         "http" | "server" => &[
             "limits",
             "metrics",
@@ -66,6 +67,8 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
             "projections",
             "whatif",
             "sagas",
+            "bus",
+            "leases",
             "http",
             "server",
         ],

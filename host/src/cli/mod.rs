@@ -1,9 +1,10 @@
 //! Subcommands of the `orchestrix` binary other than `serve`, each a thin
 //! HTTP client of a running host: `client` (`send`, `events`, `modules`,
 //! and the helpers the others share), `history` (`state`, `what-if`),
-//! `read_side` (`projections`, `query`) and `sagas`.
+//! `read_side` (`projections`, `query`), `sagas` and `subscriptions`.
 
 pub mod client;
 pub mod history;
 pub mod read_side;
 pub mod sagas;
+pub mod subscriptions;

@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
+use crate::leases::rfc3339;
 use crate::metrics::Metrics;
 use crate::pipeline::CommandService;
 use crate::sandbox::{ModuleSet, RecordedEvent};
@@ -210,7 +211,7 @@ impl SagaService {
             commands: commands.clone(),
             metrics,
             config,
-            owner: format!("{}/{}/{}", hostname(), std::process::id(), uuid::Uuid::now_v7()),
+            owner: crate::leases::owner_id(),
         });
         let service = Arc::new(Self { inner, running: Mutex::new(HashMap::new()), reconciler: Mutex::new(None) });
         let mut swaps = commands.registry().subscribe();
@@ -526,14 +527,4 @@ pub(crate) fn recorded_from_input(record: &InputRecord) -> Option<RecordedEvent>
         }),
         _ => None,
     }
-}
-
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "host".into())
 }

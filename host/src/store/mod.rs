@@ -16,6 +16,7 @@ pub mod read_models;
 pub mod sagas;
 mod snapshots;
 mod sqlite;
+pub mod subscriptions;
 
 use std::fmt;
 use std::sync::Arc;
@@ -38,6 +39,10 @@ pub use sagas::{
 };
 pub use snapshots::{Snapshot, SnapshotLookup};
 pub use sqlite::SqliteStore;
+pub use subscriptions::{
+    DeadLetterQuery, DeadLetterRecord, NewDeadLetter, SubscriptionApplied, SubscriptionChange, SubscriptionFence,
+    SubscriptionRecord, SubscriptionState,
+};
 
 use crate::metrics::Metrics;
 use crate::telemetry::TraceContext;
@@ -291,6 +296,14 @@ impl EventNames {
         Self { owners_by_type }
     }
 
+    /// Whether `name` is qualified (`aggregate_type.EventType` or
+    /// `module.aggregate_type.EventType`), so that it can name events.
+    pub fn is_qualified(name: &str) -> bool {
+        parse_event_name(name).is_some_and(|(module, aggregate_type, event_type)| {
+            module.is_none_or(|m| !m.is_empty()) && !aggregate_type.is_empty() && !event_type.is_empty()
+        })
+    }
+
     /// Whether one of the names names `event`.
     pub fn contains(&self, event: &StoredEvent) -> bool {
         self.owners_by_type.get(event.event_type.as_str()).is_some_and(|owners| {
@@ -511,6 +524,16 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// One instance with its timers, commands and queued inputs.
     async fn saga_instance(&self, saga: &str, instance: &str) -> Result<Option<InstanceDetail>, StoreError>;
+
+    /// Run one subscription change as one transaction (see
+    /// [`SubscriptionChange`]).
+    async fn change_subscription(&self, change: SubscriptionChange) -> Result<SubscriptionApplied, StoreError>;
+
+    /// Every subscription of the outbound bus, by name.
+    async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError>;
+
+    /// A page of a subscription's dead-letter queue, oldest first.
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetterRecord>, StoreError>;
 
     /// `(instance, state)` of up to `limit` instances that are not done,
     /// most recently changed first.

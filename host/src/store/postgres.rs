@@ -42,6 +42,9 @@ use super::sagas::{
     SagaRecord, SagaSql,
 };
 use super::snapshots::SnapshotSql;
+use super::subscriptions::{
+    DeadLetterQuery, DeadLetterRecord, SubscriptionApplied, SubscriptionChange, SubscriptionRecord, SubscriptionSql,
+};
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
     DocumentQuery, EventStore, ReadModelChange, Snapshot, SnapshotLookup, StoreError, StoreOptions, StoredEvent,
@@ -221,6 +224,14 @@ async fn listen(pool: PgPool, channel: String, head: watch::Sender<u64>) {
     }
 }
 
+impl SubscriptionSql for Postgres {
+    const NOW_MS: &'static str = <Postgres as SagaSql>::NOW_MS;
+
+    fn rows_affected(result: &sqlx::postgres::PgQueryResult) -> u64 {
+        result.rows_affected()
+    }
+}
+
 impl SagaSql for Postgres {
     const NOW_MS: &'static str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
@@ -342,6 +353,32 @@ impl EventStore for PostgresStore {
 
     async fn saga_overview(&self) -> Result<Vec<(SagaRecord, SagaCounts)>, StoreError> {
         Postgres::saga_overview(&self.reads).await
+    }
+
+    /// One transaction on the pool without flush waits, under the commit
+    /// timeout: a lost checkpoint move means a redelivery (at least once).
+    async fn change_subscription(&self, change: SubscriptionChange) -> Result<SubscriptionApplied, StoreError> {
+        let work = async {
+            let mut transaction = self.read_model_writes.begin().await.map_err(database_error)?;
+            let applied = Postgres::apply_subscription_change(&mut transaction, change).await?;
+            transaction.commit().await.map_err(database_error)?;
+            Ok(applied)
+        };
+        match tokio::time::timeout(self.commit_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::unavailable(format!(
+                "subscription transaction got no answer within {:?}",
+                self.commit_timeout
+            ))),
+        }
+    }
+
+    async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        Postgres::subscription_rows(&self.reads).await
+    }
+
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        Postgres::dead_letter_page(&self.reads, query).await
     }
 
     async fn saga_ready_inputs(&self, saga: &str, limit: usize) -> Result<Vec<ReadyInput>, StoreError> {

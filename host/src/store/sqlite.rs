@@ -34,6 +34,9 @@ use super::sagas::{
     SagaRecord, SagaSql,
 };
 use super::snapshots::SnapshotSql;
+use super::subscriptions::{
+    DeadLetterQuery, DeadLetterRecord, SubscriptionApplied, SubscriptionChange, SubscriptionRecord, SubscriptionSql,
+};
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, CopyId, CopyRecord, DocumentKey, DocumentLookup, DocumentPage,
     DocumentQuery, EventStore, ReadModelChange, Snapshot, SnapshotLookup, StoreError, StoreOptions, StoredEvent,
@@ -55,6 +58,7 @@ enum ChangeWork {
     ReadModel { change: Box<ReadModelChange>, reply: oneshot::Sender<Result<u64, StoreError>> },
     Saga { change: Box<SagaChange>, reply: oneshot::Sender<Result<SagaApplied, StoreError>> },
     Snapshots { snapshots: Vec<Snapshot>, reply: oneshot::Sender<Result<(), StoreError>> },
+    Subscription { change: Box<SubscriptionChange>, reply: oneshot::Sender<Result<SubscriptionApplied, StoreError>> },
 }
 
 impl WriterWork for ChangeWork {
@@ -67,6 +71,9 @@ impl WriterWork for ChangeWork {
                 let _ = reply.send(Err(StoreError::ShuttingDown));
             }
             Self::Snapshots { reply, .. } => {
+                let _ = reply.send(Err(StoreError::ShuttingDown));
+            }
+            Self::Subscription { reply, .. } => {
                 let _ = reply.send(Err(StoreError::ShuttingDown));
             }
         }
@@ -177,6 +184,14 @@ impl SqliteStore {
         };
         tokio::spawn(state.run(queue));
         Ok(Self { submitter, reads })
+    }
+}
+
+impl SubscriptionSql for Sqlite {
+    const NOW_MS: &'static str = <Sqlite as SagaSql>::NOW_MS;
+
+    fn rows_affected(result: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        result.rows_affected()
     }
 }
 
@@ -318,6 +333,21 @@ impl EventStore for SqliteStore {
 
     async fn saga_overview(&self) -> Result<Vec<(SagaRecord, SagaCounts)>, StoreError> {
         Sqlite::saga_overview(&self.reads).await
+    }
+
+    /// Queued to the writer behind the appends already queued.
+    async fn change_subscription(&self, change: SubscriptionChange) -> Result<SubscriptionApplied, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        self.submitter.queue_work(ChangeWork::Subscription { change: Box::new(change), reply }).await?;
+        outcome.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        Sqlite::subscription_rows(&self.reads).await
+    }
+
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        Sqlite::dead_letter_page(&self.reads, query).await
     }
 
     async fn saga_ready_inputs(&self, saga: &str, limit: usize) -> Result<Vec<ReadyInput>, StoreError> {
@@ -542,6 +572,15 @@ impl Writer {
                 Some(ChangeWork::Saga { change, reply }) => {
                     let applied = relaxed_transaction(&mut self.connection, self.fsync_appends, async |connection| {
                         Sqlite::apply_saga_change(connection, *change).await
+                    })
+                    .await;
+                    self.health.record(&applied);
+                    self.commits_since_checkpoint += 1;
+                    let _ = reply.send(applied);
+                }
+                Some(ChangeWork::Subscription { change, reply }) => {
+                    let applied = relaxed_transaction(&mut self.connection, self.fsync_appends, async |connection| {
+                        Sqlite::apply_subscription_change(connection, *change).await
                     })
                     .await;
                     self.health.record(&applied);

@@ -1,0 +1,359 @@
+//! Sinks: where a subscription's events go, and how a delivery failed.
+//! Each takes events in log order and reports how many of them, from the
+//! first, its receiver acknowledged.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use base64::Engine;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+use super::spec::{NatsMode, SinkSpec, SubjectTemplate, WebhookMode, signing_key};
+use crate::cloudevents::{BATCH_CONTENT_TYPE, to_cloudevent};
+use crate::store::StoredEvent;
+
+/// Media type of one structured-mode CloudEvent.
+const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+/// Longest wait for a NATS server at connection and for a publish ack.
+const NATS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bytes of a failing webhook's answer quoted in the error.
+const QUOTED_BODY_BYTES: usize = 200;
+
+/// An event on its way out: as stored, and as its CloudEvent.
+pub struct Outgoing {
+    pub event: StoredEvent,
+    pub cloudevent: Value,
+    /// The structured-mode JSON of `cloudevent`.
+    pub body: Vec<u8>,
+}
+
+impl Outgoing {
+    pub fn new(event: StoredEvent) -> Self {
+        let cloudevent = to_cloudevent(&event);
+        let body = serde_json::to_vec(&cloudevent).expect("a CloudEvent is JSON");
+        Self { event, cloudevent, body }
+    }
+
+    /// The CloudEvent attributes as `ce-` headers (binary mode): every
+    /// attribute except `data` and `datacontenttype` (which becomes the
+    /// content type), strings as they are, numbers in decimal.
+    fn binary_headers(&self) -> impl Iterator<Item = (String, String)> + '_ {
+        self.cloudevent
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(key, _)| *key != "data" && *key != "datacontenttype")
+            .map(|(key, value)| {
+                let value = match value {
+                    Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                };
+                (format!("ce-{key}"), value)
+            })
+    }
+}
+
+/// Why a delivery stopped.
+#[derive(Debug, Clone)]
+pub struct SinkFailure {
+    /// Events acknowledged before the failure, from the first.
+    pub delivered: usize,
+    pub error: String,
+    /// The receiver said it will never take events again (410 Gone): the
+    /// subscription pauses.
+    pub gone: bool,
+}
+
+impl SinkFailure {
+    fn at(delivered: usize, error: impl Into<String>) -> Self {
+        Self { delivered, error: error.into(), gone: false }
+    }
+}
+
+/// A connected sink.
+pub enum Sink {
+    Webhook(WebhookSink),
+    Nats(Box<NatsSink>),
+}
+
+impl Sink {
+    /// Ready a sink for delivery (NATS: connect, and check that a stream
+    /// captures the subjects).
+    pub async fn connect(spec: &SinkSpec) -> Result<Self, String> {
+        Ok(match spec {
+            SinkSpec::Webhook { url, secret, mode, timeout_ms, batch_size } => Sink::Webhook(WebhookSink {
+                client: reqwest::Client::builder()
+                    .timeout(Duration::from_millis(*timeout_ms))
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .build()
+                    .map_err(|e| format!("cannot build an HTTP client: {}", error_chain(&e)))?,
+                url: url.clone(),
+                key: secret.as_deref().map(signing_key).transpose()?,
+                mode: *mode,
+                batch_size: *batch_size,
+            }),
+            SinkSpec::Nats { url, subject, mode } => {
+                Sink::Nats(Box::new(NatsSink::connect(url, subject, *mode).await?))
+            }
+        })
+    }
+
+    /// How many events fail together (and are dead-lettered together): a
+    /// batched webhook request's, else one.
+    pub fn unit(&self) -> usize {
+        match self {
+            Sink::Webhook(webhook) if webhook.mode == WebhookMode::Batched => webhook.batch_size,
+            _ => 1,
+        }
+    }
+
+    /// Deliver `events` in order; `Ok(n)`: the first `n` (at least one) are
+    /// acknowledged.
+    pub async fn deliver(&mut self, events: &[Outgoing]) -> Result<usize, SinkFailure> {
+        match self {
+            Sink::Webhook(webhook) => webhook.deliver(events).await,
+            Sink::Nats(nats) => nats.deliver(events).await,
+        }
+    }
+}
+
+/// The CloudEvents HTTP binding: one POST per event (structured or binary)
+/// or per batch, signed when a secret is set.
+pub struct WebhookSink {
+    client: reqwest::Client,
+    url: String,
+    key: Option<Vec<u8>>,
+    mode: WebhookMode,
+    batch_size: usize,
+}
+
+impl WebhookSink {
+    async fn deliver(&mut self, events: &[Outgoing]) -> Result<usize, SinkFailure> {
+        let Some(first) = events.first() else { return Ok(0) };
+        let (id, body, content_type, headers): (String, Vec<u8>, &str, Vec<(String, String)>) = match self.mode {
+            WebhookMode::Structured => {
+                (first.event.id.to_string(), first.body.clone(), STRUCTURED_CONTENT_TYPE, vec![])
+            }
+            WebhookMode::Binary => (
+                first.event.id.to_string(),
+                first.event.data.clone().into_bytes(),
+                "application/json",
+                first.binary_headers().collect(),
+            ),
+            WebhookMode::Batched => {
+                let batch = &events[..events.len().min(self.batch_size)];
+                let mut body = Vec::with_capacity(batch.iter().map(|e| e.body.len() + 1).sum::<usize>() + 2);
+                body.push(b'[');
+                for (i, event) in batch.iter().enumerate() {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(&event.body);
+                }
+                body.push(b']');
+                (format!("{}+{}", first.event.id, batch.len()), body, BATCH_CONTENT_TYPE, vec![])
+            }
+        };
+        let count = if self.mode == WebhookMode::Batched { events.len().min(self.batch_size) } else { 1 };
+        let mut request = self.client.post(&self.url).header(reqwest::header::CONTENT_TYPE, content_type);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        if let Some(key) = &self.key {
+            let timestamp = chrono::Utc::now().timestamp().to_string();
+            request = request
+                .header("webhook-signature", sign(key, &id, &timestamp, &body))
+                .header("webhook-id", id)
+                .header("webhook-timestamp", timestamp);
+        }
+        let response = request.body(body).send().await.map_err(|e| {
+            let what = if e.is_timeout() { "timed out" } else { "failed" };
+            SinkFailure::at(0, format!("POST {} {what}: {}", self.url, error_chain(&e)))
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(count);
+        }
+        let answer = response.bytes().await.unwrap_or_default();
+        let quoted = String::from_utf8_lossy(&answer[..answer.len().min(QUOTED_BODY_BYTES)]).into_owned();
+        Err(SinkFailure {
+            delivered: 0,
+            error: format!("POST {} answered {status}: {quoted}", self.url),
+            gone: status == reqwest::StatusCode::GONE,
+        })
+    }
+}
+
+/// The Standard Webhooks signature: `v1,` and the base64 HMAC-SHA256 of
+/// `{webhook-id}.{webhook-timestamp}.{body}`.
+pub fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// JetStream: every event published with its id as `Nats-Msg-Id` (so the
+/// stream's duplicate window drops a redelivery), the publishes of a call
+/// pipelined on one connection and their acks awaited in order.
+pub struct NatsSink {
+    jetstream: jetstream::Context,
+    url: String,
+    subject: SubjectTemplate,
+    mode: NatsMode,
+}
+
+impl NatsSink {
+    async fn connect(url: &str, subject: &str, mode: NatsMode) -> Result<Self, String> {
+        let subject = SubjectTemplate::parse(subject)?;
+        let client = async_nats::ConnectOptions::new()
+            .name("orchestrix")
+            .connection_timeout(NATS_TIMEOUT)
+            .connect(url)
+            .await
+            .map_err(|e| format!("cannot connect to NATS at {url}: {}", error_chain(&e)))?;
+        let mut jetstream = jetstream::new(client);
+        jetstream.set_timeout(NATS_TIMEOUT);
+        let wildcard = subject.wildcard();
+        match tokio::time::timeout(NATS_TIMEOUT, jetstream.stream_by_subject(wildcard.clone())).await {
+            Ok(Ok(_stream)) => {}
+            Ok(Err(error)) => {
+                return Err(format!(
+                    "no JetStream stream on {url} captures the subject `{wildcard}` ({}); create one first, e.g. \
+                     `nats stream add ORCHESTRIX --subjects '{}'`",
+                    error_chain(&error),
+                    wildcard_root(&wildcard),
+                ));
+            }
+            Err(_) => return Err(format!("NATS at {url} did not answer a JetStream request within 5 s")),
+        }
+        Ok(Self { jetstream, url: url.to_owned(), subject, mode })
+    }
+
+    /// Most publishes awaiting their acks at once.
+    const WINDOW: usize = 512;
+
+    async fn deliver(&mut self, events: &[Outgoing]) -> Result<usize, SinkFailure> {
+        let window = &events[..events.len().min(Self::WINDOW)];
+        let mut acks = Vec::with_capacity(window.len());
+        for (i, outgoing) in window.iter().enumerate() {
+            let subject = self.subject.render(&outgoing.event);
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", outgoing.event.id.to_string().as_str());
+            let payload = match self.mode {
+                NatsMode::Structured => {
+                    headers.insert("content-type", STRUCTURED_CONTENT_TYPE);
+                    outgoing.body.clone()
+                }
+                NatsMode::Binary => {
+                    headers.insert("content-type", "application/json");
+                    for (name, value) in outgoing.binary_headers() {
+                        headers.insert(name.as_str(), value.as_str());
+                    }
+                    outgoing.event.data.clone().into_bytes()
+                }
+            };
+            match self.jetstream.publish_with_headers(subject.clone(), headers, payload.into()).await {
+                Ok(ack) => acks.push((subject, ack)),
+                Err(error) => {
+                    // Acks of what was sent before still count.
+                    let failed = self.failure(i, &subject, error.kind(), &error);
+                    return Err(self.settle(acks, failed).await);
+                }
+            }
+        }
+        let sent = acks.len();
+        for (i, (subject, ack)) in acks.into_iter().enumerate() {
+            if let Err(error) = ack.await {
+                return Err(self.failure(i, &subject, error.kind(), &error));
+            }
+        }
+        Ok(sent)
+    }
+
+    /// After a publish failed (`failed`): await the acks of those sent
+    /// before it, and report the first failure.
+    async fn settle(
+        &self,
+        acks: Vec<(String, jetstream::context::PublishAckFuture)>,
+        failed: SinkFailure,
+    ) -> SinkFailure {
+        for (i, (earlier, ack)) in acks.into_iter().enumerate() {
+            if let Err(error) = ack.await {
+                return self.failure(i, &earlier, error.kind(), &error);
+            }
+        }
+        failed
+    }
+
+    fn failure(
+        &self,
+        delivered: usize,
+        subject: &str,
+        kind: PublishErrorKind,
+        error: &dyn std::error::Error,
+    ) -> SinkFailure {
+        let error = match kind {
+            PublishErrorKind::StreamNotFound => {
+                format!("no JetStream stream on {} captures the subject `{subject}`", self.url)
+            }
+            _ => format!("publish to `{subject}` on {} failed: {}", self.url, error_chain(error)),
+        };
+        SinkFailure::at(delivered, error)
+    }
+}
+
+/// `orchestrix.>` for `orchestrix.*.*.*`: the subjects a stream would
+/// capture to take every event of the template.
+fn wildcard_root(wildcard: &str) -> String {
+    match wildcard.split_once('*') {
+        Some((root, _)) if !root.is_empty() => format!("{root}>"),
+        Some(_) => ">".to_owned(),
+        None => wildcard.to_owned(),
+    }
+}
+
+/// An error and its sources, `: `-separated (reqwest and async-nats keep
+/// the cause in the source).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of the Standard Webhooks specification.
+    #[test]
+    fn signatures_match_the_standard_webhooks_example() {
+        let key = signing_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[test]
+    fn a_stream_for_a_template_captures_its_root() {
+        assert_eq!(wildcard_root("orchestrix.*.*.*"), "orchestrix.>");
+        assert_eq!(wildcard_root("*.events"), ">");
+        assert_eq!(wildcard_root("fixed.subject"), "fixed.subject");
+    }
+}

@@ -597,13 +597,17 @@ impl Metrics {
         self.inner.subscriptions.lag.with_label_values(&[subscription]).set(lag as i64);
     }
 
-    /// A subscription's state and dead-letter queue size, as stored.
-    pub fn set_subscription_state(&self, subscription: &str, state: &str, dead_letters: u64) {
-        let metrics = &self.inner.subscriptions;
+    /// A subscription's state (`active`, `paused`).
+    pub fn set_subscription_state(&self, subscription: &str, state: &str) {
         for candidate in ["active", "paused"] {
-            metrics.state.with_label_values(&[subscription, candidate]).set(i64::from(candidate == state));
+            let gauge = self.inner.subscriptions.state.with_label_values(&[subscription, candidate]);
+            gauge.set(i64::from(candidate == state));
         }
-        metrics.dead_letters.with_label_values(&[subscription]).set(dead_letters as i64);
+    }
+
+    /// A subscription's dead-letter queue size, as stored.
+    pub fn set_subscription_dead_letters(&self, subscription: &str, dead_letters: u64) {
+        self.inner.subscriptions.dead_letters.with_label_values(&[subscription]).set(dead_letters as i64);
     }
 
     /// Events a sink acknowledged, each with its time since commit.
@@ -622,8 +626,17 @@ impl Metrics {
         self.inner.subscriptions.failures.with_label_values(&[subscription]).inc();
     }
 
+    /// Events moved to the dead-letter queue (the queue's gauge follows at
+    /// once; every reconcile sets it to the stored count).
     pub fn observe_subscription_dead_lettered(&self, subscription: &str, count: usize) {
-        self.inner.subscriptions.dead_lettered.with_label_values(&[subscription]).inc_by(count as u64);
+        let metrics = &self.inner.subscriptions;
+        metrics.dead_lettered.with_label_values(&[subscription]).inc_by(count as u64);
+        metrics.dead_letters.with_label_values(&[subscription]).add(count as i64);
+    }
+
+    /// A dead letter delivered on an operator's retry left the queue.
+    pub fn observe_subscription_redelivered(&self, subscription: &str) {
+        self.inner.subscriptions.dead_letters.with_label_values(&[subscription]).dec();
     }
 
     pub fn set_subscription_failing(&self, subscription: &str, failing: bool) {

@@ -1,9 +1,11 @@
 //! End-to-end tests of the host: real wasm modules built from source by
 //! `build.rs` (their paths in [`fixtures`], each artifact with a test), real
 //! SQLite files in temporary directories, the real PostgreSQL server at
-//! `DATABASE_URL` (one schema per test), real HTTP.
+//! `DATABASE_URL` (one schema per test), the real NATS server at `NATS_URL`,
+//! real HTTP.
 
 mod bank_rules;
+mod bus;
 mod commands;
 mod connections;
 mod feed;

@@ -35,11 +35,14 @@ pub struct BusConfig {
     pub lease_ttl: Duration,
     /// How often the holder renews it (and a waiting host tries to take it).
     pub renew_every: Duration,
+    /// Events read from the log per step (the most one checkpoint move
+    /// covers).
+    pub read_batch: usize,
 }
 
 impl Default for BusConfig {
     fn default() -> Self {
-        Self { lease_ttl: Duration::from_secs(3), renew_every: Duration::from_millis(1000) }
+        Self { lease_ttl: Duration::from_secs(3), renew_every: Duration::from_millis(1000), read_batch: 1024 }
     }
 }
 
@@ -182,7 +185,8 @@ impl BusService {
         });
         for record in &records {
             let metrics = &self.inner.metrics;
-            metrics.set_subscription_state(&record.name, record.state.as_str(), record.dead_letters);
+            metrics.set_subscription_state(&record.name, record.state.as_str());
+            metrics.set_subscription_dead_letters(&record.name, record.dead_letters);
             let holding = record.owner.as_deref() == Some(self.inner.owner.as_str());
             if !holding {
                 metrics.set_subscription_lag(&record.name, head.saturating_sub(record.position));
@@ -275,6 +279,7 @@ impl BusService {
         let reason = Some("paused by an operator".to_owned());
         let change = SubscriptionChange::SetState { name: name.to_owned(), state: SubscriptionState::Paused, reason };
         self.changed(name, change).await?;
+        self.inner.metrics.set_subscription_state(name, "paused");
         self.get(name).await
     }
 
@@ -282,6 +287,7 @@ impl BusService {
         let change =
             SubscriptionChange::SetState { name: name.to_owned(), state: SubscriptionState::Active, reason: None };
         self.changed(name, change).await?;
+        self.inner.metrics.set_subscription_state(name, "active");
         self.get(name).await
     }
 

@@ -22,8 +22,6 @@ use crate::store::{
     SubscriptionState,
 };
 
-/// Events read from the log per step.
-const READ_BATCH: usize = 1024;
 /// Events read past without a delivery before the checkpoint is written
 /// anyway (it is also written when the loop goes idle).
 const CHECKPOINT_EVERY: u64 = 10_000;
@@ -134,6 +132,7 @@ impl Runner {
             ready: None,
             connect_failures: 0,
             redelivery_checked: Instant::now() - REDELIVERY_CHECK,
+            paused_at_ms: None,
         };
         delivery.run(&mut held).await;
         let Delivery { fence, position, checkpoint, .. } = delivery;
@@ -223,6 +222,9 @@ struct Delivery<'r> {
     ready: Option<Ready>,
     connect_failures: u32,
     redelivery_checked: Instant,
+    /// When this host paused the subscription (a 410), by the database's
+    /// clock: rows read before then still say `active`.
+    paused_at_ms: Option<i64>,
 }
 
 impl Delivery<'_> {
@@ -240,6 +242,15 @@ impl Delivery<'_> {
                 return;
             }
             metrics.set_subscription_lag(self.name(), (*head.borrow()).saturating_sub(self.position));
+            if let Some(paused_at_ms) = self.paused_at_ms {
+                if record.updated_at_ms < paused_at_ms {
+                    if held.changed().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                self.paused_at_ms = None;
+            }
             if record.state == SubscriptionState::Paused {
                 self.persist().await;
                 if held.changed().await.is_err() {
@@ -258,7 +269,7 @@ impl Delivery<'_> {
                     continue;
                 }
             }
-            let events = match store.read_all(self.position, READ_BATCH).await {
+            let events = match store.read_all(self.position, self.runner.inner.config.read_batch).await {
                 Ok(events) => events,
                 Err(error) => {
                     tracing::warn!(subscription = %self.name(), %error, "cannot read the log");
@@ -413,11 +424,7 @@ impl Delivery<'_> {
                     metrics.observe_subscription_failure(name);
                     let before_failed = Some(matched[next].event.position - 1);
                     if failure.gone {
-                        let reason = format!("paused: {}", failure.error);
-                        tracing::warn!(subscription = %name, error = %failure.error, "the webhook is gone; pausing");
-                        let change = SubscriptionChange::PauseHeld { fence: self.fence.clone(), reason };
-                        let _ = self.runner.inner.store.change_subscription(change).await;
-                        self.runner.wake.notify_one();
+                        self.pause_held(&failure.error).await;
                         return Progress { to: before_failed, dead };
                     }
                     if failures >= retry.max_attempts {
@@ -472,6 +479,18 @@ impl Delivery<'_> {
         Progress { to: None, dead }
     }
 
+    /// Pause the subscription because its sink is gone (410), and hold
+    /// delivery until the row says so (or says it was resumed since).
+    async fn pause_held(&mut self, error: &str) {
+        tracing::warn!(subscription = %self.name(), %error, "the webhook is gone; pausing");
+        let change = SubscriptionChange::PauseHeld { fence: self.fence.clone(), reason: format!("paused: {error}") };
+        if let Ok(applied) = self.runner.inner.store.change_subscription(change).await {
+            self.paused_at_ms = Some(applied.now_ms);
+            self.runner.inner.metrics.set_subscription_state(self.name(), "paused");
+        }
+        self.runner.wake.notify_one();
+    }
+
     /// Deliver the dead letters an operator asked to retry, once each.
     /// Returns false when the sink is gone (the subscription paused).
     async fn redeliver(&mut self) -> bool {
@@ -500,23 +519,21 @@ impl Delivery<'_> {
             let (change, gone) = match ready.sink.deliver(&outgoing).await {
                 Ok(_) => {
                     observe_delivered(&self.runner.inner.metrics, self.name(), &outgoing);
+                    self.runner.inner.metrics.observe_subscription_redelivered(self.name());
                     tracing::info!(subscription = %self.name(), id = letter.id, "dead letter delivered");
                     (SubscriptionChange::Redelivered { fence: self.fence.clone(), id: letter.id }, None)
                 }
                 Err(failure) => {
                     self.runner.inner.metrics.observe_subscription_failure(self.name());
                     tracing::warn!(subscription = %self.name(), id = letter.id, error = %failure.error, "dead letter failed again");
-                    let gone = failure.gone.then(|| format!("paused: {}", failure.error));
+                    let gone = failure.gone.then(|| failure.error.clone());
                     let id = letter.id;
                     (SubscriptionChange::RedeliveryFailed { fence: self.fence.clone(), id, error: failure.error }, gone)
                 }
             };
             let _ = store.change_subscription(change).await;
-            if let Some(reason) = gone {
-                let _ = store
-                    .change_subscription(SubscriptionChange::PauseHeld { fence: self.fence.clone(), reason })
-                    .await;
-                self.runner.wake.notify_one();
+            if let Some(error) = gone {
+                self.pause_held(&error).await;
                 return false;
             }
         }

@@ -11,9 +11,11 @@
 //! - `robustness`: see [`robustness`].
 //! - `sagas`: see [`sagas`].
 //! - `history`: see [`history`].
+//! - `bus`: see [`bus`].
 //!
 //! The figures measured so far, and how, are in `docs/benchmarks.md`.
 
+mod bus;
 mod commands;
 mod feed;
 mod history;
@@ -68,6 +70,9 @@ pub enum Suite {
     /// The 64-client command load with trace export off, then on (every
     /// span exported over OTLP to a local receiver).
     Tracing,
+    /// The outbound bus: events/s delivered to JetStream; append → webhook
+    /// latency at 1,000 events/s, alone and beside a stuck webhook.
+    Bus,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -81,7 +86,7 @@ pub enum Backend {
     name = "orchestrix-bench",
     version,
     about = "Measure the Orchestrix host: commands, the feed, hot swap, projection rebuilds and lag, robustness, sagas, \
-             history"
+             history, the outbound bus"
 )]
 pub struct BenchArgs {
     /// The host's options, as for `orchestrix serve`.
@@ -92,7 +97,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness,sagas,history,tracing"
+        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness,sagas,history,tracing,bus"
     )]
     suites: Vec<Suite>,
     /// Backends to measure on (comma-separated); PostgreSQL needs --postgres-url.
@@ -123,6 +128,12 @@ pub struct BenchArgs {
     /// Transfers the saga throughput benchmark runs.
     #[arg(long, default_value_t = 20_000)]
     pub saga_transfers: usize,
+    /// Events in the log the JetStream benchmark delivers.
+    #[arg(long, default_value_t = 200_000)]
+    pub bus_events: usize,
+    /// NATS server (with JetStream) of the bus benchmark.
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
     /// Test fixtures some suites load (`cargo xtask bench` builds them here).
     #[arg(long, default_value = "target/bench-fixtures")]
     pub fixtures: std::path::PathBuf,
@@ -187,6 +198,7 @@ async fn run(args: BenchArgs) -> Result<()> {
                 Suite::Sagas => sagas::sagas(&args, backend).await?,
                 Suite::History => history::history(&args, backend).await?,
                 Suite::Tracing => tracing_export::trace_export(&args, backend).await?,
+                Suite::Bus => bus::bus(&args, backend).await?,
             }
         }
     }

@@ -1,46 +1,119 @@
 //! CloudEvents 1.0 (structured JSON) rendering of stored events: the only
 //! shape in which events leave the host.
 
-use serde_json::{Map, Value, json};
+use std::fmt;
 
-use crate::store::StoredEvent;
+use serde::{Serialize, Serializer};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::store::{StoredEvent, StreamId};
 
 /// Media type of a JSON batch of CloudEvents.
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 
-/// Render one stored event as a structured-mode CloudEvent.
-pub fn to_cloudevent(event: &StoredEvent) -> Value {
-    let data = serde_json::from_str(&event.data).unwrap_or_else(|_| Value::String(event.data.clone()));
-    let mut object = Map::new();
-    object.insert("specversion".into(), json!("1.0"));
-    object.insert("id".into(), json!(event.id.to_string()));
-    object.insert("source".into(), json!(format!("/orchestrix/modules/{}", event.module)));
-    object.insert("type".into(), json!(event.cloudevents_type()));
-    object.insert("subject".into(), json!(event.stream.to_string()));
-    object.insert("time".into(), json!(event.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)));
-    object.insert("datacontenttype".into(), json!("application/json"));
-    object.insert("data".into(), data);
-    object.insert("stream".into(), json!(event.stream.to_string()));
-    object.insert("streamversion".into(), json!(event.version));
-    object.insert("position".into(), json!(event.position));
-    object.insert("schemaversion".into(), json!(event.schema_version));
-    if let Some(id) = &event.correlation_id {
-        object.insert("correlationid".into(), json!(id));
+/// One stored event as a structured-mode CloudEvent, serialized straight
+/// from the stored fields (no intermediate JSON tree): the one definition
+/// of the wire form. Fields are in key order, as a JSON object of them
+/// would be.
+#[derive(Serialize)]
+struct Structured<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    causationid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlationid: Option<&'a str>,
+    data: Data<'a>,
+    datacontenttype: &'static str,
+    id: &'a uuid::Uuid,
+    module: &'a str,
+    moduleversion: &'a str,
+    position: u64,
+    schemaversion: u32,
+    #[serde(serialize_with = "display")]
+    source: Source<'a>,
+    specversion: &'static str,
+    #[serde(serialize_with = "display")]
+    stream: &'a StreamId,
+    streamversion: u64,
+    #[serde(serialize_with = "display")]
+    subject: &'a StreamId,
+    #[serde(serialize_with = "display")]
+    time: chrono::format::DelayedFormat<chrono::format::StrftimeItems<'static>>,
+    /// The distributed-tracing extension: the trace of the work that
+    /// produced the event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracestate: Option<&'a str>,
+    #[serde(rename = "type", serialize_with = "display")]
+    kind: Type<'a>,
+}
+
+/// `data`: the stored JSON as it is, or (should it not be JSON) a string.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Data<'a> {
+    Json(&'a RawValue),
+    Text(&'a str),
+}
+
+struct Source<'a>(&'a str);
+
+impl fmt::Display for Source<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "/orchestrix/modules/{}", self.0)
     }
-    if let Some(id) = &event.causation_id {
-        object.insert("causationid".into(), json!(id));
+}
+
+/// `<module>.<aggregate type>.<event type>`.
+struct Type<'a>(&'a StoredEvent);
+
+impl fmt::Display for Type<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.0.module, self.0.stream.aggregate_type, self.0.event_type)
     }
-    object.insert("module".into(), json!(event.module));
-    object.insert("moduleversion".into(), json!(event.module_version));
-    // The distributed-tracing extension: the trace of the work that
-    // produced the event.
-    if let Some(trace) = &event.trace {
-        object.insert("traceparent".into(), json!(trace.traceparent()));
-        if let Some(state) = trace.tracestate() {
-            object.insert("tracestate".into(), json!(state));
+}
+
+fn display<S: Serializer, T: fmt::Display>(value: &T, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+impl<'a> Structured<'a> {
+    fn of(event: &'a StoredEvent) -> Self {
+        Self {
+            causationid: event.causation_id.as_deref(),
+            correlationid: event.correlation_id.as_deref(),
+            data: match serde_json::from_str::<&RawValue>(&event.data) {
+                Ok(raw) => Data::Json(raw),
+                Err(_) => Data::Text(&event.data),
+            },
+            datacontenttype: "application/json",
+            id: &event.id,
+            module: &event.module,
+            moduleversion: &event.module_version,
+            position: event.position,
+            schemaversion: event.schema_version,
+            source: Source(&event.module),
+            specversion: "1.0",
+            stream: &event.stream,
+            streamversion: event.version,
+            subject: &event.stream,
+            time: event.time.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
+            traceparent: event.trace.as_ref().map(|trace| trace.traceparent()),
+            tracestate: event.trace.as_ref().and_then(|trace| trace.tracestate()),
+            kind: Type(event),
         }
     }
-    Value::Object(object)
+}
+
+/// Render one stored event as a structured-mode CloudEvent.
+pub fn to_cloudevent(event: &StoredEvent) -> Value {
+    serde_json::to_value(Structured::of(event)).expect("a CloudEvent is JSON")
+}
+
+/// Append one stored event's structured-mode CloudEvent (JSON) to `out`.
+pub fn write_cloudevent(event: &StoredEvent, out: &mut Vec<u8>) {
+    serde_json::to_writer(out, &Structured::of(event)).expect("writing to memory cannot fail");
 }
 
 /// Render events as a CloudEvents JSON batch (an array).
@@ -51,8 +124,8 @@ pub fn to_batch(events: &[StoredEvent]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StreamId;
     use chrono::TimeZone;
+    use serde_json::json;
 
     #[test]
     fn renders_required_and_extension_attributes() {
@@ -89,5 +162,32 @@ mod tests {
         for key in rendered.as_object().unwrap().keys() {
             assert!(key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()), "attribute `{key}`");
         }
+        let mut written = Vec::new();
+        write_cloudevent(&event, &mut written);
+        assert_eq!(serde_json::from_slice::<Value>(&written).unwrap(), rendered, "one wire form");
+        assert_eq!(serde_json::to_vec(&rendered).unwrap(), written, "keys in the same order");
+    }
+
+    #[test]
+    fn data_that_is_not_json_travels_as_a_string() {
+        let mut event = StoredEvent {
+            position: 1,
+            stream: StreamId::new("a", "b"),
+            version: 1,
+            id: uuid::Uuid::nil(),
+            event_type: "E".into(),
+            schema_version: 1,
+            time: chrono::DateTime::UNIX_EPOCH,
+            data: "not json".into(),
+            correlation_id: None,
+            causation_id: None,
+            module: "m".into(),
+            module_version: "1".into(),
+            trace: None,
+        };
+        assert_eq!(to_cloudevent(&event)["data"], "not json");
+        event.data = r#"{"b": 1, "a": [true]}"#.into();
+        assert_eq!(to_cloudevent(&event)["data"], json!({"a": [true], "b": 1}));
+        assert!(to_cloudevent(&event).get("causationid").is_none());
     }
 }

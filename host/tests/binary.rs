@@ -93,3 +93,65 @@ fn an_unknown_log_format_is_refused_by_name() {
     assert!(exited.is_some_and(|status| !status.success()), "{lines:?}");
     assert!(lines.iter().any(|line| line.contains("ORCHESTRIX_LOG_FORMAT") && line.contains("yaml")), "{lines:?}");
 }
+
+/// `orchestrix subscriptions receive`, the webhook receiver of the README's
+/// notification example: it answers as told (fail first, then 410 Gone),
+/// refuses a bad signature with 401, and prints each event with its answer.
+#[tokio::test]
+async fn the_webhook_receiver_checks_signatures_and_answers_as_told() {
+    let secret = "whsec_c2VjcmV0LWtleQ==";
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrix"))
+        .args(["subscriptions", "receive", "--listen", "127.0.0.1:0", "--secret", secret])
+        .args(["--fail-first", "1", "--gone-after", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the receiver starts");
+    use tokio::io::AsyncBufReadExt;
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = stderr.next_line().await.unwrap().expect("the receiver says where it listens");
+        if let Some(url) = line.strip_prefix("receiving webhooks on ") {
+            break url.to_owned();
+        }
+    };
+    let key = orchestrix_host::bus::spec::signing_key(secret).unwrap();
+    let event = serde_json::json!({"specversion": "1.0", "id": "e-1", "type": "bank.account.MoneyWithdrawn",
+                                   "subject": "account/acc-1", "streamversion": 2, "data": {"amount": 30}});
+    let body = event.to_string();
+    let client = reqwest::Client::new();
+    let post = |signature: String| {
+        let timestamp = chrono::Utc::now().timestamp().to_string();
+        let signature = if signature.is_empty() {
+            orchestrix_host::bus::sign(&key, "e-1", &timestamp, body.as_bytes())
+        } else {
+            signature
+        };
+        client
+            .post(format!("{url}hook"))
+            .header("webhook-id", "e-1")
+            .header("webhook-timestamp", timestamp)
+            .header("webhook-signature", signature)
+            .body(body.clone())
+            .send()
+    };
+    let mut answers = Vec::new();
+    for signature in ["", "", "", "v1,Zm9yZ2Vk"] {
+        answers.push(post(signature.to_owned()).await.unwrap().status().as_u16());
+    }
+    assert_eq!(answers, [503, 200, 410, 401]);
+    child.kill().await.unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    while let Some(line) = stdout.next_line().await.unwrap() {
+        printed.push(line);
+    }
+    assert_eq!(printed.len(), 4, "{printed:?}");
+    for (line, answer) in printed.iter().zip(["503", "200", "410"]) {
+        assert!(line.starts_with(answer), "{line}");
+        assert!(line.contains("bank.account.MoneyWithdrawn account/acc-1 v2 id=e-1 signature valid"), "{line}");
+        assert!(line.ends_with(r#"data={"amount":30}"#), "{line}");
+    }
+    assert!(printed[3].starts_with("401 refused: bad signature"), "{}", printed[3]);
+}

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
-pub use self::sink::{error_chain, sign};
+pub use self::sink::{sign, verify};
 use self::spec::{SinkSpec, Start, SubscriptionSpec};
 use crate::leases::rfc3339;
 use crate::metrics::Metrics;

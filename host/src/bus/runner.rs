@@ -46,7 +46,7 @@ enum Held {
 struct Ready {
     revision: u64,
     sink: Sink,
-    filter: EventFilter,
+    filter: Arc<EventFilter>,
     retry: RetryPolicy,
 }
 
@@ -236,6 +236,7 @@ impl Delivery<'_> {
         let store = self.runner.inner.store.clone();
         let metrics = self.runner.inner.metrics.clone();
         let mut head = store.head();
+        let mut ahead: Option<ReadAhead> = None;
         loop {
             let Held::Holding(record) = held.borrow_and_update().clone() else { return };
             if *self.runner.stop.borrow() {
@@ -269,15 +270,28 @@ impl Delivery<'_> {
                     continue;
                 }
             }
-            let events = match store.read_all(self.position, self.runner.inner.config.read_batch).await {
-                Ok(events) => events,
+            let ready = self.ready.as_ref().expect("prepared above");
+            let (filter, revision) = (ready.filter.clone(), ready.revision);
+            let read = match ahead.take() {
+                Some((from, read_for, task)) if from == self.position && read_for == revision => {
+                    task.await.unwrap_or_else(|e| Err(StoreError::unavailable(e.to_string())))
+                }
+                other => {
+                    if let Some((_, _, task)) = other {
+                        task.abort();
+                    }
+                    read_batch(store.clone(), self.position, self.runner.inner.config.read_batch, filter.clone()).await
+                }
+            };
+            let read = match read {
+                Ok(read) => read,
                 Err(error) => {
                     tracing::warn!(subscription = %self.name(), %error, "cannot read the log");
                     tokio::time::sleep(self.runner.inner.config.renew_every).await;
                     continue;
                 }
             };
-            let Some(last) = events.last().map(|e| e.position) else {
+            let Some(last) = read.last else {
                 self.persist().await;
                 tokio::select! {
                     _ = head.wait_for(|h| *h > self.position) => {}
@@ -286,9 +300,13 @@ impl Delivery<'_> {
                 }
                 continue;
             };
-            let ready = self.ready.as_ref().expect("prepared above");
-            let matched: Vec<Outgoing> =
-                events.into_iter().filter(|event| ready.filter.matches(event)).map(Outgoing::new).collect();
+            // The next batch is read (and rendered) while this one is
+            // delivered; it is used only if this one is delivered whole.
+            if read.full {
+                let limit = self.runner.inner.config.read_batch;
+                ahead = Some((last, revision, tokio::spawn(read_batch(store.clone(), last, limit, filter))));
+            }
+            let matched = read.matched;
             if matched.is_empty() {
                 self.position = last;
                 if self.position - self.checkpoint >= CHECKPOINT_EVERY {
@@ -346,7 +364,7 @@ impl Delivery<'_> {
                 self.ready = Some(Ready {
                     revision: record.revision,
                     sink,
-                    filter: EventFilter::new(&spec.filter),
+                    filter: Arc::new(EventFilter::new(&spec.filter)),
                     retry: spec.retry,
                 });
                 true
@@ -539,6 +557,32 @@ impl Delivery<'_> {
         }
         true
     }
+}
+
+/// A read started ahead: from where, for which revision's filter.
+type ReadAhead = (u64, u64, tokio::task::JoinHandle<Result<Read, StoreError>>);
+
+/// One read of the log: the events the filter takes, rendered.
+struct Read {
+    /// The position of the last event read (`None`: nothing new).
+    last: Option<u64>,
+    /// The read returned as many events as asked (more may follow).
+    full: bool,
+    matched: Vec<Outgoing>,
+}
+
+async fn read_batch(
+    store: Arc<dyn crate::store::EventStore>,
+    after: u64,
+    limit: usize,
+    filter: Arc<EventFilter>,
+) -> Result<Read, StoreError> {
+    let events = store.read_all(after, limit).await?;
+    Ok(Read {
+        last: events.last().map(|e| e.position),
+        full: events.len() == limit,
+        matched: events.into_iter().filter(|event| filter.matches(event)).map(Outgoing::new).collect(),
+    })
 }
 
 /// Count acknowledged events with their time since commit.

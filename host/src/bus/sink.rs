@@ -12,7 +12,7 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use super::spec::{NatsMode, SinkSpec, SubjectTemplate, WebhookMode, signing_key};
-use crate::cloudevents::{BATCH_CONTENT_TYPE, to_cloudevent};
+use crate::cloudevents::{BATCH_CONTENT_TYPE, to_cloudevent, write_cloudevent};
 use crate::store::StoredEvent;
 
 /// Media type of one structured-mode CloudEvent.
@@ -22,37 +22,36 @@ const NATS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most bytes of a failing webhook's answer quoted in the error.
 const QUOTED_BODY_BYTES: usize = 200;
 
-/// An event on its way out: as stored, and as its CloudEvent.
+/// An event on its way out: as stored, and its structured-mode CloudEvent
+/// (rendered once, shared by every attempt).
 pub struct Outgoing {
     pub event: StoredEvent,
-    pub cloudevent: Value,
-    /// The structured-mode JSON of `cloudevent`.
-    pub body: Vec<u8>,
+    pub body: bytes::Bytes,
 }
 
 impl Outgoing {
     pub fn new(event: StoredEvent) -> Self {
-        let cloudevent = to_cloudevent(&event);
-        let body = serde_json::to_vec(&cloudevent).expect("a CloudEvent is JSON");
-        Self { event, cloudevent, body }
+        let mut body = Vec::with_capacity(event.data.len() + 512);
+        write_cloudevent(&event, &mut body);
+        Self { event, body: body.into() }
     }
 
     /// The CloudEvent attributes as `ce-` headers (binary mode): every
     /// attribute except `data` and `datacontenttype` (which becomes the
     /// content type), strings as they are, numbers in decimal.
-    fn binary_headers(&self) -> impl Iterator<Item = (String, String)> + '_ {
-        self.cloudevent
-            .as_object()
+    fn binary_headers(&self) -> Vec<(String, String)> {
+        let Value::Object(attributes) = to_cloudevent(&self.event) else { unreachable!("a CloudEvent is an object") };
+        attributes
             .into_iter()
-            .flatten()
-            .filter(|(key, _)| *key != "data" && *key != "datacontenttype")
+            .filter(|(key, _)| key != "data" && key != "datacontenttype")
             .map(|(key, value)| {
                 let value = match value {
-                    Value::String(text) => text.clone(),
+                    Value::String(text) => text,
                     other => other.to_string(),
                 };
                 (format!("ce-{key}"), value)
             })
+            .collect()
     }
 }
 
@@ -133,15 +132,15 @@ pub struct WebhookSink {
 impl WebhookSink {
     async fn deliver(&mut self, events: &[Outgoing]) -> Result<usize, SinkFailure> {
         let Some(first) = events.first() else { return Ok(0) };
-        let (id, body, content_type, headers): (String, Vec<u8>, &str, Vec<(String, String)>) = match self.mode {
+        let (id, body, content_type, headers): (String, bytes::Bytes, &str, Vec<(String, String)>) = match self.mode {
             WebhookMode::Structured => {
                 (first.event.id.to_string(), first.body.clone(), STRUCTURED_CONTENT_TYPE, vec![])
             }
             WebhookMode::Binary => (
                 first.event.id.to_string(),
-                first.event.data.clone().into_bytes(),
+                bytes::Bytes::from(first.event.data.clone()),
                 "application/json",
-                first.binary_headers().collect(),
+                first.binary_headers(),
             ),
             WebhookMode::Batched => {
                 let batch = &events[..events.len().min(self.batch_size)];
@@ -154,7 +153,7 @@ impl WebhookSink {
                     body.extend_from_slice(&event.body);
                 }
                 body.push(b']');
-                (format!("{}+{}", first.event.id, batch.len()), body, BATCH_CONTENT_TYPE, vec![])
+                (format!("{}+{}", first.event.id, batch.len()), body.into(), BATCH_CONTENT_TYPE, vec![])
             }
         };
         let count = if self.mode == WebhookMode::Batched { events.len().min(self.batch_size) } else { 1 };
@@ -197,6 +196,27 @@ pub fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
     mac.update(b".");
     mac.update(body);
     format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// Check a signed request as a receiver should: the `webhook-signature`
+/// header holds (among space-separated others) `v1,` and the signature
+/// [`sign`] makes of `{webhook-id}.{webhook-timestamp}.{body}` with the
+/// subscription's key, and the timestamp is within five minutes of `now`
+/// (seconds since the epoch), so a captured request cannot be replayed
+/// later.
+pub fn verify(key: &[u8], id: &str, timestamp: &str, signatures: &str, body: &[u8], now: i64) -> Result<(), String> {
+    let sent: i64 = timestamp.parse().map_err(|_| format!("`webhook-timestamp` `{timestamp}` is not a number"))?;
+    if (now - sent).abs() > 300 {
+        return Err(format!("`webhook-timestamp` is {} s away from now", now - sent));
+    }
+    let expected = sign(key, id, timestamp, body);
+    let expected = expected.strip_prefix("v1,").expect("v1 signatures");
+    let matches = signatures.split(' ').filter_map(|s| s.strip_prefix("v1,")).any(|candidate| {
+        // Compared in constant time.
+        candidate.len() == expected.len()
+            && candidate.bytes().zip(expected.bytes()).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+    });
+    if matches { Ok(()) } else { Err("no `v1` signature in `webhook-signature` matches".into()) }
 }
 
 /// JetStream: every event published with its id as `Nats-Msg-Id` (so the
@@ -256,10 +276,10 @@ impl NatsSink {
                     for (name, value) in outgoing.binary_headers() {
                         headers.insert(name.as_str(), value.as_str());
                     }
-                    outgoing.event.data.clone().into_bytes()
+                    bytes::Bytes::from(outgoing.event.data.clone())
                 }
             };
-            match self.jetstream.publish_with_headers(subject.clone(), headers, payload.into()).await {
+            match self.jetstream.publish_with_headers(subject.clone(), headers, payload).await {
                 Ok(ack) => acks.push((subject, ack)),
                 Err(error) => {
                     // Acks of what was sent before still count.
@@ -348,6 +368,18 @@ mod tests {
             sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", body),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
+    }
+
+    #[test]
+    fn verification_takes_a_fresh_signature_and_nothing_else() {
+        let key = b"k3y";
+        let signature = sign(key, "id-1", "1000", b"{}");
+        assert_eq!(verify(key, "id-1", "1000", &signature, b"{}", 1100), Ok(()));
+        assert_eq!(verify(key, "id-1", "1000", &format!("v1,bm9wZQ== {signature}"), b"{}", 1000), Ok(()));
+        assert!(verify(key, "id-1", "1000", &signature, b"{ }", 1000).is_err(), "another body");
+        assert!(verify(key, "id-2", "1000", &signature, b"{}", 1000).is_err(), "another id");
+        assert!(verify(b"other", "id-1", "1000", &signature, b"{}", 1000).is_err(), "another key");
+        assert!(verify(key, "id-1", "1000", &signature, b"{}", 1400).unwrap_err().contains("400 s"), "too old");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `subscriptions`: the outbound bus of a running host over HTTP — create,
 //! list, show, change, delete, pause and resume subscriptions, and list,
-//! retry or discard their dead letters. A thin client of
-//! `/v1/subscriptions/…` that prints the host's JSON answer, pretty.
+//! retry or discard their dead letters (a thin client of
+//! `/v1/subscriptions/…` that prints the host's JSON answer, pretty) — and
+//! `receive`, a webhook receiver for trying subscriptions out: it checks
+//! signatures, prints what arrives, and can be told to fail first.
 
 use std::path::PathBuf;
 
@@ -43,6 +45,33 @@ enum SubscriptionsCommand {
     Retry(RetryArgs),
     /// Drop one dead letter.
     Discard(DeadLetterArgs),
+    /// Run a webhook receiver that prints every event it gets (one line
+    /// each) and checks its signature.
+    ///
+    /// For trying subscriptions out: it can answer the first requests with
+    /// an error (to watch retries, backoff and dead letters), and answer 410
+    /// Gone after some (to watch a subscription pause).
+    Receive(ReceiveArgs),
+}
+
+#[derive(Args)]
+struct ReceiveArgs {
+    /// Address to listen on; the subscription's `sink.url` is
+    /// `http://ADDRESS/` (any path).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    listen: std::net::SocketAddr,
+    /// The subscription's `sink.secret`: each request's signature is checked
+    /// (an unsigned or badly signed request is answered 401).
+    #[arg(long, env = "ORCHESTRIX_WEBHOOK_SECRET")]
+    secret: Option<String>,
+    /// Answer the first N requests with --fail-status.
+    #[arg(long, default_value_t = 0)]
+    fail_first: usize,
+    #[arg(long, default_value_t = 503)]
+    fail_status: u16,
+    /// Answer 410 Gone from the request after N accepted ones on.
+    #[arg(long)]
+    gone_after: Option<usize>,
 }
 
 #[derive(Args)]
@@ -151,6 +180,7 @@ impl SubscriptionsCommand {
             Self::Discard(args) => {
                 Request::Post(format!("{}/dead-letters/{}/discard", one(&args.target, &args.name), args.id), None)
             }
+            Self::Receive(_) => unreachable!("`receive` serves, it asks the host nothing"),
         }
     }
 }
@@ -164,6 +194,9 @@ fn read_definition(file: &PathBuf) -> Result<String> {
 }
 
 pub async fn subscriptions(args: SubscriptionsArgs) -> Result<()> {
+    if let SubscriptionsCommand::Receive(receive) = args.command {
+        return receiver::run(receive).await;
+    }
     let json = |request: reqwest::RequestBuilder, file: &PathBuf| -> Result<reqwest::RequestBuilder> {
         Ok(request.header("content-type", "application/json").body(read_definition(file)?))
     };
@@ -175,6 +208,111 @@ pub async fn subscriptions(args: SubscriptionsArgs) -> Result<()> {
         Request::Put(url, file) => (json(client().put(&url), &file)?, url),
     };
     print_response(request.send().await.with_context(|| format!("cannot reach {url}"))?).await
+}
+
+mod receiver {
+    //! The webhook receiver of `subscriptions receive`.
+
+    use std::sync::Arc;
+
+    use anyhow::{Context, Result};
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, StatusCode};
+    use orchestrix_host::bus::spec::signing_key;
+    use parking_lot::Mutex;
+    use serde_json::Value;
+
+    use super::ReceiveArgs;
+
+    struct Counts {
+        requests: usize,
+        accepted: usize,
+    }
+
+    pub async fn run(args: ReceiveArgs) -> Result<()> {
+        let key = args.secret.as_deref().map(signing_key).transpose().map_err(anyhow::Error::msg)?;
+        let fail_status = StatusCode::from_u16(args.fail_status).context("--fail-status is an HTTP status")?;
+        let counts = Arc::new(Mutex::new(Counts { requests: 0, accepted: 0 }));
+        let app = axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
+            let (counts, key) = (counts.clone(), key.clone());
+            async move {
+                let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                let signature = match &key {
+                    None => "not checked".to_owned(),
+                    Some(key) => {
+                        let now = chrono::Utc::now().timestamp();
+                        let checked = orchestrix_host::bus::verify(
+                            key,
+                            header("webhook-id"),
+                            header("webhook-timestamp"),
+                            header("webhook-signature"),
+                            &body,
+                            now,
+                        );
+                        match checked {
+                            Ok(()) => "valid".to_owned(),
+                            Err(why) => {
+                                println!("401 refused: bad signature: {why}");
+                                return StatusCode::UNAUTHORIZED;
+                            }
+                        }
+                    }
+                };
+                let answer = {
+                    let mut counts = counts.lock();
+                    counts.requests += 1;
+                    if counts.requests <= args.fail_first {
+                        fail_status
+                    } else if args.gone_after.is_some_and(|after| counts.accepted >= after) {
+                        StatusCode::GONE
+                    } else {
+                        counts.accepted += 1;
+                        StatusCode::OK
+                    }
+                };
+                for event in events(&headers, &body) {
+                    println!(
+                        "{} {} {} {} v{} id={} signature {signature} data={}",
+                        answer.as_u16(),
+                        chrono::Utc::now().format("%H:%M:%S%.3f"),
+                        event["type"].as_str().unwrap_or("?"),
+                        event["subject"].as_str().unwrap_or("?"),
+                        event["streamversion"],
+                        event["id"].as_str().unwrap_or("?"),
+                        event["data"],
+                    );
+                }
+                answer
+            }
+        });
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        eprintln!("receiving webhooks on http://{}/", listener.local_addr()?);
+        axum::serve(listener, app).await.context("serving")
+    }
+
+    /// The CloudEvents of one request: a structured event, a batch, or a
+    /// binary-mode event rebuilt from its `ce-` headers.
+    fn events(headers: &HeaderMap, body: &[u8]) -> Vec<Value> {
+        let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if headers.contains_key("ce-id") {
+            let mut event = serde_json::Map::new();
+            for (name, value) in headers {
+                if let Some(attribute) = name.as_str().strip_prefix("ce-") {
+                    let value = value.to_str().unwrap_or_default();
+                    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+                    event.insert(attribute.to_owned(), value);
+                }
+            }
+            event.insert("data".into(), parsed);
+            return vec![Value::Object(event)];
+        }
+        match parsed {
+            Value::Array(batch) => batch,
+            event => vec![event],
+        }
+    }
 }
 
 #[cfg(test)]

@@ -136,7 +136,7 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
                 };
                 orchestrix_host::server::serve(listener, router, &server_config, body_limits, metrics, shutdown).await
             });
-            let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
+            let client = orchestrix_host::http_client::builder().pool_max_idle_per_host(clients).build()?;
             let result = drive(clients, args, seconds, Driver::Http { client, url }).await;
             let _ = stop.send(());
             let _ = server.await;

@@ -61,7 +61,7 @@ impl Served {
             .await;
         });
         let served = Self { url: format!("http://{address}"), address, runtime, stop, server, storage };
-        let client = reqwest::Client::new();
+        let client = orchestrix_host::http_client::client();
         for account in 0..ACCOUNTS {
             let response = client
                 .post(format!("{}/v1/aggregates/account/r-{account}/commands/OpenAccount", served.url))
@@ -99,7 +99,7 @@ impl Load {
 
 /// 64 clients depositing over HTTP for `seconds` (after a one-second warm-up).
 async fn deposits(url: &str, seconds: f64) -> Result<Load> {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build()?;
+    let client = orchestrix_host::http_client::builder().pool_max_idle_per_host(CLIENTS).build()?;
     let start = Instant::now();
     let (warmup, end) = (Duration::from_secs(1), Duration::from_secs_f64(1.0 + seconds));
     let mut tasks = Vec::new();
@@ -180,7 +180,7 @@ pub async fn robustness(args: &BenchArgs, backend: Backend) -> Result<()> {
         let mut latencies = Vec::new();
         for _ in 0..200 {
             let started = Instant::now();
-            let response = reqwest::Client::new().get(format!("{}/healthz", served.url)).send().await;
+            let response = orchestrix_host::http_client::client().get(format!("{}/healthz", served.url)).send().await;
             if response.is_ok_and(|r| r.status().is_success()) {
                 latencies.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
             } else {
@@ -212,7 +212,7 @@ pub async fn robustness(args: &BenchArgs, backend: Backend) -> Result<()> {
 
 /// Oversized and NUL-bearing requests, one kind every 50 ms, until aborted.
 async fn hostile_client(url: String) {
-    let client = reqwest::Client::new();
+    let client = orchestrix_host::http_client::client();
     let long_key = "k".repeat(10_000);
     let long_id = "a".repeat(10_000);
     for round in 0usize.. {

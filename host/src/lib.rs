@@ -15,6 +15,7 @@
 //!   reaction transaction, timers, the outbox, parking.
 //! - [`bus`]: the outbound bus — subscriptions delivering events to NATS
 //!   JetStream and webhooks under store leases, retries, dead letters.
+//! - [`http_client`]: every outgoing HTTP(S) client, with its TLS provider.
 //! - [`leases`]: lease identity and times shared by sagas and the bus.
 //! - [`http`]: the JSON HTTP API; [`cloudevents`]: the event wire format;
 //!   [`sse`]: the Server-Sent Events parser of the CLI's `--follow`.
@@ -26,6 +27,7 @@
 pub mod bus;
 pub mod cloudevents;
 pub mod http;
+pub mod http_client;
 pub mod leases;
 pub mod limits;
 pub mod metrics;

@@ -120,7 +120,7 @@ async fn the_webhook_receiver_checks_signatures_and_answers_as_told() {
     let event = serde_json::json!({"specversion": "1.0", "id": "e-1", "type": "bank.account.MoneyWithdrawn",
                                    "subject": "account/acc-1", "streamversion": 2, "data": {"amount": 30}});
     let body = event.to_string();
-    let client = reqwest::Client::new();
+    let client = orchestrix_host::http_client::client();
     let post = |signature: String| {
         let timestamp = chrono::Utc::now().timestamp().to_string();
         let signature = if signature.is_empty() {

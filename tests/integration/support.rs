@@ -134,7 +134,7 @@ impl TestHost {
         let server = tokio::spawn(runtime.serve(listener, async {
             let _ = signal.await;
         }));
-        let client = reqwest::Client::new();
+        let client = orchestrix_host::http_client::client();
         let mut host = Self { url, client, modules: Value::Null, shutdown: Some(shutdown), server: Some(server) };
         host.modules = host.get("/v1/modules").await.1;
         host

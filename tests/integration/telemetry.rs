@@ -220,7 +220,7 @@ async fn spans_follow_a_transfer_from_the_request_to_projections() {
         }
     });
 
-    let client = reqwest::Client::new();
+    let client = orchestrix_host::http_client::client();
     let parent = traceparent(TRACE_ID);
     let events = transfer(&client, &url, "t1", &[("traceparent", &parent), ("tracestate", "vendor=opaque")]).await;
     // Every event of the transfer is in the caller's trace, each under the

@@ -11,7 +11,7 @@
 //! | processes | `sagas` (sends commands through the pipeline) |
 //! | services | `pipeline`, `projections`, `whatif`, `bus` (not each other) |
 //! | runtime parts | `sandbox` (may read the `store`), `cloudevents` (the wire form of stored events), `store` |
-//! | leaves | `limits`, `metrics`, `sse`, `leases`; `telemetry` (trace context and export, counts drops in `metrics`) |
+//! | leaves | `limits`, `metrics`, `sse`, `leases`, `http_client`; `telemetry` (trace context and export, counts drops in `metrics`) |
 
 use std::path::{Path, PathBuf};
 
@@ -45,7 +45,7 @@ fn host_module(relative: &Path) -> String {
 /// Host modules a module may name with `crate::…`.
 fn allowed(module: &str) -> Option<&'static [&'static str]> {
     Some(match module {
-        "limits" | "metrics" | "sse" | "leases" => &[],
+        "limits" | "metrics" | "sse" | "leases" | "http_client" => &[],
         "telemetry" => &["metrics"],
         "store" => &["limits", "metrics", "sse", "telemetry"],
         "cloudevents" => &["store", "telemetry"],
@@ -53,7 +53,7 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
         "pipeline" | "projections" | "whatif" => {
             &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox"]
         }
-        "bus" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "leases"],
+        "bus" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "leases", "http_client"],
         "sagas" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox", "pipeline", "leases"],
         "http" | "server" => &[
             "limits",
@@ -69,6 +69,7 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
             "sagas",
             "bus",
             "leases",
+            "http_client",
             "http",
             "server",
         ],
@@ -131,4 +132,28 @@ fn the_layering_check_sees_a_violation() {
     assert!(!allowed.contains(&"http"));
     assert_eq!(host_module(Path::new("store/group.rs")), "store");
     assert_eq!(host_module(Path::new("http.rs")), "http");
+}
+
+/// Every reqwest client is built by `orchestrix_host::http_client`, which
+/// installs the TLS provider first (reqwest has none of its own here, so a
+/// client built elsewhere panics at run time).
+#[test]
+fn reqwest_clients_are_built_in_one_place() {
+    let root = workspace_root();
+    let mut files = Vec::new();
+    for dir in ["host", "tests", "bench", "testkit"] {
+        rust_files(&root.join(dir), &mut files);
+    }
+    let pattern = ["reqwest::Client::", "new()"].concat();
+    let builder = ["reqwest::Client::", "builder()"].concat();
+    let offenders: Vec<String> = files
+        .iter()
+        .filter(|file| !file.ends_with("host/src/http_client.rs"))
+        .filter(|file| {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            text.contains(&pattern) || text.contains(&builder)
+        })
+        .map(|file| file.strip_prefix(&root).unwrap_or(file).display().to_string())
+        .collect();
+    assert!(offenders.is_empty(), "build reqwest clients with orchestrix_host::http_client: {offenders:?}");
 }

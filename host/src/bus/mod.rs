@@ -144,9 +144,6 @@ impl BusService {
     /// Start a runner for every stored subscription, and keep the set in
     /// step with the store (other hosts' creations and deletions) every tick.
     pub async fn start(store: Arc<dyn EventStore>, metrics: Metrics, config: BusConfig) -> Arc<Self> {
-        // Webhooks over https: rustls with ring, as the NATS client uses
-        // (a provider installed before stays).
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let service = Arc::new(Self {
             inner: Arc::new(Inner { store, metrics, owner: crate::leases::owner_id(), config }),
             running: Mutex::new(HashMap::new()),

@@ -84,7 +84,7 @@ impl Sink {
     pub async fn connect(spec: &SinkSpec) -> Result<Self, String> {
         Ok(match spec {
             SinkSpec::Webhook { url, secret, mode, timeout_ms, batch_size } => Sink::Webhook(WebhookSink {
-                client: reqwest::Client::builder()
+                client: crate::http_client::builder()
                     .timeout(Duration::from_millis(*timeout_ms))
                     .pool_idle_timeout(Duration::from_secs(60))
                     .build()

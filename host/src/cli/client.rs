@@ -106,7 +106,7 @@ pub enum ModulesAction {
 }
 
 pub(crate) fn client() -> reqwest::Client {
-    reqwest::Client::new()
+    orchestrix_host::http_client::client()
 }
 
 /// Print the host's answer on stdout (pretty when it is JSON). A non-2xx

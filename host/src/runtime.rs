@@ -53,6 +53,8 @@ pub struct RuntimeConfig {
     pub projections: ProjectionConfig,
     pub sagas: SagaConfig,
     pub bus: BusConfig,
+    /// Subscriptions declared at start (see [`crate::bus::declare`]).
+    pub subscriptions_file: Option<PathBuf>,
     /// Connection limits and timeouts of [`Runtime::serve`].
     pub server: ServerConfig,
 }
@@ -75,6 +77,7 @@ impl RuntimeConfig {
             projections: ProjectionConfig::default(),
             sagas: SagaConfig::default(),
             bus: BusConfig::default(),
+            subscriptions_file: None,
             server: ServerConfig::default(),
         }
     }
@@ -88,6 +91,8 @@ pub enum StartError {
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot declare the subscriptions of {file}: {reason}")]
+    Subscriptions { file: PathBuf, reason: String },
 }
 
 /// A started host.
@@ -152,6 +157,25 @@ impl Runtime {
         let hook: Arc<dyn crate::sandbox::SwapHook> = commands.clone();
         registry.set_swap_hook(Arc::downgrade(&hook));
         let sagas = SagaService::start(commands.clone(), metrics.clone(), config.sagas.clone()).await;
+        if let Some(file) = &config.subscriptions_file {
+            let declared = match std::fs::read(file) {
+                Ok(json) => crate::bus::declare(commands.store().as_ref(), &json).await.map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            match declared {
+                Ok(changes) => {
+                    for change in changes {
+                        tracing::info!(file = %file.display(), "{change}");
+                    }
+                }
+                Err(reason) => {
+                    sagas.stop().await;
+                    projections.stop();
+                    commands.store().close().await;
+                    return Err(StartError::Subscriptions { file: file.clone(), reason });
+                }
+            }
+        }
         let bus = BusService::start(commands.store().clone(), metrics.clone(), config.bus.clone()).await;
         let (stopping, _) = tokio::sync::watch::channel(false);
         Ok(Self {

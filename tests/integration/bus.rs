@@ -763,3 +763,41 @@ async fn another_host_takes_over_a_subscription_when_its_holder_is_killed() {
     store.close().await;
     orchestrix_testkit::drop_schema(&url, &schema).await.expect("the test schema is dropped");
 }
+
+#[tokio::test]
+async fn subscriptions_declared_in_a_file_are_created_then_updated_at_start() {
+    let sandbox = Sandbox::with_bank();
+    let receiver = Receiver::start().await;
+    let file = sandbox.dir.path().join("subscriptions.json");
+    let declare = |url: &str, attempts: u32| {
+        let definitions = json!([{"name": "declared", "sink": {"type": "webhook", "url": url},
+                                  "retry": {"max_attempts": attempts}}]);
+        std::fs::write(&file, definitions.to_string()).unwrap();
+    };
+    declare(&receiver.url, 3);
+    let mut config = sandbox.config();
+    config.subscriptions_file = Some(file.clone());
+    let host = TestHost::start(config.clone()).await;
+    host.account("acc-1", "OpenAccount", r#"{"owner":"o","initial_balance":0}"#).await;
+    eventually("the declared subscription's delivery", Duration::from_secs(5), || receiver.accepted().len() == 1).await;
+    assert_eq!(subscription(&host, "declared").await["revision"], 1);
+    host.stop().await;
+    // Unchanged: left as it is; changed: updated, its checkpoint kept.
+    let host = TestHost::start(config.clone()).await;
+    assert_eq!(subscription(&host, "declared").await["revision"], 1);
+    host.stop().await;
+    declare(&receiver.url, 5);
+    let host = TestHost::start(config.clone()).await;
+    let updated = subscription(&host, "declared").await;
+    assert_eq!((updated["revision"].as_u64(), updated["retry"]["max_attempts"].as_u64()), (Some(2), Some(5)));
+    assert_eq!(updated["position"], 1, "{updated}");
+    host.stop().await;
+    // A bad file stops the start with the reason.
+    std::fs::write(&file, r#"[{"name": "bad", "sink": {"type": "webhook", "url": "ftp://x"}}]"#).unwrap();
+    let Err(error) = orchestrix_host::runtime::Runtime::start(config).await else { panic!("a bad file is refused") };
+    let message = error.to_string();
+    assert!(
+        message.contains("subscriptions.json") && message.contains("definition 0") && message.contains("sink.url"),
+        "{message}"
+    );
+}

@@ -387,6 +387,39 @@ impl BusService {
     }
 }
 
+/// Declare subscriptions from a JSON array of definitions: each one is
+/// created when no subscription has its name, and updated when its stored
+/// definition differs; subscriptions the array does not name are left
+/// alone. Sinks are not checked here (a runner retries a sink that is not
+/// ready, and shows why in `last_error`). Returns what changed.
+pub async fn declare(store: &dyn EventStore, json: &[u8]) -> Result<Vec<String>, BusError> {
+    let definitions: Vec<serde_json::Value> = serde_json::from_slice(json)
+        .map_err(|e| BusError::Invalid(format!("expected a JSON array of subscription definitions: {e}")))?;
+    let stored = store.subscriptions().await?;
+    let mut changes = Vec::new();
+    for (index, definition) in definitions.iter().enumerate() {
+        let spec = SubscriptionSpec::parse(definition.to_string().as_bytes())
+            .map_err(|e| BusError::Invalid(format!("definition {index}: {e}")))?;
+        let text = serde_json::to_string(&spec).expect("a spec is JSON");
+        let name = spec.name.clone();
+        match stored.iter().find(|record| record.name == name) {
+            None => {
+                let start_at_head = spec.delivery.start == Start::Now;
+                store
+                    .change_subscription(SubscriptionChange::Create { name: name.clone(), spec: text, start_at_head })
+                    .await?;
+                changes.push(format!("subscription `{name}` created"));
+            }
+            Some(record) if record.spec != text => {
+                store.change_subscription(SubscriptionChange::Update { name: name.clone(), spec: text }).await?;
+                changes.push(format!("subscription `{name}` updated"));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(changes)
+}
+
 /// Refuse a sink that cannot take events now, with the reason: a NATS
 /// server that does not answer, or no stream capturing the subjects.
 async fn check_sink(sink: &SinkSpec) -> Result<(), BusError> {

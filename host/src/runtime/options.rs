@@ -93,6 +93,10 @@ pub struct HostOptions {
     /// (bigger batches on a busy log, for this much more lag).
     #[arg(long, env = "ORCHESTRIX_PROJECTION_LINGER_MS", default_value_t = 10)]
     pub projection_linger_ms: u64,
+    /// A JSON file holding an array of subscription definitions (as `POST /v1/subscriptions` takes them),
+    /// created at start when missing and updated when changed; others are left alone
+    #[arg(long, env = "ORCHESTRIX_SUBSCRIPTIONS")]
+    pub subscriptions: Option<PathBuf>,
 }
 
 impl HostOptions {
@@ -130,6 +134,7 @@ impl HostOptions {
                 ),
             },
         };
+        config.subscriptions_file = self.subscriptions.clone();
         config.sandbox = SandboxLimits {
             call_deadline: Duration::from_millis(self.call_deadline_ms),
             max_memory_bytes: self.max_memory_mib << 20,

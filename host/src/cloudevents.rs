@@ -170,21 +170,8 @@ mod tests {
 
     #[test]
     fn data_that_is_not_json_travels_as_a_string() {
-        let mut event = StoredEvent {
-            position: 1,
-            stream: StreamId::new("a", "b"),
-            version: 1,
-            id: uuid::Uuid::nil(),
-            event_type: "E".into(),
-            schema_version: 1,
-            time: chrono::DateTime::UNIX_EPOCH,
-            data: "not json".into(),
-            correlation_id: None,
-            causation_id: None,
-            module: "m".into(),
-            module_version: "1".into(),
-            trace: None,
-        };
+        let mut event = StoredEvent::sample("m", StreamId::new("a", "b"), "E");
+        event.data = "not json".into();
         assert_eq!(to_cloudevent(&event)["data"], "not json");
         event.data = r#"{"b": 1, "a": [true]}"#.into();
         assert_eq!(to_cloudevent(&event)["data"], json!({"a": [true], "b": 1}));

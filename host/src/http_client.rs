@@ -3,17 +3,23 @@
 //! installs rustls's crypto provider (ring, which the NATS client uses
 //! too) for the process. reqwest is built without a provider of its own,
 //! so a client built any other way would panic; a tidy test keeps every
-//! `reqwest::Client` construction here.
+//! `reqwest::Client` construction here. The one client built elsewhere,
+//! the OTLP exporter's, is built after [`install_tls_provider`].
 
 use std::sync::Once;
 
-/// A reqwest client builder, for `https://` as well as `http://`.
-pub fn builder() -> reqwest::ClientBuilder {
+/// Make ring rustls's crypto provider for this process (once; a provider
+/// installed before stays).
+pub fn install_tls_provider() {
     static PROVIDER: Once = Once::new();
     PROVIDER.call_once(|| {
-        // Fails only when a provider is installed already: that one stays.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// A reqwest client builder, for `https://` as well as `http://`.
+pub fn builder() -> reqwest::ClientBuilder {
+    install_tls_provider();
     reqwest::Client::builder()
 }
 

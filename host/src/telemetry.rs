@@ -445,6 +445,8 @@ impl Export {
             .with_service_name(settings.service_name.clone())
             .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
             .build();
+        // The exporter builds its own reqwest client.
+        crate::http_client::install_tls_provider();
         let mut exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_endpoint(endpoint.clone())

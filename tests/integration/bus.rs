@@ -764,6 +764,19 @@ async fn another_host_takes_over_a_subscription_when_its_holder_is_killed() {
     orchestrix_testkit::drop_schema(&url, &schema).await.expect("the test schema is dropped");
 }
 
+/// The notification example's declaration (README) is a valid one.
+#[tokio::test]
+async fn the_bank_s_notification_subscription_is_declared_at_start() {
+    let sandbox = Sandbox::with_bank();
+    let mut config = sandbox.config();
+    config.subscriptions_file = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/bank/notifications.json").into());
+    let host = TestHost::start(config).await;
+    let declared = subscription(&host, "withdrawals").await;
+    assert_eq!(declared["filter"]["types"], json!(["bank.account.MoneyWithdrawn"]), "{declared}");
+    assert_eq!(declared["sink"]["secret"], "<redacted>");
+    host.stop().await;
+}
+
 #[tokio::test]
 async fn subscriptions_declared_in_a_file_are_created_then_updated_at_start() {
     let sandbox = Sandbox::with_bank();

@@ -11,7 +11,7 @@
 //! | processes | `sagas` (sends commands through the pipeline) |
 //! | services | `pipeline`, `projections`, `whatif`, `bus` (not each other) |
 //! | runtime parts | `sandbox` (may read the `store`), `cloudevents` (the wire form of stored events), `store` |
-//! | leaves | `limits`, `metrics`, `sse`, `leases`, `http_client`; `telemetry` (trace context and export, counts drops in `metrics`) |
+//! | leaves | `limits`, `metrics`, `sse`, `leases`, `http_client`; `telemetry` (trace context and export, counts drops in `metrics`, builds its exporter after `http_client`'s TLS set-up) |
 
 use std::path::{Path, PathBuf};
 
@@ -46,7 +46,7 @@ fn host_module(relative: &Path) -> String {
 fn allowed(module: &str) -> Option<&'static [&'static str]> {
     Some(match module {
         "limits" | "metrics" | "sse" | "leases" | "http_client" => &[],
-        "telemetry" => &["metrics"],
+        "telemetry" => &["metrics", "http_client"],
         "store" => &["limits", "metrics", "sse", "telemetry"],
         "cloudevents" => &["store", "telemetry"],
         "sandbox" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store"],

@@ -378,21 +378,7 @@ mod tests {
     use crate::store::StreamId;
 
     fn event(module: &str, stream: StreamId, event_type: &str) -> StoredEvent {
-        StoredEvent {
-            position: 1,
-            stream,
-            version: 1,
-            id: uuid::Uuid::nil(),
-            event_type: event_type.into(),
-            schema_version: 1,
-            time: chrono::DateTime::UNIX_EPOCH,
-            data: "{}".into(),
-            correlation_id: None,
-            causation_id: None,
-            module: module.into(),
-            module_version: "1".into(),
-            trace: None,
-        }
+        StoredEvent::sample(module, stream, event_type)
     }
 
     #[test]

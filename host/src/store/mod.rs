@@ -570,13 +570,13 @@ pub trait EventStore: Send + Sync + 'static {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::{EventNames, StoredEvent, StreamId};
-
-    fn event(module: &str, aggregate_type: &str, event_type: &str) -> StoredEvent {
+impl StoredEvent {
+    /// An event of `module` on `stream` for unit tests: position and
+    /// version 1, data `{}`, no metadata.
+    pub(crate) fn sample(module: &str, stream: StreamId, event_type: &str) -> Self {
         StoredEvent {
             position: 1,
-            stream: StreamId::new(aggregate_type, "x"),
+            stream,
             version: 1,
             id: uuid::Uuid::nil(),
             event_type: event_type.into(),
@@ -589,6 +589,15 @@ mod tests {
             module_version: "1".into(),
             trace: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{EventNames, StoredEvent, StreamId};
+
+    fn event(module: &str, aggregate_type: &str, event_type: &str) -> StoredEvent {
+        StoredEvent::sample(module, StreamId::new(aggregate_type, "x"), event_type)
     }
 
     #[test]

@@ -58,6 +58,7 @@ fn request(stream: StreamId, events: usize) -> AppendRequest {
             causation_id: Some(uuid::Uuid::now_v7().to_string()),
             module: "bank".into(),
             module_version: "0.1.0".into(),
+            module_hash: None,
             trace: None,
         },
         command_id: None,

@@ -182,6 +182,7 @@ fn counter_events(stored_by_v1: bool) -> Vec<StoredEvent> {
                 causation_id: None,
                 module: "counter".into(),
                 module_version: if stored_by_v1 { "1.0.0" } else { "1.1.0" }.into(),
+                module_hash: None,
                 trace: None,
             }
         })

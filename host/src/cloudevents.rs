@@ -26,6 +26,9 @@ struct Structured<'a> {
     datacontenttype: &'static str,
     id: &'a uuid::Uuid,
     module: &'a str,
+    /// Content hash of the build that produced the event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    modulehash: Option<&'a str>,
     moduleversion: &'a str,
     position: u64,
     schemaversion: u32,
@@ -90,6 +93,7 @@ impl<'a> Structured<'a> {
             datacontenttype: "application/json",
             id: &event.id,
             module: &event.module,
+            modulehash: event.module_hash.as_deref(),
             moduleversion: &event.module_version,
             position: event.position,
             schemaversion: event.schema_version,
@@ -142,6 +146,7 @@ mod tests {
             causation_id: None,
             module: "bank".into(),
             module_version: "0.1.0".into(),
+            module_hash: Some("9f86d081".into()),
             trace: crate::telemetry::TraceContext::parse(
                 "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
                 Some("rojo=00f067aa0ba902b7"),
@@ -159,6 +164,7 @@ mod tests {
         assert!(rendered.get("causationid").is_none());
         assert_eq!(rendered["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
         assert_eq!(rendered["tracestate"], "rojo=00f067aa0ba902b7");
+        assert_eq!(rendered["modulehash"], "9f86d081");
         for key in rendered.as_object().unwrap().keys() {
             assert!(key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()), "attribute `{key}`");
         }
@@ -176,5 +182,6 @@ mod tests {
         event.data = r#"{"b": 1, "a": [true]}"#.into();
         assert_eq!(to_cloudevent(&event)["data"], json!({"a": [true], "b": 1}));
         assert!(to_cloudevent(&event).get("causationid").is_none());
+        assert!(to_cloudevent(&event).get("modulehash").is_none(), "absent, not null");
     }
 }

@@ -885,6 +885,7 @@ fn append_request(
             causation_id: Some(request.command_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string())),
             module: module.name.clone(),
             module_version: module.version.clone(),
+            module_hash: Some(module.content_hash.clone()),
             trace,
         },
         command_id: request.command_id.clone(),

@@ -197,6 +197,10 @@ async fn events_leave_as_cloudevents() {
     assert_eq!(event["correlationid"], "corr-1");
     assert_eq!(event["module"], "bank");
     assert!(event["moduleversion"].is_string());
+    // The exact build that produced it.
+    let bank = host.modules["modules"].as_array().unwrap().iter().find(|m| m["name"] == "bank").unwrap();
+    assert_eq!(event["modulehash"], bank["content_hash"], "{event}");
+    assert_eq!(event["modulehash"].as_str().unwrap().len(), 64, "a SHA-256");
     assert!(event["causationid"].is_string());
     let id = event["id"].as_str().unwrap();
     assert_eq!(id.len(), 36);

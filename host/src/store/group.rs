@@ -377,6 +377,7 @@ pub(super) fn plan(appends: Vec<(AppendRequest, Reply)>, facts: Facts, time: Dat
                     causation_id: metadata.causation_id.clone(),
                     module: metadata.module.clone(),
                     module_version: metadata.module_version.clone(),
+                    module_hash: metadata.module_hash.clone(),
                     trace: metadata.trace.clone(),
                 }
             })

@@ -209,6 +209,8 @@ pub struct EventMetadata {
     pub causation_id: Option<String>,
     pub module: String,
     pub module_version: String,
+    /// Content hash of the build that produced the events.
+    pub module_hash: Option<String>,
     /// The trace of the work that produced the events (W3C trace context).
     pub trace: Option<TraceContext>,
 }
@@ -240,6 +242,9 @@ pub struct StoredEvent {
     pub causation_id: Option<String>,
     pub module: String,
     pub module_version: String,
+    /// Content hash of the build that produced it (CloudEvents
+    /// `modulehash`); `None` for events appended without one.
+    pub module_hash: Option<String>,
     /// The trace of the work that produced it (CloudEvents `traceparent`
     /// and `tracestate`).
     pub trace: Option<TraceContext>,
@@ -587,6 +592,7 @@ impl StoredEvent {
             causation_id: None,
             module: module.into(),
             module_version: "1".into(),
+            module_hash: None,
             trace: None,
         }
     }

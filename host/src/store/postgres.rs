@@ -70,7 +70,7 @@ pub struct PostgresStore {
 macro_rules! columns {
     () => {
         "position, aggregate_type, aggregate_id, version, event_id, event_type, schema_version, \
-         recorded_at, data, correlation_id, causation_id, module, module_version, traceparent, tracestate"
+         recorded_at, data, correlation_id, causation_id, module, module_version, traceparent, tracestate, module_hash"
     };
 }
 
@@ -478,6 +478,7 @@ fn decode_event(row: &PgRow) -> StoredEvent {
         causation_id: row.get(10),
         module: row.get(11),
         module_version: row.get(12),
+        module_hash: row.get(15),
         trace: TraceContext::from_stored(row.get(13), row.get(14)),
     }
 }
@@ -727,11 +728,11 @@ impl Writer {
             columns!(),
             ") SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::uuid[], $6::text[], \
              $7::int4[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], \
-             $14::text[], $15::text[])), \
+             $14::text[], $15::text[], $16::text[])), \
              new_commands AS (INSERT INTO commands \
              (command_id, aggregate_type, aggregate_id, first_position, last_position, version) \
-             SELECT * FROM UNNEST($16::text[], $17::text[], $18::text[], $19::bigint[], $20::bigint[], $21::bigint[])) \
-             SELECT pg_notify($22, $23)"
+             SELECT * FROM UNNEST($17::text[], $18::text[], $19::text[], $20::bigint[], $21::bigint[], $22::bigint[])) \
+             SELECT pg_notify($23, $24)"
         ))
         .bind(rows.iter().map(|e| e.position as i64).collect::<Vec<_>>())
         .bind(rows.iter().map(|e| e.stream.aggregate_type.as_str()).collect::<Vec<_>>())
@@ -748,6 +749,7 @@ impl Writer {
         .bind(rows.iter().map(|e| e.module_version.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|e| e.trace.as_ref().map(TraceContext::traceparent)).collect::<Vec<_>>())
         .bind(rows.iter().map(|e| e.trace.as_ref().and_then(TraceContext::tracestate)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|e| e.module_hash.as_deref()).collect::<Vec<_>>())
         .bind(records.iter().map(|(id, _, _)| id.as_str()).collect::<Vec<_>>())
         .bind(records.iter().map(|(_, first, _)| first.stream.aggregate_type.as_str()).collect::<Vec<_>>())
         .bind(records.iter().map(|(_, first, _)| first.stream.aggregate_id.as_str()).collect::<Vec<_>>())

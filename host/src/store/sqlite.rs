@@ -118,7 +118,7 @@ pub(super) async fn relaxed_transaction<T>(
 macro_rules! columns {
     () => {
         "position, aggregate_type, aggregate_id, version, event_id, event_type, schema_version, \
-         time_us, data, correlation_id, causation_id, module, module_version, traceparent, tracestate"
+         time_us, data, correlation_id, causation_id, module, module_version, traceparent, tracestate, module_hash"
     };
 }
 
@@ -442,6 +442,7 @@ struct PackedEvent(
     String,
     Option<String>,
     Option<String>,
+    Option<String>,
 );
 
 impl PackedEvent {
@@ -462,6 +463,7 @@ impl PackedEvent {
             module_version,
             traceparent,
             tracestate,
+            module_hash,
         ) = self;
         Ok(StoredEvent {
             position: position as u64,
@@ -476,6 +478,7 @@ impl PackedEvent {
             causation_id,
             module,
             module_version,
+            module_hash,
             trace: TraceContext::from_stored(traceparent, tracestate),
         })
     }
@@ -499,6 +502,7 @@ fn decode_event(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
         causation_id: row.get(10),
         module: row.get(11),
         module_version: row.get(12),
+        module_hash: row.get(15),
         trace: TraceContext::from_stored(row.get(13), row.get(14)),
     })
 }
@@ -752,7 +756,8 @@ impl Writer {
                     .push_bind(&event.module)
                     .push_bind(&event.module_version)
                     .push_bind(event.trace.as_ref().map(TraceContext::traceparent))
-                    .push_bind(event.trace.as_ref().and_then(TraceContext::tracestate));
+                    .push_bind(event.trace.as_ref().and_then(TraceContext::tracestate))
+                    .push_bind(&event.module_hash);
             });
             script.push("; ");
         }

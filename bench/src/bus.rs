@@ -20,32 +20,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use axum::body::Bytes;
 use orchestrix_host::pipeline::CommandRequest;
-use orchestrix_host::projections::ProjectionSelection;
 use orchestrix_host::runtime::Runtime;
 use orchestrix_host::store::{AppendRequest, EventData, EventMetadata, ExpectedVersion, StreamId};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
-use crate::storage::BenchStorage;
+use crate::storage::{start_without_projections, stop};
 use crate::{Backend, BenchArgs, describe, median_by, percentile_ms};
 
 const ACCOUNTS: usize = 1000;
 const WEBHOOK_RATE: u64 = 1000;
-
-async fn start(args: &BenchArgs, backend: Backend) -> Result<(Runtime, BenchStorage)> {
-    let storage = BenchStorage::create(args, backend).await?;
-    let mut config = args.host.config();
-    config.store_url = storage.url.clone();
-    config.store_options = storage.options.clone();
-    config.projections.selection = ProjectionSelection::Only(Default::default());
-    let runtime = Runtime::start(config).await.context("starting the host")?;
-    Ok((runtime, storage))
-}
-
-async fn stop(runtime: Runtime, storage: BenchStorage) -> Result<()> {
-    runtime.close().await;
-    storage.remove().await
-}
 
 pub async fn bus(args: &BenchArgs, backend: Backend) -> Result<()> {
     match &args.nats_url {
@@ -72,7 +56,7 @@ async fn jetstream(args: &BenchArgs, backend: Backend, url: &str) -> Result<()> 
     let nats = async_nats::jetstream::new(async_nats::connect(url).await.context("connecting to NATS")?);
     let mut runs = Vec::new();
     for run in 1..=args.runs {
-        let (runtime, storage) = start(args, backend).await?;
+        let (runtime, storage) = start_without_projections(args, backend).await?;
         let store = runtime.commands.store().clone();
         let per_append = 100;
         let mut appends = tokio::task::JoinSet::new();
@@ -209,7 +193,7 @@ struct WebhookRun {
 }
 
 async fn webhook_run(args: &BenchArgs, backend: Backend, stuck_neighbour: bool) -> Result<WebhookRun> {
-    let (runtime, storage) = start(args, backend).await?;
+    let (runtime, storage) = start_without_projections(args, backend).await?;
     let service = runtime.commands.clone();
     let request = |id: usize, command: &str, payload: Value| CommandRequest {
         stream: StreamId::new("account", format!("acc-{id}")),

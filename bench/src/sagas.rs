@@ -22,12 +22,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use orchestrix_host::pipeline::{CommandRequest, CommandService};
-use orchestrix_host::projections::ProjectionSelection;
 use orchestrix_host::runtime::Runtime;
 use orchestrix_host::store::{StreamId, Subscription};
 use serde_json::json;
 
-use crate::storage::BenchStorage;
+use crate::storage::{BenchStorage, start_without_projections, stop};
 use crate::{Backend, BenchArgs, describe, median_by, percentile_ms};
 
 const ACCOUNTS: usize = 1000;
@@ -38,23 +37,13 @@ const TIMERS: usize = 10_000;
 const SKUS: usize = 1000;
 
 async fn start(args: &BenchArgs, backend: Backend) -> Result<(Runtime, BenchStorage)> {
-    let storage = BenchStorage::create(args, backend).await?;
-    let mut config = args.host.config();
-    config.store_url = storage.url.clone();
-    config.store_options = storage.options.clone();
-    config.projections.selection = ProjectionSelection::Only(Default::default());
-    let runtime = Runtime::start(config).await.context("starting the host")?;
+    let (runtime, storage) = start_without_projections(args, backend).await?;
     for aggregate in ["transfer", "order"] {
         if runtime.commands.modules().route(aggregate).is_none() {
             bail!("no module serves `{aggregate}`: build the plugins first (cargo xtask dist)");
         }
     }
     Ok((runtime, storage))
-}
-
-async fn stop(runtime: Runtime, storage: BenchStorage) -> Result<()> {
-    runtime.close().await;
-    storage.remove().await
 }
 
 fn request(aggregate_type: &str, id: String, command_type: &str, payload: serde_json::Value) -> CommandRequest {

@@ -32,6 +32,10 @@ const REDELIVERY_CHECK: Duration = Duration::from_millis(250);
 const REDELIVERY_BATCH: usize = 64;
 /// The longest the loop waits for the head to move before reading anyway.
 const POLL: Duration = Duration::from_millis(500);
+/// While a read batch is being delivered, the checkpoint follows the
+/// acknowledgements at least this often, so a crash repeats at most this
+/// much delivery work (not the whole batch).
+const CHECKPOINT_WHILE_DELIVERING: Duration = Duration::from_millis(200);
 
 /// What the keeper tells the loop.
 #[derive(Clone)]
@@ -133,6 +137,7 @@ impl Runner {
             connect_failures: 0,
             redelivery_checked: Instant::now() - REDELIVERY_CHECK,
             paused_at_ms: None,
+            advanced_at: Instant::now(),
         };
         delivery.run(&mut held).await;
         let Delivery { fence, position, checkpoint, .. } = delivery;
@@ -225,6 +230,8 @@ struct Delivery<'r> {
     /// When this host paused the subscription (a 410), by the database's
     /// clock: rows read before then still say `active`.
     paused_at_ms: Option<i64>,
+    /// When the checkpoint last moved during a delivery.
+    advanced_at: Instant,
 }
 
 impl Delivery<'_> {
@@ -321,6 +328,7 @@ impl Delivery<'_> {
                     Ok(()) => {
                         self.position = to.max(self.position);
                         self.checkpoint = self.position;
+                        self.advanced_at = Instant::now();
                     }
                     Err(StoreError::LeaseLost(why)) => {
                         tracing::info!(subscription = %self.name(), %why, "lease lost; stopping delivery");
@@ -433,6 +441,20 @@ impl Delivery<'_> {
                         failing = false;
                         metrics.set_subscription_failing(name, false);
                         self.record_error(None).await;
+                    }
+                    if next < matched.len() && self.advanced_at.elapsed() >= CHECKPOINT_WHILE_DELIVERING {
+                        let to = matched[next - 1].event.position;
+                        match self.runner.advance(&self.fence, self.checkpoint, to, dead.clone()).await {
+                            Ok(()) => {
+                                (self.position, self.checkpoint) = (to, to);
+                                dead.clear();
+                            }
+                            // Lost: the caller's own move fails and stops.
+                            Err(StoreError::LeaseLost(_)) => return Progress { to: Some(to), dead },
+                            // Moved later, with the rest.
+                            Err(_) => {}
+                        }
+                        self.advanced_at = Instant::now();
                     }
                 }
                 Err(failure) => {

@@ -59,6 +59,7 @@ fn request(stream: StreamId, events: usize) -> AppendRequest {
             module: "bank".into(),
             module_version: "0.1.0".into(),
             module_hash: None,
+            module_generation: None,
             trace: None,
         },
         command_id: None,

@@ -12,10 +12,12 @@
 //! - `sagas`: see [`sagas`].
 //! - `history`: see [`history`].
 //! - `bus`: see [`bus`].
+//! - `cluster`: see [`cluster`].
 //!
 //! The figures measured so far, and how, are in `docs/benchmarks.md`.
 
 mod bus;
+mod cluster;
 mod commands;
 mod feed;
 mod history;
@@ -73,6 +75,9 @@ pub enum Suite {
     /// The outbound bus: events/s delivered to JetStream; append → webhook
     /// latency at 1,000 events/s, alone and beside a stuck webhook.
     Bus,
+    /// Cluster modules: the generation fence's cost on group commit; three
+    /// hosts under load, builds published through one (PostgreSQL).
+    Cluster,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,7 +91,7 @@ pub enum Backend {
     name = "orchestrix-bench",
     version,
     about = "Measure the Orchestrix host: commands, the feed, hot swap, projection rebuilds and lag, robustness, sagas, \
-             history, the outbound bus"
+             history, the outbound bus, cluster modules"
 )]
 pub struct BenchArgs {
     /// The host's options, as for `orchestrix serve`.
@@ -97,7 +102,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness,sagas,history,tracing,bus"
+        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness,sagas,history,tracing,bus,cluster"
     )]
     suites: Vec<Suite>,
     /// Backends to measure on (comma-separated); PostgreSQL needs --postgres-url.
@@ -199,6 +204,7 @@ async fn run(args: BenchArgs) -> Result<()> {
                 Suite::History => history::history(&args, backend).await?,
                 Suite::Tracing => tracing_export::trace_export(&args, backend).await?,
                 Suite::Bus => bus::bus(&args, backend).await?,
+                Suite::Cluster => cluster::cluster(&args, backend).await?,
             }
         }
     }

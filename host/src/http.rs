@@ -4,6 +4,7 @@
 
 mod extract;
 mod live;
+mod modules;
 mod projections;
 mod sagas;
 mod subscriptions;
@@ -38,6 +39,7 @@ pub struct ApiState {
     pub sagas: Arc<crate::sagas::SagaService>,
     pub bus: Arc<crate::bus::BusService>,
     pub whatif: Arc<crate::whatif::WhatIfService>,
+    pub cluster: Arc<crate::cluster::ClusterService>,
     pub metrics: Metrics,
     /// Turns true when the host shuts down: open event streams end, so a
     /// graceful shutdown does not wait for clients that never hang up.
@@ -47,8 +49,8 @@ pub struct ApiState {
 /// Largest page of the global log one request may ask for.
 const MAX_PAGE: usize = 10_000;
 
-/// Largest request bodies: a module (`POST /v1/what-if`), and any other
-/// request (a command).
+/// Largest request bodies: a module (`POST /v1/what-if`, `POST
+/// /v1/modules`), and any other request (a command).
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimits {
     pub request: usize,
@@ -58,7 +60,7 @@ pub struct BodyLimits {
 impl BodyLimits {
     /// The limit of a request to `path`.
     pub fn for_path(&self, path: &str) -> usize {
-        if path == whatif::WHAT_IF_PATH { self.module } else { self.request }
+        if path == whatif::WHAT_IF_PATH || path == modules::MODULES_PATH { self.module } else { self.request }
     }
 }
 
@@ -70,9 +72,7 @@ pub fn router(state: Arc<ApiState>, limits: BodyLimits) -> Router {
         .route("/v1/aggregates/{aggregate_type}/{aggregate_id}/events", get(stream_events))
         .route("/v1/events", get(global_events))
         .route("/v1/events/stream", get(live::live_events))
-        .route("/v1/modules", get(modules))
-        .route("/v1/modules/reload", post(reload_modules))
-        .route("/v1/modules/{name}/release", post(release_module))
+        .merge(modules::routes(limits.module))
         .merge(projections::routes())
         .merge(sagas::routes())
         .merge(subscriptions::routes())
@@ -261,6 +261,8 @@ pub(crate) fn store_status(error: &StoreError) -> (StatusCode, &'static str) {
         StoreError::Configuration(_) => "store_misconfigured",
         StoreError::ReadModelConflict(_) => "read_model_conflict",
         StoreError::LeaseLost(_) => "saga_lease_lost",
+        StoreError::StaleModule { .. } => "module_behind",
+        StoreError::ModuleConflict { .. } => "module_generation_conflict",
     };
     (kind_status(error.kind()), code)
 }
@@ -461,69 +463,6 @@ async fn global_events(
         response.headers_mut().insert(name, HeaderValue::from(value));
     }
     Ok(response)
-}
-
-async fn modules(State(state): State<Arc<ApiState>>) -> Json<Value> {
-    let modules: Vec<Value> = state
-        .commands
-        .modules()
-        .modules()
-        .map(|m| {
-            json!({
-                "name": m.name,
-                "version": m.version,
-                "content_hash": m.content_hash,
-                "file": m.file.display().to_string(),
-                "state": if m.quarantine().is_some() { "quarantined" } else { "serving" },
-                "quarantine": m.quarantine(),
-                "manifest": {
-                    "aggregates": m.manifest.aggregates.iter().map(|a| json!({
-                        "name": a.name, "command_types": a.command_types, "event_types": a.event_types,
-                    })).collect::<Vec<_>>(),
-                    "projections": m.manifest.projections.iter().map(|p| json!({
-                        "name": p.name, "version": p.version, "event_types": p.event_types,
-                    })).collect::<Vec<_>>(),
-                    "sagas": m.manifest.sagas.iter().map(|s| json!({
-                        "name": s.name, "starting_event_types": s.starting_event_types, "event_types": s.event_types,
-                    })).collect::<Vec<_>>(),
-                    "event_schemas": m.manifest.event_schemas.iter().map(|e| json!({
-                        "event_type": e.event_type, "version": e.version,
-                    })).collect::<Vec<_>>(),
-                },
-            })
-        })
-        .collect();
-    let registry = state.commands.registry();
-    Json(json!({
-        "plugins_dir": registry.plugins_dir().display().to_string(),
-        "modules": modules,
-        "failures": registry.failures(),
-    }))
-}
-
-/// `POST /v1/modules/{name}/release`: lift a module's quarantine.
-async fn release_module(
-    State(state): State<Arc<ApiState>>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
-    let modules = state.commands.modules();
-    let module = modules.by_name(&name).ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, "unknown_module", format!("no module `{name}` is loaded"))
-    })?;
-    Ok(Json(json!({"module": name, "released": module.release()})))
-}
-
-/// `POST /v1/modules/reload`: rescan the plugins directory now (for
-/// environments where file events are unreliable) and report what changed.
-async fn reload_modules(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
-    let report = state.commands.registry().reload().await.map_err(|error| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "plugins_dir_unreadable",
-            format!("cannot read the plugins directory: {error}"),
-        )
-    })?;
-    Ok(Json(serde_json::to_value(report).unwrap_or(Value::Null)))
 }
 
 async fn health(State(state): State<Arc<ApiState>>) -> Json<Value> {

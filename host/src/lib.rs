@@ -15,6 +15,8 @@
 //!   reaction transaction, timers, the outbox, parking.
 //! - [`bus`]: the outbound bus — subscriptions delivering events to NATS
 //!   JetStream and webhooks under store leases, retries, dead letters.
+//! - [`cluster`]: one build per module across the hosts of one store —
+//!   the sync and heartbeat loops, `GET /v1/cluster`.
 //! - [`http_client`]: every outgoing HTTP(S) client, with its TLS provider.
 //! - [`leases`]: lease identity and times shared by sagas and the bus.
 //! - [`http`]: the JSON HTTP API; [`cloudevents`]: the event wire format;
@@ -26,6 +28,7 @@
 
 pub mod bus;
 pub mod cloudevents;
+pub mod cluster;
 pub mod http;
 pub mod http_client;
 pub mod leases;

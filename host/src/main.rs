@@ -1,6 +1,6 @@
 //! `orchestrix`: the host binary. `serve` runs the host; `send`, `events`,
-//! `state`, `what-if`, `modules`, `projections`, `query` and `sagas` talk to
-//! a running host over HTTP.
+//! `state`, `what-if`, `modules`, `cluster`, `projections`, `query`, `sagas`
+//! and `subscriptions` talk to a running host over HTTP.
 //! (The benchmarks are a binary of their own: `bench/`, `orchestrix-bench`.)
 
 mod cli;
@@ -33,8 +33,11 @@ enum Command {
     State(cli::history::StateArgs),
     /// Replay the stored history through a candidate module build and report what would differ.
     WhatIf(cli::history::WhatIfArgs),
-    /// List the modules a running host serves (and the files it refused), or reload them.
+    /// List the modules a running host serves (and the files it refused); reload, release, publish a build
+    /// to the cluster, or activate a stored one (rollback).
     Modules(cli::client::ModulesArgs),
+    /// Show the hosts sharing the store, the build each runs per module, and who is behind.
+    Cluster(cli::client::ClusterArgs),
     /// Show projection status, or rebuild a projection, retry or skip its parked event.
     Projections(cli::read_side::ProjectionsArgs),
     /// Read documents of a projection's read model: one by key, or a filtered page.
@@ -122,6 +125,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::State(args) => cli::history::state(args).await,
             Command::WhatIf(args) => cli::history::what_if(args).await,
             Command::Modules(args) => cli::client::modules(args).await,
+            Command::Cluster(args) => cli::client::cluster(args).await,
             Command::Projections(args) => cli::read_side::projections(args).await,
             Command::Query(args) => cli::read_side::query(args).await,
             Command::Sagas(args) => cli::sagas::sagas(args).await,

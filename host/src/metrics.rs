@@ -54,6 +54,9 @@ struct Inner {
     fuel: IntCounterVec,
     quarantines: IntCounterVec,
     quarantined: IntGaugeVec,
+    module_generation: IntGaugeVec,
+    cluster_hosts_behind: IntGauge,
+    stale_appends: IntCounterVec,
     head_position: IntGauge,
     live_streams: IntGauge,
     live_streams_dropped: IntCounter,
@@ -260,6 +263,24 @@ impl Metrics {
             &["module"],
         )
         .expect("valid metric");
+        let module_generation = IntGaugeVec::new(
+            Opts::new("orchestrix_module_generation", "The cluster-wide generation of the build this host serves"),
+            &["module"],
+        )
+        .expect("valid metric");
+        let cluster_hosts_behind = IntGauge::new(
+            "orchestrix_cluster_hosts_behind",
+            "Live hosts of the cluster serving an older generation of some module than the current one",
+        )
+        .expect("valid metric");
+        let stale_appends = IntCounterVec::new(
+            Opts::new(
+                "orchestrix_stale_module_appends_total",
+                "Appends the group commit refused because a newer build was activated (the command is retried)",
+            ),
+            &["module"],
+        )
+        .expect("valid metric");
         let head_position =
             IntGauge::new("orchestrix_event_head_position", "Last committed global position known to this host")
                 .expect("valid metric");
@@ -388,6 +409,9 @@ impl Metrics {
             Box::new(fuel.clone()),
             Box::new(quarantines.clone()),
             Box::new(quarantined.clone()),
+            Box::new(module_generation.clone()),
+            Box::new(cluster_hosts_behind.clone()),
+            Box::new(stale_appends.clone()),
             Box::new(head_position.clone()),
             Box::new(live_streams.clone()),
             Box::new(live_streams_dropped.clone()),
@@ -418,6 +442,9 @@ impl Metrics {
                 fuel,
                 quarantines,
                 quarantined,
+                module_generation,
+                cluster_hosts_behind,
+                stale_appends,
                 head_position,
                 live_streams,
                 live_streams_dropped,
@@ -517,6 +544,21 @@ impl Metrics {
     /// serving, or an operator lifts a quarantine: `false`).
     pub fn set_quarantined(&self, module: &str, quarantined: bool) {
         self.inner.quarantined.with_label_values(&[module]).set(i64::from(quarantined));
+    }
+
+    /// The generation of the build this host serves for `module`.
+    pub fn set_module_generation(&self, module: &str, generation: u64) {
+        self.inner.module_generation.with_label_values(&[module]).set(generation as i64);
+    }
+
+    /// Live hosts serving an older generation than the cluster's current.
+    pub fn set_cluster_hosts_behind(&self, hosts: usize) {
+        self.inner.cluster_hosts_behind.set(hosts as i64);
+    }
+
+    /// An append refused by the generation fence (its command is retried).
+    pub fn observe_stale_append(&self, module: &str) {
+        self.inner.stale_appends.with_label_values(&[module]).inc();
     }
 
     /// A guest call that failed, by kind (`trap`, `deadline`, `memory`, `host`).

@@ -187,9 +187,13 @@ impl StoreError {
     /// The class of a store error as a command outcome.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            StoreError::Conflict { .. } | StoreError::ReadModelConflict(_) | StoreError::LeaseLost(_) => {
-                ErrorKind::Conflict
-            }
+            StoreError::Conflict { .. }
+            | StoreError::ReadModelConflict(_)
+            | StoreError::LeaseLost(_)
+            | StoreError::ModuleConflict { .. } => ErrorKind::Conflict,
+            // Retried after a reload; left over only when this host cannot
+            // load the current build.
+            StoreError::StaleModule { .. } => ErrorKind::Unavailable,
             // The key already stands for another stream's command.
             StoreError::CommandIdReused(_) => ErrorKind::Rejected,
             StoreError::PayloadTooLarge { .. } | StoreError::Refused(_) => ErrorKind::Invalid,
@@ -411,6 +415,14 @@ impl AggregateCache {
 /// version conflict (its cached state was stale).
 const STALE_STATE_ATTEMPTS: usize = 3;
 
+/// Times a command is retried after the generation fence refused its
+/// append (each after catching up with the cluster's current build).
+const FENCE_ATTEMPTS: usize = 3;
+
+/// Longest a command waits for this host to load the cluster's current
+/// build after the fence refused its append.
+const CATCH_UP_BUDGET: Duration = Duration::from_secs(5);
+
 /// The command service shared by the HTTP API, the CLI's in-process
 /// benchmark and the tests.
 pub struct CommandService {
@@ -497,7 +509,13 @@ impl CommandService {
             // A conflict the client did not ask for (no expected version)
             // means the cached state was stale — another host on the same
             // PostgreSQL database wrote the stream. Refold and try again.
+            //
+            // An append refused by the generation fence means another host
+            // activated a newer build: catch up with it, route again and
+            // retry — the client sees latency, not an error.
             let mut attempt = 1;
+            let mut fenced = 0;
+            let mut module = module.clone();
             loop {
                 let result = self.execute_routed(&module, request.clone(), correlation_id.clone(), trace.clone()).await;
                 match result {
@@ -505,6 +523,21 @@ impl CommandService {
                         if request.expected_version.is_none() && attempt < STALE_STATE_ATTEMPTS =>
                     {
                         attempt += 1;
+                    }
+                    Err(CommandError::Store(StoreError::StaleModule { current, .. })) if fenced < FENCE_ATTEMPTS => {
+                        fenced += 1;
+                        self.metrics.observe_stale_append(&module.name);
+                        if !self.modules.catch_up(&module.name, current, CATCH_UP_BUDGET).await {
+                            break Err(CommandError::Store(StoreError::StaleModule {
+                                module: module.name.clone(),
+                                generation: module.generation(),
+                                current,
+                            }));
+                        }
+                        module = match self.route(&request.stream.aggregate_type) {
+                            Ok(module) => module,
+                            Err(error) => break Err(error),
+                        };
                     }
                     result => break result,
                 }
@@ -886,6 +919,7 @@ fn append_request(
             module: module.name.clone(),
             module_version: module.version.clone(),
             module_hash: Some(module.content_hash.clone()),
+            module_generation: Some(module.generation()).filter(|generation| *generation > 0),
             trace,
         },
         command_id: request.command_id.clone(),

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::bus::{BusConfig, BusService};
+use crate::cluster::ClusterService;
 use crate::http::{ApiState, BodyLimits, router};
 use crate::metrics::Metrics;
 use crate::pipeline::{CommandService, SnapshotPolicy};
 use crate::projections::{ProjectionConfig, ProjectionService};
 use crate::sagas::{SagaConfig, SagaService};
 use crate::sandbox::{
-    LoadFailure, ModuleRegistry, PluginsWatcher, RegistryConfig, Sandbox, SandboxLimits, watch_plugins,
+    LoadFailure, ModuleRegistry, ModulesFrom, PluginsWatcher, RegistryConfig, Sandbox, SandboxLimits, watch_plugins,
 };
 use crate::server::{self, ServerConfig};
 use crate::store::{self, StoreError, StoreOptions};
@@ -30,6 +31,11 @@ pub use options::HostOptions;
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     pub plugins_dir: PathBuf,
+    /// Where this host takes its modules from (see [`ModulesFrom`]).
+    pub modules_from: ModulesFrom,
+    /// The address of this host's API as other hosts and operators reach
+    /// it (`GET /v1/cluster`) [default: the address it listens on].
+    pub advertise: Option<String>,
     /// `sqlite://path/to/file.db` or `postgres://user@host:port/database`.
     pub store_url: String,
     /// Where precompiled modules are cached.
@@ -65,6 +71,8 @@ impl RuntimeConfig {
         Self {
             cache_dir: plugins_dir.join(".orchestrix-cache"),
             plugins_dir,
+            modules_from: ModulesFrom::default(),
+            advertise: None,
             store_url: store_url.into(),
             max_body_bytes: 1 << 20,
             max_module_bytes: 32 << 20,
@@ -102,6 +110,7 @@ pub struct Runtime {
     pub sagas: Arc<SagaService>,
     pub bus: Arc<BusService>,
     pub whatif: Arc<WhatIfService>,
+    pub cluster: Arc<ClusterService>,
     pub metrics: Metrics,
     config: RuntimeConfig,
     stopping: tokio::sync::watch::Sender<bool>,
@@ -118,12 +127,15 @@ impl Runtime {
         let metrics = Metrics::new();
         let sandbox = Arc::new(Sandbox::new(config.sandbox.clone())?);
         let store = store::open(&config.store_url, &config.store_options, metrics.clone()).await?;
+        let host_id = crate::leases::owner_id();
         let registry = Arc::new(ModuleRegistry::new(
             sandbox.clone(),
             RegistryConfig {
                 plugins_dir: config.plugins_dir.clone(),
                 cache_dir: config.cache_dir.clone(),
                 replay_sample: config.replay_sample,
+                modules_from: config.modules_from,
+                host_id: host_id.clone(),
             },
             store.clone(),
             metrics.clone(),
@@ -133,7 +145,12 @@ impl Runtime {
             store.close().await;
             return Err(StartError::PluginsDir { dir: config.plugins_dir.clone(), source });
         }
-        let watcher = match config.watch_plugins {
+        let cluster = ClusterService::start(registry.clone(), store.clone(), metrics.clone(), host_id);
+        if let Some(address) = &config.advertise {
+            cluster.set_address(address.clone());
+        }
+        let watch_quiet = config.watch_plugins.filter(|_| config.modules_from == ModulesFrom::Directory);
+        let watcher = match watch_quiet {
             Some(quiet) => match watch_plugins(registry.clone(), quiet) {
                 Ok(watcher) => Some(watcher),
                 Err(error) => {
@@ -184,6 +201,7 @@ impl Runtime {
             sagas,
             bus,
             whatif,
+            cluster,
             metrics,
             config,
             stopping,
@@ -205,6 +223,7 @@ impl Runtime {
             sagas: self.sagas.clone(),
             bus: self.bus.clone(),
             whatif: self.whatif.clone(),
+            cluster: self.cluster.clone(),
             metrics: self.metrics.clone(),
             stopping: self.stopping.subscribe(),
         });
@@ -230,6 +249,11 @@ impl Runtime {
             shutdown.await;
             stopping.send_replace(true);
         };
+        if self.config.advertise.is_none()
+            && let Ok(address) = listener.local_addr()
+        {
+            self.cluster.set_address(format!("http://{address}"));
+        }
         let router = self.router();
         server::serve(listener, router, &self.config.server, self.body_limits(), self.metrics.clone(), shutdown).await;
         self.close().await;
@@ -241,6 +265,7 @@ impl Runtime {
     /// pending appends and release the store.
     pub async fn close(&self) {
         drop(self.watcher.lock().take());
+        self.cluster.stop();
         self.sagas.stop().await;
         self.bus.stop().await;
         self.projections.stop();

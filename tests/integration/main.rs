@@ -6,6 +6,7 @@
 
 mod bank_rules;
 mod bus;
+mod cluster;
 mod commands;
 mod connections;
 mod feed;

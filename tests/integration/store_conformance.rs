@@ -381,6 +381,7 @@ async fn read_model_changes_are_atomic_and_checkpointed_exactly_once() {
             ops,
             collections: Some(vec!["c".into()]),
             skipped: 0,
+            fence: None,
         };
         let ops = vec![
             upsert("c", "a", r#"{"n":1,"s":"x"}"#),
@@ -425,6 +426,7 @@ async fn read_model_changes_are_atomic_and_checkpointed_exactly_once() {
             ops: vec![upsert("c", "z", r#"{"n":7}"#)],
             collections: None,
             skipped: 0,
+            fence: None,
         };
         store.change_read_model(shadow_commit).await.expect("shadow commit");
         assert_eq!(store.list_documents(&page_query("p", "c", &[], None)).await.unwrap().unwrap().generation, first);

@@ -9,7 +9,7 @@
 //! | wiring | `runtime`, `main`, `cli` |
 //! | edges | `http`, `server` |
 //! | processes | `sagas` (sends commands through the pipeline) |
-//! | services | `pipeline`, `projections`, `whatif`, `bus` (not each other) |
+//! | services | `pipeline`, `projections`, `whatif`, `bus`, `cluster` (not each other) |
 //! | runtime parts | `sandbox` (may read the `store`), `cloudevents` (the wire form of stored events), `store` |
 //! | leaves | `limits`, `metrics`, `sse`, `leases`, `http_client`; `telemetry` (trace context and export, counts drops in `metrics`, builds its exporter after `http_client`'s TLS set-up) |
 
@@ -49,11 +49,12 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
         "telemetry" => &["metrics", "http_client"],
         "store" => &["limits", "metrics", "sse", "telemetry"],
         "cloudevents" => &["store", "telemetry"],
-        "sandbox" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store"],
+        "sandbox" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "leases"],
         "pipeline" | "projections" | "whatif" => {
             &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox"]
         }
         "bus" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "leases", "http_client"],
+        "cluster" => &["limits", "metrics", "telemetry", "store", "sandbox", "leases"],
         "sagas" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox", "pipeline", "leases"],
         "http" | "server" => &[
             "limits",
@@ -68,6 +69,7 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
             "whatif",
             "sagas",
             "bus",
+            "cluster",
             "leases",
             "http_client",
             "http",

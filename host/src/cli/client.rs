@@ -1,10 +1,12 @@
-//! `send`, `events` and `modules`: thin HTTP clients of a running host; and
+//! `send`, `events`, `modules` and `cluster`: thin HTTP clients of a running host; and
 //! what every client subcommand shares: `--url`, printing the host's answer
 //! (pretty JSON on stdout; for a non-2xx answer, the API's error message on
 //! stderr and a failing exit code).
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
 use orchestrix_host::sse::SseParser;
 use serde_json::Value;
 
@@ -88,21 +90,39 @@ impl Schema {
 pub struct ModulesArgs {
     #[command(flatten)]
     target: Target,
-    /// `list` the serving modules and refused files, `reload` the plugins
-    /// directory now (for environments where file events are unreliable),
-    /// or `release` a quarantined module.
-    #[arg(value_enum, default_value = "list")]
-    action: ModulesAction,
-    /// The module to release.
-    #[arg(required_if_eq("action", "release"))]
-    module: Option<String>,
+    /// What to do [default: list].
+    #[command(subcommand)]
+    action: Option<ModulesAction>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Subcommand)]
 pub enum ModulesAction {
+    /// The serving modules (name, version, hash, generation, state) and the refused files.
     List,
+    /// Rescan the plugins directory now (where file events are unreliable) and sync with the store.
     Reload,
-    Release,
+    /// Lift a module's quarantine.
+    Release { module: String },
+    /// Publish a build to the cluster: checked once by the host, stored, activated on every host.
+    Publish { file: PathBuf },
+    /// Make a stored build of a module current on every host (a rollback): by version, or `--hash`.
+    Activate {
+        module: String,
+        /// The version to make current (the newest stored build of that version).
+        #[arg(required_unless_present = "hash", conflicts_with = "hash")]
+        version: Option<String>,
+        /// A content hash (or a prefix of at least 8 characters) instead of a version.
+        #[arg(long)]
+        hash: Option<String>,
+    },
+    /// A module's stored builds, newest first, with their check results and the current one.
+    Builds { module: String },
+}
+
+#[derive(Args)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    target: Target,
 }
 
 pub(crate) fn client() -> reqwest::Client {
@@ -185,16 +205,41 @@ pub async fn events(args: EventsArgs) -> Result<()> {
 
 pub async fn modules(args: ModulesArgs) -> Result<()> {
     let base = args.target.url.trim_end_matches('/');
-    match args.action {
+    let post = |url: String, request: reqwest::RequestBuilder| async move {
+        print_response(request.send().await.with_context(|| format!("cannot reach {url}"))?).await
+    };
+    match args.action.unwrap_or(ModulesAction::List) {
         ModulesAction::List => get_and_print(&format!("{base}/v1/modules")).await,
-        ModulesAction::Reload | ModulesAction::Release => {
-            let url = match (args.action, &args.module) {
-                (ModulesAction::Release, Some(module)) => format!("{base}/v1/modules/{module}/release"),
-                _ => format!("{base}/v1/modules/reload"),
+        ModulesAction::Reload => {
+            let url = format!("{base}/v1/modules/reload");
+            post(url.clone(), client().post(&url)).await
+        }
+        ModulesAction::Release { module } => {
+            let url = format!("{base}/v1/modules/{}/release", encode(&module));
+            post(url.clone(), client().post(&url)).await
+        }
+        ModulesAction::Publish { file } => {
+            let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let url = format!("{base}/v1/modules");
+            post(url.clone(), client().post(&url).header("content-type", "application/wasm").body(wasm)).await
+        }
+        ModulesAction::Activate { module, version, hash } => {
+            let url = format!("{base}/v1/modules/{}/activate", encode(&module));
+            let body = match hash {
+                Some(hash) => serde_json::json!({ "hash": hash }),
+                None => serde_json::json!({ "version": version }),
             };
-            print_response(client().post(&url).send().await.with_context(|| format!("cannot reach {url}"))?).await
+            post(url.clone(), client().post(&url).json(&body)).await
+        }
+        ModulesAction::Builds { module } => {
+            get_and_print(&format!("{base}/v1/modules/{}/builds", encode(&module))).await
         }
     }
+}
+
+/// `orchestrix cluster`: the hosts sharing the store and the builds they run.
+pub async fn cluster(args: ClusterArgs) -> Result<()> {
+    get_and_print(&format!("{}/v1/cluster", args.target.url.trim_end_matches('/'))).await
 }
 
 /// `events --follow`: read `GET /v1/events/stream` and print each event's

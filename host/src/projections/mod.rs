@@ -562,6 +562,8 @@ impl ProjectionService {
             ops: Vec::new(),
             collections: None,
             skipped: 1,
+            // An operator's skip projects nothing.
+            fence: None,
         };
         self.store.change_read_model(change).await?;
         self.parked_under.lock().remove(&copy.id);

@@ -342,6 +342,7 @@ impl Runner {
             ops,
             collections: added.clone(),
             skipped: 0,
+            fence: (self.module.generation() > 0).then(|| (self.module.name.clone(), self.module.generation())),
         };
         match self.store.change_read_model(change).await {
             Ok(_) => {}

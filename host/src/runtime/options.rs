@@ -9,7 +9,7 @@ use clap::Args;
 use super::RuntimeConfig;
 use crate::pipeline::SnapshotPolicy;
 use crate::projections::{ProjectionConfig, ProjectionSelection};
-use crate::sandbox::SandboxLimits;
+use crate::sandbox::{ModulesFrom, SandboxLimits};
 use crate::store::StoreOptions;
 
 /// The options of a host: `orchestrix serve`'s flags (and their
@@ -20,6 +20,14 @@ pub struct HostOptions {
     /// Directory of module `.wasm` files.
     #[arg(long, env = "ORCHESTRIX_PLUGINS", default_value = "plugins")]
     pub plugins: PathBuf,
+    /// Where modules come from: `dir` (the plugins directory; new files there publish to the store,
+    /// and builds published elsewhere are synced) or `store` (only what is published to the store).
+    #[arg(long, env = "ORCHESTRIX_MODULES_FROM", value_enum, default_value = "dir")]
+    pub modules_from: ModulesFromArg,
+    /// The URL of this host's API as other hosts and operators reach it (shown by `GET /v1/cluster`)
+    /// [default: http:// and the address it listens on].
+    #[arg(long, env = "ORCHESTRIX_ADVERTISE")]
+    pub advertise: Option<String>,
     /// Event store URL: `sqlite://PATH` or `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`.
     #[arg(long, env = "ORCHESTRIX_STORE", default_value = "sqlite://orchestrix.db")]
     pub store: String,
@@ -103,6 +111,11 @@ impl HostOptions {
     /// The runtime configuration these options describe.
     pub fn config(&self) -> RuntimeConfig {
         let mut config = RuntimeConfig::new(&self.plugins, &self.store);
+        config.modules_from = match self.modules_from {
+            ModulesFromArg::Dir => ModulesFrom::Directory,
+            ModulesFromArg::Store => ModulesFrom::Store,
+        };
+        config.advertise = self.advertise.clone();
         if let Some(dir) = &self.cache_dir {
             config.cache_dir = dir.clone();
         }
@@ -149,6 +162,13 @@ impl HostOptions {
         };
         config
     }
+}
+
+/// `--modules-from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModulesFromArg {
+    Dir,
+    Store,
 }
 
 /// `NAME=MS` of `--module-deadline-ms`.

@@ -119,7 +119,9 @@ impl Runner {
         self.note_clock(applied.now_ms);
         if let Some((epoch, position)) = applied.lease {
             tracing::info!(saga = %self.saga, epoch, position, "saga lease taken");
-            self.fence = Some(Fence { saga: self.saga.clone(), owner: self.inner.owner.clone(), epoch });
+            let built_by = (module.generation() > 0).then(|| (module.name.clone(), module.generation()));
+            self.fence =
+                Some(Fence { saga: self.saga.clone(), owner: self.inner.owner.clone(), epoch, module: built_by });
             self.position = position;
             self.checkpoint = position;
             self.inbox_dirty = true;
@@ -137,6 +139,10 @@ impl Runner {
                 break;
             }
             let Some(module) = self.module() else { break };
+            // Every change of this step is fenced by the build that computes it.
+            if let Some(fence) = &mut self.fence {
+                fence.module = (module.generation() > 0).then(|| (module.name.clone(), module.generation()));
+            }
             let step = self.step(&module).await;
             let busy = match step {
                 Ok(busy) => busy,
@@ -144,6 +150,13 @@ impl Runner {
                     tracing::warn!(saga = %self.saga, %reason, "saga lease lost; another host runs it now");
                     self.fence = None;
                     false
+                }
+                Err(StoreError::StaleModule { module, current, .. }) => {
+                    // A newer build was activated: load it, then redo the
+                    // step with it (nothing of this one was written).
+                    let registry = self.inner.commands.registry().clone();
+                    registry.catch_up(&module, current, Duration::from_secs(5)).await;
+                    continue;
                 }
                 Err(error) => {
                     tracing::warn!(saga = %self.saga, %error, "saga step failed; retrying");

@@ -30,7 +30,9 @@ pub use fold::{
     upcast_events,
 };
 pub use loader::ModuleSet;
-pub use registry::{LoadFailure, ModuleChange, ModuleRegistry, RegistryConfig, ReloadReport, SwapHook};
+pub use registry::{
+    LoadFailure, ModuleChange, ModuleRegistry, ModulesFrom, PublishError, RegistryConfig, ReloadReport, SwapHook,
+};
 pub use watcher::{PluginsWatcher, watch_plugins};
 
 use crate::metrics::Metrics;
@@ -301,7 +303,12 @@ pub struct GuestModule {
     pub version: String,
     /// SHA-256 of the `.wasm` file, hex.
     pub content_hash: String,
+    /// The plugins-directory file it was published from on this host;
+    /// empty when it came from the store.
     pub file: std::path::PathBuf,
+    /// The cluster-wide generation it serves under (0 until activated);
+    /// every append it produces carries it (the group commit's fence).
+    generation: std::sync::atomic::AtomicU64,
     pub manifest: ModuleManifest,
     /// [`GuestModule::state_key`] of each aggregate type.
     state_keys: Vec<(String, Arc<str>)>,
@@ -315,6 +322,17 @@ pub struct GuestModule {
 }
 
 impl GuestModule {
+    /// The generation this build serves under.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Set when the store activates this build (or activates its content
+    /// hash again under a newer generation).
+    pub(crate) fn set_generation(&self, generation: u64) {
+        self.generation.store(generation, std::sync::atomic::Ordering::Release);
+    }
+
     fn instantiate(&self) -> Result<PooledInstance, GuestFailure> {
         let wasi = WasiCtx::builder()
             .stdout(output::GuestOutput::new(self.name.as_str(), "stdout"))
@@ -682,6 +700,7 @@ pub(crate) fn prepare_module(
         version: String::new(),
         content_hash,
         file,
+        generation: std::sync::atomic::AtomicU64::new(0),
         manifest: ModuleManifest {
             name: String::new(),
             version: String::new(),

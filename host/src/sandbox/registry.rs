@@ -1,5 +1,6 @@
 //! The module registry: which modules serve right now, and the reload
-//! pipeline that changes that without a restart.
+//! pipeline that changes that without a restart — on this host and, through
+//! the store, on every host of the cluster.
 //!
 //! The serving [`ModuleSet`] is immutable and shared as an `Arc`: a command
 //! takes the module it routes to (an `Arc<GuestModule>`) and keeps it to the
@@ -22,6 +23,19 @@
 //! reason, time) for `GET /v1/modules`, logged and counted. A module whose
 //! file is deleted is unloaded after the swap (in-flight calls finish);
 //! its aggregate types then answer "module not loaded", and its data stays.
+//!
+//! **Cluster modules.** A build that passes step 4 is *published* before it
+//! is swapped in: its bytes and check result are stored and it is activated
+//! for the whole cluster (its module's generation bumped, compare-and-set
+//! against the generation it was checked beside); a refused build is
+//! stored as refused. Every host *syncs* with the store's current builds
+//! (on a notification or a 1 s poll, driven by the cluster service): a newer
+//! generation is loaded from the stored bytes (or the precompiled cache),
+//! without repeating the checks the publisher ran, and swapped in the same
+//! way. Where builds come from is [`ModulesFrom`]: the plugins directory
+//! (its files publish; a file older than its module's current build is not
+//! published, so a stale copy on one host never rolls the cluster back) or
+//! the store alone (`POST /v1/modules` publishes).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -32,11 +46,14 @@ use chrono::{DateTime, Utc};
 use parking_lot::RwLock;
 use serde::Serialize;
 
-use super::loader::{ModuleSet, compile_file};
+use super::loader::{ModuleSet, compile_file, content_hash};
 use super::{FoldError, fold_events};
 use super::{GuestModule, Sandbox};
 use crate::metrics::Metrics;
-use crate::store::{EventStore, SnapshotLookup, StoredEvent, StreamId, StreamRange};
+use crate::store::{
+    Activation, BuildStatus, ClusterChange, EventStore, ModuleGeneration, NewModuleBuild, SnapshotLookup, StoreError,
+    StoredEvent, StreamId, StreamRange,
+};
 
 /// A file that was refused, and why.
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +72,8 @@ pub struct ModuleChange {
     pub version: String,
     pub content_hash: String,
     pub file: PathBuf,
+    /// The cluster-wide generation it serves under.
+    pub generation: u64,
     /// The version it replaced, if any.
     pub previous_version: Option<String>,
     pub previous_hash: Option<String>,
@@ -83,6 +102,27 @@ pub trait SwapHook: Send + Sync {
 /// Longest a swap waits for its [`SwapHook`].
 const PREPARE_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Where a host takes its modules from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModulesFrom {
+    /// The plugins directory: new files publish to the store (the default,
+    /// so a single host works as it always did: drop a file, it serves);
+    /// builds published elsewhere are synced too.
+    #[default]
+    Directory,
+    /// The store only: builds arrive by `POST /v1/modules` (on any host).
+    Store,
+}
+
+impl ModulesFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Directory => "dir",
+            Self::Store => "store",
+        }
+    }
+}
+
 /// Where modules come from and how they are checked.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -90,6 +130,23 @@ pub struct RegistryConfig {
     pub cache_dir: PathBuf,
     /// Streams per aggregate type folded by the replay check (0: no check).
     pub replay_sample: usize,
+    pub modules_from: ModulesFrom,
+    /// This host's id, recorded as the uploader and activator of what it
+    /// publishes.
+    pub host_id: String,
+}
+
+/// Why a publication or an activation was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The build failed a step (compile, validate, checks); it is stored
+    /// as refused when it got as far as naming its module.
+    #[error("{0}")]
+    Refused(String),
+    #[error("no stored build of module `{module}` matches `{wanted}`")]
+    UnknownBuild { module: String, wanted: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// The serving modules and the reload pipeline.
@@ -117,13 +174,14 @@ enum Scanned {
     /// Same content as its last refused attempt.
     StillRefused,
     /// New content that compiled and validated (steps 1–3), with step times.
-    Compiled(Box<GuestModule>, BTreeMap<&'static str, f64>),
+    Compiled(Box<GuestModule>, BTreeMap<&'static str, f64>, Vec<u8>),
     Refused(String),
 }
 
 /// A file that compiled and validated, waiting for its checks.
 struct Candidate {
     module: Arc<GuestModule>,
+    bytes: Vec<u8>,
     modified: SystemTime,
     steps_ms: BTreeMap<&'static str, f64>,
 }
@@ -131,8 +189,9 @@ struct Candidate {
 /// A reload between its scan and its swap.
 #[derive(Default)]
 struct ReloadPlan {
-    /// Modules serving from files still present.
-    keep: Vec<Arc<GuestModule>>,
+    /// Files holding the current build of a module that does not serve
+    /// here yet: served without repeating the publisher's checks.
+    adopt: Vec<Arc<GuestModule>>,
     /// New content that compiled, oldest file first.
     candidates: Vec<Candidate>,
     /// Modification time of every file seen.
@@ -192,26 +251,365 @@ impl ModuleRegistry {
         self.unloaded.read().get(aggregate_type).cloned()
     }
 
+    pub fn modules_from(&self) -> super::ModulesFrom {
+        self.config.modules_from
+    }
+
     pub fn plugins_dir(&self) -> &Path {
         &self.config.plugins_dir
     }
 
-    /// Bring the serving set in line with the plugins directory.
+    /// Bring the serving set in line with the plugins directory (new files
+    /// publish, deleted ones withdraw their module) and then with the
+    /// store's current builds; with [`ModulesFrom::Store`], only the latter.
     pub async fn reload(&self) -> std::io::Result<ReloadReport> {
         let _one_at_a_time = self.reloading.lock().await;
         let started = Instant::now();
-        let files = wasm_files(&self.config.plugins_dir)?;
-        let current = self.current();
         let mut report = ReloadReport::default();
-        let compiled = self.compile_changed(files, &current).await;
-        let mut plan = self.sort_scanned(compiled, &current);
-        let mut next: BTreeMap<String, Arc<GuestModule>> =
-            plan.keep.drain(..).map(|module| (module.name.clone(), module)).collect();
-        self.check_candidates(&mut plan, &mut next, &mut report).await;
-        self.swap_in(&current, next, &plan.modified_at, &mut report);
-        self.record_outcome(plan.refused, &mut report);
+        // The store's current builds first: a file is checked beside them.
+        self.sync_locked(&mut report).await;
+        if self.config.modules_from == ModulesFrom::Directory {
+            let files = wasm_files(&self.config.plugins_dir)?;
+            let stored = self.store.module_generations().await.map_err(std::io::Error::other)?;
+            let stored: HashMap<String, ModuleGeneration> = stored.into_iter().map(|g| (g.name.clone(), g)).collect();
+            let current = self.current();
+            let compiled = self.compile_changed(files, &current).await;
+            let mut plan = self.sort_scanned(compiled, &current, &stored);
+            let mut next: BTreeMap<String, Arc<GuestModule>> =
+                current.modules().map(|module| (module.name.clone(), module.clone())).collect();
+            for module in plan.adopt.drain(..) {
+                if let Some(generation) = stored.get(&module.name) {
+                    module.set_generation(generation.generation);
+                    // The same build from this file: nothing new serves.
+                    if next.get(&module.name).is_none_or(|m| m.content_hash != module.content_hash) {
+                        report.loaded.push(change_of(&module, next.get(&module.name), BTreeMap::new()));
+                    }
+                    next.insert(module.name.clone(), module);
+                }
+            }
+            self.check_candidates(&mut plan, &mut next, &stored, &mut report).await;
+            self.withdraw_deleted(&current, &mut next, &plan.modified_at, &stored).await;
+            self.swap_in(&current, next, &mut report);
+            self.record_outcome(plan.refused, &mut report);
+        }
         report.took_ms = started.elapsed().as_secs_f64() * 1000.0;
         Ok(report)
+    }
+
+    /// Bring the serving set in line with the store's current builds.
+    pub async fn sync(&self) -> ReloadReport {
+        let _one_at_a_time = self.reloading.lock().await;
+        let started = Instant::now();
+        let mut report = ReloadReport::default();
+        self.sync_locked(&mut report).await;
+        report.took_ms = started.elapsed().as_secs_f64() * 1000.0;
+        report
+    }
+
+    /// Wait (syncing) until `module` serves at generation `at_least` or
+    /// newer, for at most `budget`; whether it does.
+    pub async fn catch_up(&self, module: &str, at_least: u64, budget: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + budget;
+        let serving = |registry: &Self| registry.current().by_name(module).map_or(0, |m| m.generation());
+        loop {
+            if serving(self) >= at_least {
+                return true;
+            }
+            let report = self.sync().await;
+            if serving(self) >= at_least {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(module, at_least, failures = ?report.failures, "cannot catch up with the cluster's current build");
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Publish a build sent to the API: compile, validate and check it
+    /// (as a reload checks a file), store it — as refused if a check
+    /// fails — and activate it for the cluster.
+    pub async fn publish(&self, bytes: Vec<u8>, uploader: &str) -> Result<ModuleChange, PublishError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let mut report = ReloadReport::default();
+        self.sync_locked(&mut report).await;
+        let started = Instant::now();
+        let hash = content_hash(&bytes);
+        let (sandbox, cache_dir, metrics) = (self.sandbox.clone(), self.config.cache_dir.clone(), self.metrics.clone());
+        let compile_bytes = bytes.clone();
+        let compiled = tokio::task::spawn_blocking(move || {
+            compile_file(&sandbox, Path::new(""), compile_bytes, hash, &cache_dir, &metrics)
+        })
+        .await
+        .map_err(|e| PublishError::Refused(format!("compiling the module panicked: {e}")))?;
+        let (module, mut steps_ms) = compiled.map_err(PublishError::Refused)?;
+        steps_ms.insert("read", started.elapsed().as_secs_f64() * 1000.0 - steps_ms.values().sum::<f64>());
+        self.install(Arc::new(module), bytes, uploader, steps_ms).await
+    }
+
+    /// Make a stored build of `module` current everywhere (a rollback, or
+    /// a roll forward again): `wanted` is its version or content hash (a
+    /// prefix of at least 8 characters). It is checked again against the
+    /// history written since it last served.
+    pub async fn activate(&self, module: &str, wanted: &str, by: &str) -> Result<ModuleChange, PublishError> {
+        let builds = self.store.module_builds(Some(module)).await?;
+        let by_hash = wanted.len() >= 8 && builds.iter().any(|b| b.content_hash.starts_with(wanted));
+        let build = builds
+            .iter()
+            .filter(|b| b.status == BuildStatus::Passed)
+            .find(|b| if by_hash { b.content_hash.starts_with(wanted) } else { b.version == wanted })
+            .ok_or_else(|| PublishError::UnknownBuild { module: module.to_owned(), wanted: wanted.to_owned() })?;
+        let bytes = self
+            .store
+            .module_build_bytes(&build.content_hash)
+            .await?
+            .ok_or_else(|| PublishError::UnknownBuild { module: module.to_owned(), wanted: wanted.to_owned() })?;
+        self.publish(bytes, by).await
+    }
+
+    /// Steps 4 and 5 and the publication, for one build (the registry's
+    /// mutex held): check it beside the serving set, store it, activate it
+    /// for the cluster and swap it in here.
+    async fn install(
+        &self,
+        module: Arc<GuestModule>,
+        bytes: Vec<u8>,
+        uploader: &str,
+        mut steps_ms: BTreeMap<&'static str, f64>,
+    ) -> Result<ModuleChange, PublishError> {
+        let current = self.current();
+        let previous = current.by_name(&module.name).cloned();
+        if let Some(previous) = &previous
+            && previous.content_hash == module.content_hash
+        {
+            // Already current here: nothing to check or activate.
+            return Ok(change_of(previous, Some(previous), steps_ms));
+        }
+        let others: BTreeMap<String, Arc<GuestModule>> =
+            current.modules().map(|m| (m.name.clone(), m.clone())).collect();
+        let checks_started = Instant::now();
+        let checked = self.check(previous.as_deref(), &module, &others).await;
+        steps_ms.insert("checks", checks_started.elapsed().as_secs_f64() * 1000.0);
+        if let Err(reason) = checked {
+            self.save_build(&module, bytes, uploader, Err(&reason)).await?;
+            self.metrics.observe_module_load(&module.name, "refused");
+            tracing::error!(module = %module.name, hash = &module.content_hash[..12], %reason, "published module refused; the current build keeps serving");
+            return Err(PublishError::Refused(reason));
+        }
+        self.prepare_swap(previous.as_deref(), &module, &mut steps_ms).await;
+        let stored = self.store.module_generations().await?;
+        let expected = expected_generation(previous.as_deref(), stored.iter().find(|g| g.name == module.name));
+        let activated = self.publish_checked(&module, bytes, uploader, expected).await?;
+        module.set_generation(activated.generation);
+        let change = change_of(&module, previous.as_ref(), steps_ms);
+        let mut next = others;
+        next.insert(module.name.clone(), module);
+        let mut report = ReloadReport { loaded: vec![change.clone()], ..ReloadReport::default() };
+        self.swap_in(&current, next, &mut report);
+        let standing = self.failures.read().clone();
+        self.record_outcome(standing, &mut report);
+        Ok(change)
+    }
+
+    /// Store a build with what its checks found.
+    async fn save_build(
+        &self,
+        module: &GuestModule,
+        bytes: Vec<u8>,
+        uploader: &str,
+        checked: Result<(), &str>,
+    ) -> Result<(), StoreError> {
+        let (status, check_result) = match checked {
+            Ok(()) => (BuildStatus::Passed, format!("passed (replay sample {})", self.config.replay_sample)),
+            Err(reason) => (BuildStatus::Refused, reason.to_owned()),
+        };
+        let build = NewModuleBuild {
+            content_hash: module.content_hash.clone(),
+            name: module.name.clone(),
+            version: module.version.clone(),
+            bytes,
+            uploader: uploader.to_owned(),
+            status,
+            check_result,
+        };
+        self.store.change_cluster(ClusterChange::SaveBuild(Box::new(build))).await.map(drop)
+    }
+
+    /// Store a build that passed its checks and activate it, if the
+    /// module's generation is still `expected`.
+    async fn publish_checked(
+        &self,
+        module: &GuestModule,
+        bytes: Vec<u8>,
+        uploader: &str,
+        expected: u64,
+    ) -> Result<ModuleGeneration, StoreError> {
+        self.save_build(module, bytes, uploader, Ok(())).await?;
+        let activation = Activation {
+            name: module.name.clone(),
+            content_hash: Some(module.content_hash.clone()),
+            expected_generation: expected,
+            by: uploader.to_owned(),
+        };
+        let activated = self.store.change_cluster(ClusterChange::Activate(activation)).await?;
+        activated.ok_or_else(|| StoreError::unavailable("the activation answered no generation"))
+    }
+
+    /// Fold the aggregates cached for `previous` with `module` before the
+    /// swap (the [`SwapHook`]).
+    async fn prepare_swap(
+        &self,
+        previous: Option<&GuestModule>,
+        module: &Arc<GuestModule>,
+        steps_ms: &mut BTreeMap<&'static str, f64>,
+    ) {
+        let hook = self.swap_hook.read().as_ref().and_then(std::sync::Weak::upgrade);
+        if let Some(previous) = previous
+            && let Some(hook) = hook
+        {
+            let prepare_started = Instant::now();
+            let prepared = hook.before_swap(previous, module, PREPARE_BUDGET).await;
+            steps_ms.insert("prepare", prepare_started.elapsed().as_secs_f64() * 1000.0);
+            tracing::debug!(module = %module.name, prepared, "aggregate states folded ahead of the swap");
+        }
+    }
+
+    /// Load every module whose generation in the store is not the one
+    /// serving here (the registry's mutex held): from the stored bytes (or
+    /// the precompiled cache), validated but not checked again — its
+    /// publisher checked it — and swapped in; a withdrawn module is
+    /// unloaded. A build this host cannot load is a standing failure, and
+    /// the host serves the older build meanwhile (the fence refuses its
+    /// appends; `GET /v1/cluster` shows it behind).
+    async fn sync_locked(&self, report: &mut ReloadReport) {
+        let generations = match self.store.module_generations().await {
+            Ok(generations) => generations,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the cluster's current modules; retrying");
+                return;
+            }
+        };
+        let current = self.current();
+        let mut next: BTreeMap<String, Arc<GuestModule>> =
+            current.modules().map(|module| (module.name.clone(), module.clone())).collect();
+        let mut changed = false;
+        for stored in generations {
+            let serving = current.by_name(&stored.name);
+            if serving.is_some_and(|m| m.generation() >= stored.generation) {
+                continue;
+            }
+            let Some(hash) = &stored.content_hash else {
+                if next.remove(&stored.name).is_some() {
+                    report.unloaded.push(stored.name.clone());
+                    changed = true;
+                }
+                continue;
+            };
+            if let Some(serving) = serving
+                && &serving.content_hash == hash
+            {
+                // The same build, activated again.
+                serving.set_generation(stored.generation);
+                continue;
+            }
+            let failure_key = PathBuf::from(format!("store:{}", stored.name));
+            match self.load_stored(hash).await {
+                Ok((module, mut steps_ms)) => {
+                    let module = Arc::new(module);
+                    self.prepare_swap(serving.map(|m| m.as_ref()), &module, &mut steps_ms).await;
+                    module.set_generation(stored.generation);
+                    report.loaded.push(change_of(&module, serving, steps_ms));
+                    next.insert(stored.name.clone(), module);
+                    self.failures.write().remove(&failure_key);
+                    changed = true;
+                }
+                Err(reason) => {
+                    let failure = LoadFailure {
+                        file: failure_key.clone(),
+                        reason,
+                        module: Some(stored.name.clone()),
+                        at: Utc::now(),
+                    };
+                    let already = self.failures.read().get(&failure_key).is_some_and(|(h, _)| h == hash);
+                    if !already {
+                        tracing::error!(module = %stored.name, generation = stored.generation, reason = %failure.reason, "cannot load the cluster's current build; this host serves an older one");
+                        self.failures.write().insert(failure_key, (hash.clone(), failure.clone()));
+                    }
+                    report.failures.push(failure);
+                }
+            }
+        }
+        if changed {
+            let mut sync_report = ReloadReport {
+                loaded: report.loaded.clone(),
+                unloaded: report.unloaded.clone(),
+                ..ReloadReport::default()
+            };
+            self.swap_in(&current, next, &mut sync_report);
+            for change in &report.loaded {
+                tracing::info!(module = %change.module, version = %change.version, generation = change.generation, hash = &change.content_hash[..12], "module serving (synced from the store)");
+                self.metrics.observe_module_load(&change.module, "loaded");
+            }
+        }
+    }
+
+    /// A stored build, compiled (or loaded from the precompiled cache) and
+    /// validated off the async threads.
+    async fn load_stored(&self, hash: &str) -> Result<(GuestModule, BTreeMap<&'static str, f64>), String> {
+        let started = Instant::now();
+        let bytes = self
+            .store
+            .module_build_bytes(hash)
+            .await
+            .map_err(|e| format!("cannot read build {hash} from the store: {e}"))?
+            .ok_or_else(|| format!("build {hash} is current but not stored"))?;
+        let read_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let (sandbox, cache_dir, metrics, hash) =
+            (self.sandbox.clone(), self.config.cache_dir.clone(), self.metrics.clone(), hash.to_owned());
+        tokio::task::spawn_blocking(move || {
+            if content_hash(&bytes) != hash {
+                return Err(format!("stored build {hash} does not hash to its name"));
+            }
+            let (module, mut steps_ms) = compile_file(&sandbox, Path::new(""), bytes, hash, &cache_dir, &metrics)?;
+            steps_ms.insert("read", read_ms);
+            Ok((module, steps_ms))
+        })
+        .await
+        .map_err(|e| format!("loading the build panicked: {e}"))?
+    }
+
+    /// Withdraw, cluster-wide, each module whose build this host published
+    /// from a file that is now gone (deleting the file is how a module is
+    /// removed in directory mode).
+    async fn withdraw_deleted(
+        &self,
+        current: &ModuleSet,
+        next: &mut BTreeMap<String, Arc<GuestModule>>,
+        modified_at: &HashMap<PathBuf, SystemTime>,
+        stored: &HashMap<String, ModuleGeneration>,
+    ) {
+        for module in current.modules() {
+            let from_gone_file = !module.file.as_os_str().is_empty() && !modified_at.contains_key(&module.file);
+            let replaced = next.get(&module.name).is_some_and(|m| !Arc::ptr_eq(m, module));
+            if !from_gone_file || replaced {
+                continue;
+            }
+            let activation = Activation {
+                name: module.name.clone(),
+                content_hash: None,
+                expected_generation: stored.get(&module.name).map_or(module.generation(), |g| g.generation),
+                by: self.config.host_id.clone(),
+            };
+            match self.store.change_cluster(ClusterChange::Activate(activation)).await {
+                Ok(_) => {
+                    next.remove(&module.name);
+                }
+                Err(error) => {
+                    tracing::error!(module = %module.name, %error, "cannot withdraw the module of a deleted file; it keeps serving");
+                }
+            }
+        }
     }
 
     /// Steps 1–3 (read and hash, compile, validate) for every new or
@@ -223,6 +621,7 @@ impl ModuleRegistry {
     ) -> Vec<(PathBuf, String, SystemTime, Scanned)> {
         let known: HashMap<PathBuf, String> =
             current.modules().map(|m| (m.file.clone(), m.content_hash.clone())).collect();
+
         let failed: HashMap<PathBuf, String> =
             self.failures.read().iter().map(|(file, (hash, _))| (file.clone(), hash.clone())).collect();
         let (sandbox, cache_dir, metrics) = (self.sandbox.clone(), self.config.cache_dir.clone(), self.metrics.clone());
@@ -238,14 +637,14 @@ impl ModuleRegistry {
                 let hash = super::loader::content_hash(&bytes);
                 let scanned = if known.get(&file) == Some(&hash) {
                     Scanned::Unchanged
-                } else if failed.get(&file) == Some(&hash) {
+                } else if failed.get(&file).is_some_and(|f| *f == hash || *f == stale_key(&hash, modified)) {
                     Scanned::StillRefused
                 } else {
                     let read_ms = read_started.elapsed().as_secs_f64() * 1000.0;
-                    match compile_file(&sandbox, &file, bytes, hash.clone(), &cache_dir, &metrics) {
+                    match compile_file(&sandbox, &file, bytes.clone(), hash.clone(), &cache_dir, &metrics) {
                         Ok((module, mut steps_ms)) => {
                             steps_ms.insert("read", read_ms);
-                            Scanned::Compiled(Box::new(module), steps_ms)
+                            Scanned::Compiled(Box::new(module), steps_ms, bytes)
                         }
                         Err(reason) => Scanned::Refused(reason),
                     }
@@ -258,17 +657,22 @@ impl ModuleRegistry {
         .expect("compiling modules does not panic")
     }
 
-    /// What the scan means for the next set: the unchanged modules whose
-    /// files remain (whatever serves from a file keeps serving unless a new
-    /// version passes every check), the candidates (newest file last, so it
-    /// wins when two files declare one module) and the refusals.
-    fn sort_scanned(&self, compiled: Vec<(PathBuf, String, SystemTime, Scanned)>, current: &ModuleSet) -> ReloadPlan {
+    /// What the scan means for the next set: the candidates (newest file
+    /// last, so it wins when two files declare one module), the files that
+    /// hold a module's current build not serving here yet (adopted), and
+    /// the refusals — among them a file older than its module's current
+    /// build in the store, which is not published: a stale copy left on one
+    /// host must not roll the cluster back (write the file again, or use
+    /// `orchestrix modules activate`, to make it current).
+    fn sort_scanned(
+        &self,
+        compiled: Vec<(PathBuf, String, SystemTime, Scanned)>,
+        current: &ModuleSet,
+        stored: &HashMap<String, ModuleGeneration>,
+    ) -> ReloadPlan {
         let mut plan = ReloadPlan::default();
         for (file, hash, modified, scanned) in compiled {
             plan.modified_at.insert(file.clone(), modified);
-            if let Some(module) = current.modules().find(|m| m.file == file) {
-                plan.keep.push(module.clone());
-            }
             match scanned {
                 Scanned::Unchanged => {}
                 Scanned::StillRefused => {
@@ -276,8 +680,38 @@ impl ModuleRegistry {
                         plan.refused.insert(file.clone(), standing.clone());
                     }
                 }
-                Scanned::Compiled(module, steps_ms) => {
-                    plan.candidates.push(Candidate { module: Arc::new(*module), modified, steps_ms });
+                Scanned::Compiled(module, steps_ms, bytes) => {
+                    let module = Arc::new(*module);
+                    match stored.get(&module.name) {
+                        Some(generation) if generation.content_hash.as_deref() == Some(hash.as_str()) => {
+                            // Not serving here yet, or serving from the
+                            // store: served from (and withdrawn with) this file.
+                            let serving = current.by_name(&module.name);
+                            if serving.is_none_or(|m| m.content_hash != hash || m.file.as_os_str().is_empty()) {
+                                plan.adopt.push(module);
+                            }
+                        }
+                        Some(generation) if millis(modified) <= generation.activated_at_ms => {
+                            let reason = format!(
+                                "older than the current build of module `{}` (generation {}, build {}, activated at {}): not \
+                                 published — write the file again to publish it, or use `orchestrix modules activate`",
+                                module.name,
+                                generation.generation,
+                                generation.content_hash.as_deref().map_or("none", |h| &h[..12.min(h.len())]),
+                                crate::leases::rfc3339(generation.activated_at_ms),
+                            );
+                            let failure = LoadFailure {
+                                file: file.clone(),
+                                reason,
+                                module: Some(module.name.clone()),
+                                at: Utc::now(),
+                            };
+                            // Retried when the file is written again, even
+                            // with the same content.
+                            plan.refused.insert(file, (stale_key(&hash, modified), failure));
+                        }
+                        _ => plan.candidates.push(Candidate { module, bytes, modified, steps_ms }),
+                    }
                 }
                 Scanned::Refused(reason) => {
                     let failure = LoadFailure { file: file.clone(), reason, module: None, at: Utc::now() };
@@ -289,19 +723,23 @@ impl ModuleRegistry {
         plan
     }
 
-    /// Step 4 for each candidate, against the set as it stands so far; the
-    /// ones that pass join `next` (and the swap hook folds ahead for them).
+    /// Step 4 for each candidate, against the set as it stands so far;
+    /// the ones that pass are published (stored and activated for the
+    /// cluster) and join `next` (the swap hook folds ahead for them); the
+    /// ones that fail are stored as refused.
     async fn check_candidates(
         &self,
         plan: &mut ReloadPlan,
         next: &mut BTreeMap<String, Arc<GuestModule>>,
+        stored: &HashMap<String, ModuleGeneration>,
         report: &mut ReloadReport,
     ) {
+        let uploader = format!("{} (plugins directory)", self.config.host_id);
         for candidate in std::mem::take(&mut plan.candidates) {
             let module = candidate.module;
             let previous = next.get(&module.name).cloned();
-            if let Some(previous) = &previous
-                && previous.file != module.file
+            let from_other_file = previous.as_ref().filter(|p| !p.file.as_os_str().is_empty() && p.file != module.file);
+            if let Some(previous) = from_other_file
                 && plan.modified_at.get(&previous.file).is_some_and(|at| *at > candidate.modified)
             {
                 supersede(&mut plan.refused, &module, previous);
@@ -311,32 +749,44 @@ impl ModuleRegistry {
             let checked = self.check(previous.as_deref(), &module, next).await;
             let mut steps_ms = candidate.steps_ms;
             steps_ms.insert("checks", checks_started.elapsed().as_secs_f64() * 1000.0);
-            let hook = self.swap_hook.read().as_ref().and_then(std::sync::Weak::upgrade);
-            if checked.is_ok()
-                && let Some(previous) = &previous
-                && let Some(hook) = hook
-            {
-                let prepare_started = Instant::now();
-                let prepared = hook.before_swap(previous, &module, PREPARE_BUDGET).await;
-                steps_ms.insert("prepare", prepare_started.elapsed().as_secs_f64() * 1000.0);
-                tracing::debug!(module = %module.name, prepared, "aggregate states folded ahead of the swap");
-            }
-            match checked {
+            let published = match checked {
                 Ok(()) => {
-                    if let Some(previous) = &previous
-                        && previous.file != module.file
-                    {
+                    self.prepare_swap(previous.as_deref(), &module, &mut steps_ms).await;
+                    // Checked beside the build serving here, which is the
+                    // store's current one unless this host is behind (then
+                    // the activation's compare-and-set refuses it).
+                    let expected = expected_generation(previous.as_deref(), stored.get(&module.name));
+                    let activated = async {
+                        self.save_build(&module, candidate.bytes, &uploader, Ok(())).await?;
+                        let activation = Activation {
+                            name: module.name.clone(),
+                            content_hash: Some(module.content_hash.clone()),
+                            expected_generation: expected,
+                            by: uploader.clone(),
+                        };
+                        self.store.change_cluster(ClusterChange::Activate(activation)).await
+                    }
+                    .await;
+                    match activated {
+                        Ok(Some(generation)) => Ok(generation.generation),
+                        Ok(None) => Err("the activation answered no generation".to_owned()),
+                        Err(error) => Err(format!("could not be published to the store: {error}")),
+                    }
+                }
+                Err(reason) => {
+                    if let Err(error) = self.save_build(&module, candidate.bytes, &uploader, Err(&reason)).await {
+                        tracing::warn!(module = %module.name, %error, "cannot record the refused build in the store");
+                    }
+                    Err(reason)
+                }
+            };
+            match published {
+                Ok(generation) => {
+                    module.set_generation(generation);
+                    if let Some(previous) = from_other_file {
                         supersede(&mut plan.refused, previous, &module);
                     }
-                    report.loaded.push(ModuleChange {
-                        module: module.name.clone(),
-                        version: module.version.clone(),
-                        content_hash: module.content_hash.clone(),
-                        file: module.file.clone(),
-                        previous_version: previous.as_ref().map(|p| p.version.clone()),
-                        previous_hash: previous.as_ref().map(|p| p.content_hash.clone()),
-                        steps_ms,
-                    });
+                    report.loaded.push(change_of(&module, previous.as_ref(), steps_ms));
                     // The file held another module before: that one is gone.
                     next.retain(|name, other| other.file != module.file || *name == module.name);
                     next.insert(module.name.clone(), module);
@@ -354,16 +804,9 @@ impl ModuleRegistry {
         }
     }
 
-    /// Step 5: swap `next` in. Modules whose file is gone are not carried
-    /// over; their aggregate types answer "module not loaded".
-    fn swap_in(
-        &self,
-        current: &ModuleSet,
-        mut next: BTreeMap<String, Arc<GuestModule>>,
-        modified_at: &HashMap<PathBuf, SystemTime>,
-        report: &mut ReloadReport,
-    ) {
-        next.retain(|_, module| modified_at.contains_key(&module.file));
+    /// Step 5: swap `next` in. Modules missing from it (withdrawn) answer
+    /// "module not loaded".
+    fn swap_in(&self, current: &ModuleSet, next: BTreeMap<String, Arc<GuestModule>>, report: &mut ReloadReport) {
         let set = ModuleSet::from_modules(next.into_values());
         for module in current.modules() {
             if set.by_name(&module.name).is_none() {
@@ -392,7 +835,14 @@ impl ModuleRegistry {
     }
 
     /// Keep the standing refusals, and log and count what changed.
-    fn record_outcome(&self, refused: BTreeMap<PathBuf, (String, LoadFailure)>, report: &mut ReloadReport) {
+    fn record_outcome(&self, mut refused: BTreeMap<PathBuf, (String, LoadFailure)>, report: &mut ReloadReport) {
+        // Builds of the store this host could not load stand until a sync
+        // loads them.
+        for (key, standing) in self.failures.read().iter() {
+            if key.to_string_lossy().starts_with("store:") {
+                refused.entry(key.clone()).or_insert_with(|| standing.clone());
+            }
+        }
         report.failures = refused.values().map(|(_, failure)| failure.clone()).collect();
         let newly_failed: Vec<&LoadFailure> = refused
             .iter()
@@ -420,7 +870,7 @@ impl ModuleRegistry {
             }
         }
         for name in &report.unloaded {
-            tracing::info!(module = %name, "module unloaded: its file is gone (its data is kept)");
+            tracing::info!(module = %name, "module unloaded: withdrawn, its file is gone (its data is kept)");
             self.metrics.observe_module_load(name, "unloaded");
         }
     }
@@ -559,6 +1009,48 @@ impl ModuleRegistry {
         }
         Ok(())
     }
+}
+
+/// The report of `module` put into service in place of `previous`.
+fn change_of(
+    module: &GuestModule,
+    previous: Option<&Arc<GuestModule>>,
+    steps_ms: BTreeMap<&'static str, f64>,
+) -> ModuleChange {
+    ModuleChange {
+        module: module.name.clone(),
+        version: module.version.clone(),
+        content_hash: module.content_hash.clone(),
+        file: module.file.clone(),
+        generation: module.generation(),
+        previous_version: previous.map(|p| p.version.clone()),
+        previous_hash: previous.map(|p| p.content_hash.clone()),
+        steps_ms,
+    }
+}
+
+/// The generation an activation checked beside `previous` (the build
+/// serving here) expects: its generation; with none serving here, that of
+/// a withdrawn module, or 0 for a module new to the cluster — a host that
+/// is behind (the store has a build it does not serve) expects an older
+/// generation, and its activation is refused.
+fn expected_generation(previous: Option<&GuestModule>, stored: Option<&ModuleGeneration>) -> u64 {
+    match (previous, stored) {
+        (Some(previous), _) => previous.generation(),
+        (None, Some(stored)) if stored.content_hash.is_none() => stored.generation,
+        (None, _) => 0,
+    }
+}
+
+/// The standing-failure key of a file refused as older than the current
+/// build: its content and modification time.
+fn stale_key(hash: &str, modified: SystemTime) -> String {
+    format!("{hash}@{}", millis(modified))
+}
+
+/// Milliseconds since the Unix epoch of a file time.
+fn millis(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Fold a stream's stored events through `module`'s `apply`; the first

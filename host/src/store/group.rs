@@ -234,6 +234,9 @@ impl Accepted {
 /// id in the batch (a stream with no events is at version 0).
 pub(super) struct Facts {
     pub head: u64,
+    /// Every module's generation in the store (the fence; a module absent
+    /// here fences nothing).
+    pub generations: HashMap<String, u64>,
     pub versions: HashMap<StreamId, u64>,
     pub commands: HashMap<String, CommandRecord>,
 }
@@ -330,7 +333,7 @@ pub(super) fn commit_time() -> DateTime<Utc> {
 /// appends before it. Refusals and duplicates are answered here; accepted
 /// appends get consecutive positions after `facts.head`.
 pub(super) fn plan(appends: Vec<(AppendRequest, Reply)>, facts: Facts, time: DateTime<Utc>) -> Plan {
-    let Facts { head, mut versions, commands } = facts;
+    let Facts { head, generations, mut versions, commands } = facts;
     let mut next_position = head;
     let mut used_ids: HashSet<String> = HashSet::new();
     let mut accepted = Vec::with_capacity(appends.len());
@@ -348,6 +351,14 @@ pub(super) fn plan(appends: Vec<(AppendRequest, Reply)>, facts: Facts, time: Dat
                 });
                 continue;
             }
+        }
+        if let Some(generation) = request.metadata.module_generation
+            && let Some(current) = generations.get(&request.metadata.module).copied()
+            && current > generation
+        {
+            let module = request.metadata.module.clone();
+            let _ = reply.send(Err(StoreError::StaleModule { module, generation, current }));
+            continue;
         }
         let current = versions.get(&request.stream).copied().unwrap_or(0);
         if !request.expected.admits(current) {

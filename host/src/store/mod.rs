@@ -11,6 +11,7 @@
 
 mod feed;
 mod group;
+pub mod modules;
 mod postgres;
 pub mod read_models;
 pub mod sagas;
@@ -27,6 +28,10 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 pub use feed::{EventFilter, Subscription};
+pub use modules::{
+    Activation, BuildStatus, ClusterChange, HostRecord, ModuleBuildRecord, ModuleGeneration, NewModuleBuild,
+    RunningModule,
+};
 pub use postgres::PostgresStore;
 pub use read_models::{
     CopyId, CopyRecord, CopyRole, DocumentKey, DocumentLookup, DocumentOp, DocumentPage, DocumentQuery, Parked,
@@ -72,6 +77,10 @@ pub struct StoreOptions {
     /// PostgreSQL: schema holding the tables (created if missing)
     /// [default: the connection's `search_path`, normally `public`].
     pub schema: Option<String>,
+    /// Read every module's generation in each group commit and refuse
+    /// appends of superseded builds (the fence; see `modules`). Always on
+    /// in the host; the cluster benchmark turns it off to measure its cost.
+    pub fence_modules: bool,
 }
 
 impl Default for StoreOptions {
@@ -85,6 +94,7 @@ impl Default for StoreOptions {
             acquire_timeout: Duration::from_secs(2),
             commit_timeout: Duration::from_secs(5),
             schema: None,
+            fence_modules: true,
         }
     }
 }
@@ -211,6 +221,10 @@ pub struct EventMetadata {
     pub module_version: String,
     /// Content hash of the build that produced the events.
     pub module_hash: Option<String>,
+    /// The module generation of that build: the group commit refuses the
+    /// append when the module's generation in the store is newer (`None`:
+    /// not fenced — imports, tests of the store).
+    pub module_generation: Option<u64>,
     /// The trace of the work that produced the events (W3C trace context).
     pub trace: Option<TraceContext>,
 }
@@ -402,6 +416,15 @@ pub enum StoreError {
     /// saga's lease (another host took over): nothing was written.
     #[error("saga lease lost: {0}")]
     LeaseLost(String),
+    /// An append came from a build of `module` that a newer activation
+    /// superseded (generation `generation`, the store is at `current`):
+    /// nothing was written; the host reloads and retries the command.
+    #[error("module `{module}` generation {generation} was superseded by generation {current}; nothing was written")]
+    StaleModule { module: String, generation: u64, current: u64 },
+    /// An activation expected the module at another generation: another
+    /// build was activated meanwhile.
+    #[error("module `{module}` is at generation {current}, not {expected}: another build was activated meanwhile")]
+    ModuleConflict { module: String, expected: u64, current: u64 },
 }
 
 impl StoreError {
@@ -569,6 +592,27 @@ pub trait EventStore: Send + Sync + 'static {
     /// The version `stream` had at `at`: that of its last event committed
     /// at or before it (`None`: no event yet).
     async fn stream_version_at(&self, stream: &StreamId, at: DateTime<Utc>) -> Result<Option<u64>, StoreError>;
+
+    /// Run one cluster change as one transaction (an activation under the
+    /// appends' serialisation; see [`modules`]).
+    async fn change_cluster(&self, change: ClusterChange) -> Result<Option<ModuleGeneration>, StoreError>;
+
+    /// The current build of every module.
+    async fn module_generations(&self) -> Result<Vec<ModuleGeneration>, StoreError>;
+
+    /// Stored builds (of one module, or of all), newest first.
+    async fn module_builds(&self, name: Option<&str>) -> Result<Vec<ModuleBuildRecord>, StoreError>;
+
+    /// The bytes of a stored build.
+    async fn module_build_bytes(&self, content_hash: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The database's clock now (ms) and every host's last heartbeat.
+    async fn cluster_hosts(&self) -> Result<(i64, Vec<HostRecord>), StoreError>;
+
+    /// Changes after every activation this process learns of (its own, or,
+    /// on PostgreSQL, another process's notification); the registry syncs
+    /// on it.
+    fn module_changes(&self) -> watch::Receiver<u64>;
 
     /// Finish every append already submitted, then release the database.
     async fn close(&self);

@@ -9,7 +9,8 @@
 //! 1. takes this schema's transaction-level advisory lock
 //!    (`BEGIN; SELECT pg_advisory_xact_lock(k)` in one round trip);
 //! 2. reads, in a statement that starts after the lock is held, the head
-//!    position, the version of every stream in the batch and the records of
+//!    position and every module's generation (the fence: see
+//!    `store/modules`), the version of every stream in the batch and the records of
 //!    its command ids;
 //! 3. plans the batch (per-append expected-version and idempotency checks)
 //!    and writes every accepted row with one `INSERT … SELECT FROM UNNEST`,
@@ -19,7 +20,9 @@
 //! Positions are therefore assigned in commit order under one lock: gap-free
 //! (a failed transaction assigns nothing) and never visible out of order. A
 //! listener connection turns other processes' notifications into head
-//! updates; subscriptions also poll, so a lost notification only delays.
+//! updates (payload: the head) and module changes (payload `module:NAME`,
+//! sent by an activation, which takes the same lock); subscriptions and the
+//! registry also poll, so a lost notification only delays.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -36,6 +39,7 @@ use super::group::{
     Facts, Job, PROBE_SQL, Plan, Reply, Submitter, VERSION_CACHE_LIMIT, WriteHealth, batch_keys, commit_time,
     fail_appends, next_batch, plan, refuse_remaining,
 };
+use super::modules::{ClusterChange, HostRecord, ModuleBuildRecord, ModuleGeneration, ModuleSql};
 use super::read_models::ReadModelSql;
 use super::sagas::{
     InstanceDetail, InstanceQuery, InstanceRecord, PendingCommand, ReadyInput, SagaApplied, SagaChange, SagaCounts,
@@ -64,6 +68,11 @@ pub struct PostgresStore {
     read_model_writes: PgPool,
     commit_timeout: Duration,
     listener: tokio::task::JoinHandle<()>,
+    /// The appends' advisory lock (activations take it too) and the
+    /// notification channel.
+    lock_key: i64,
+    channel: String,
+    module_changes: watch::Receiver<u64>,
 }
 
 /// The columns of `events`, in the order every query selects and inserts them.
@@ -129,13 +138,15 @@ impl PostgresStore {
         let (submitter, queue, head_sender, health) =
             Submitter::new(options.queue_depth, options.max_event_bytes, head as u64);
         let channel = format!("orchestrix:{schema}");
-        let listener = tokio::spawn(listen(reads.clone(), channel.clone(), head_sender.clone()));
+        let (module_changes_sender, module_changes) = watch::channel(0);
+        let listener = tokio::spawn(listen(reads.clone(), channel.clone(), head_sender.clone(), module_changes_sender));
         let writer = Writer {
             connect,
             connection: Some(setup),
             health,
             lock_key: lock_key(&schema),
-            channel,
+            fence_modules: options.fence_modules,
+            channel: channel.clone(),
             acquire_timeout: options.acquire_timeout,
             commit_timeout: options.commit_timeout,
             head_sender,
@@ -145,7 +156,16 @@ impl PostgresStore {
             metrics,
         };
         tokio::spawn(writer.run(queue));
-        Ok(Self { submitter, reads, read_model_writes, commit_timeout: options.commit_timeout, listener })
+        Ok(Self {
+            submitter,
+            reads,
+            read_model_writes,
+            commit_timeout: options.commit_timeout,
+            listener,
+            lock_key: lock_key(&schema),
+            channel,
+            module_changes,
+        })
     }
 }
 
@@ -167,9 +187,10 @@ fn lock_key(schema: &str) -> i64 {
     hash as i64
 }
 
-/// Turn other processes' commit notifications into head updates. After a
-/// reconnect, notifications sent meanwhile are gone, so the head is re-read.
-async fn listen(pool: PgPool, channel: String, head: watch::Sender<u64>) {
+/// Turn other processes' commit notifications into head updates, and
+/// activations into module changes. After a reconnect, notifications sent
+/// meanwhile are gone, so the head is re-read and a module change raised.
+async fn listen(pool: PgPool, channel: String, head: watch::Sender<u64>, modules: watch::Sender<u64>) {
     let raise = |position: u64| {
         head.send_if_modified(|current| {
             let newer = position > *current;
@@ -195,6 +216,7 @@ async fn listen(pool: PgPool, channel: String, head: watch::Sender<u64>) {
             continue;
         }
         let refresh = || async {
+            modules.send_modify(|changes| *changes += 1);
             if let Ok(position) =
                 sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(position), 0) FROM events").fetch_one(&pool).await
             {
@@ -207,6 +229,8 @@ async fn listen(pool: PgPool, channel: String, head: watch::Sender<u64>) {
                 Ok(Some(notification)) => {
                     if let Ok(position) = notification.payload().parse() {
                         raise(position);
+                    } else if notification.payload().starts_with("module:") {
+                        modules.send_modify(|changes| *changes += 1);
                     }
                 }
                 Ok(None) => {
@@ -225,6 +249,14 @@ async fn listen(pool: PgPool, channel: String, head: watch::Sender<u64>) {
 }
 
 impl SubscriptionSql for Postgres {
+    const NOW_MS: &'static str = <Postgres as SagaSql>::NOW_MS;
+
+    fn rows_affected(result: &sqlx::postgres::PgQueryResult) -> u64 {
+        result.rows_affected()
+    }
+}
+
+impl ModuleSql for Postgres {
     const NOW_MS: &'static str = <Postgres as SagaSql>::NOW_MS;
 
     fn rows_affected(result: &sqlx::postgres::PgQueryResult) -> u64 {
@@ -457,6 +489,65 @@ impl EventStore for PostgresStore {
         Postgres::list_documents(&self.reads, query).await
     }
 
+    /// On a connection of the read pool (durable commits), under the
+    /// commit timeout; an activation first takes the appends' advisory
+    /// lock, so its position is exact and no append planned against the
+    /// old generation commits after it, and notifies every host.
+    async fn change_cluster(&self, change: ClusterChange) -> Result<Option<ModuleGeneration>, StoreError> {
+        let work = async {
+            let mut transaction = self.reads.begin().await.map_err(database_error)?;
+            let activation = match &change {
+                ClusterChange::Activate(activation) => Some(activation.name.clone()),
+                _ => None,
+            };
+            if activation.is_some() {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(self.lock_key)
+                    .execute(&mut *transaction)
+                    .await
+                    .map_err(database_error)?;
+            }
+            let applied = Postgres::apply_cluster_change(&mut transaction, change).await?;
+            if let Some(name) = activation {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(&self.channel)
+                    .bind(format!("module:{name}"))
+                    .execute(&mut *transaction)
+                    .await
+                    .map_err(database_error)?;
+            }
+            transaction.commit().await.map_err(database_error)?;
+            Ok(applied)
+        };
+        match tokio::time::timeout(self.commit_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::unavailable(format!(
+                "cluster transaction got no answer within {:?}",
+                self.commit_timeout
+            ))),
+        }
+    }
+
+    async fn module_generations(&self) -> Result<Vec<ModuleGeneration>, StoreError> {
+        Postgres::generation_rows(&self.reads).await
+    }
+
+    async fn module_builds(&self, name: Option<&str>) -> Result<Vec<ModuleBuildRecord>, StoreError> {
+        Postgres::build_rows(&self.reads, name).await
+    }
+
+    async fn module_build_bytes(&self, content_hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Postgres::build_bytes(&self.reads, content_hash).await
+    }
+
+    async fn cluster_hosts(&self) -> Result<(i64, Vec<HostRecord>), StoreError> {
+        Postgres::host_rows(&self.reads).await
+    }
+
+    fn module_changes(&self) -> watch::Receiver<u64> {
+        self.module_changes.clone()
+    }
+
     async fn close(&self) {
         self.submitter.shutdown().await;
         self.reads.close().await;
@@ -501,6 +592,8 @@ struct Writer {
     /// Outcome of the last write, for readiness.
     health: std::sync::Arc<WriteHealth>,
     lock_key: i64,
+    /// Read module generations with the head (`StoreOptions::fence_modules`).
+    fence_modules: bool,
     channel: String,
     acquire_timeout: Duration,
     commit_timeout: Duration,
@@ -657,21 +750,29 @@ impl Writer {
         connection: &mut PgConnection,
         appends: &[(AppendRequest, Reply)],
     ) -> Result<Facts, StoreError> {
+        let generations = if self.fence_modules {
+            "(SELECT COALESCE(json_object_agg(name, generation), '{}')::text FROM module_generations)"
+        } else {
+            "'{}'"
+        };
         let begin = format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({}); SELECT COALESCE(MAX(position), 0) FROM events",
+            "BEGIN; SELECT pg_advisory_xact_lock({}); SELECT COALESCE(MAX(position), 0), {generations} FROM events",
             self.lock_key
         );
         let rows = self.step("BEGIN", sqlx::raw_sql(AssertSqlSafe(begin)).fetch_all(&mut *connection)).await?;
-        let head = rows
+        let (head, generations) = rows
             .last()
-            .and_then(|row| row.try_get::<i64, _>(0).ok())
-            .ok_or_else(|| StoreError::unavailable("BEGIN: the head position was not returned"))?
-            as u64;
+            .and_then(|row| Some((row.try_get::<i64, _>(0).ok()?, row.try_get::<String, _>(1).ok()?)))
+            .ok_or_else(|| StoreError::unavailable("BEGIN: the head position was not returned"))?;
+        let head = head as u64;
+        let generations: HashMap<String, u64> =
+            serde_json::from_str(&generations).map_err(|e| StoreError::Corrupt(format!("module generations: {e}")))?;
         if self.known_head != Some(head) || self.versions.len() > VERSION_CACHE_LIMIT {
             self.versions.clear();
         }
         let (streams, ids) = batch_keys(appends);
-        let mut facts = Facts { head, versions: HashMap::with_capacity(streams.len()), commands: HashMap::new() };
+        let mut facts =
+            Facts { head, generations, versions: HashMap::with_capacity(streams.len()), commands: HashMap::new() };
         let mut unknown = Vec::new();
         for stream in streams {
             match self.versions.get(&stream) {

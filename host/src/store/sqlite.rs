@@ -27,6 +27,7 @@ use super::group::{
     Facts, Job, PROBE_SQL, Plan, Reply, Submitter, VERSION_CACHE_LIMIT, WriteHealth, WriterWork, batch_keys,
     commit_time, fail_appends, next_batch, plan, refuse_remaining,
 };
+use super::modules::{ClusterChange, HostRecord, ModuleBuildRecord, ModuleGeneration, ModuleSql};
 use super::push_pairs_in;
 use super::read_models::ReadModelSql;
 use super::sagas::{
@@ -50,6 +51,7 @@ use tracing::Instrument;
 pub struct SqliteStore {
     submitter: Submitter<ChangeWork>,
     reads: SqlitePool,
+    module_changes: watch::Receiver<u64>,
 }
 
 /// A change queued to the writer besides the appends, and where its result
@@ -59,6 +61,7 @@ enum ChangeWork {
     Saga { change: Box<SagaChange>, reply: oneshot::Sender<Result<SagaApplied, StoreError>> },
     Snapshots { snapshots: Vec<Snapshot>, reply: oneshot::Sender<Result<(), StoreError>> },
     Subscription { change: Box<SubscriptionChange>, reply: oneshot::Sender<Result<SubscriptionApplied, StoreError>> },
+    Cluster { change: Box<ClusterChange>, reply: oneshot::Sender<Result<Option<ModuleGeneration>, StoreError>> },
 }
 
 impl WriterWork for ChangeWork {
@@ -74,6 +77,9 @@ impl WriterWork for ChangeWork {
                 let _ = reply.send(Err(StoreError::ShuttingDown));
             }
             Self::Subscription { reply, .. } => {
+                let _ = reply.send(Err(StoreError::ShuttingDown));
+            }
+            Self::Cluster { reply, .. } => {
                 let _ = reply.send(Err(StoreError::ShuttingDown));
             }
         }
@@ -163,6 +169,8 @@ impl SqliteStore {
             .fetch_one(&mut writer)
             .await
             .map_err(database_error)?;
+        let generations = Sqlite::generation_map(&mut writer).await?;
+        let fence_modules = options.fence_modules;
         let reads = SqlitePoolOptions::new()
             .max_connections(options.read_connections)
             .connect_with(connect.read_only(true))
@@ -171,8 +179,12 @@ impl SqliteStore {
 
         let (submitter, queue, head_sender, health) =
             Submitter::new(options.queue_depth, options.max_event_bytes, head as u64);
+        let (module_changes_sender, module_changes) = watch::channel(0);
         let state = Writer {
             connection: writer,
+            generations,
+            fence_modules,
+            module_changes: module_changes_sender,
             health,
             commits_since_checkpoint: 0,
             fsync_appends: options.fsync_every_commit,
@@ -183,11 +195,19 @@ impl SqliteStore {
             metrics,
         };
         tokio::spawn(state.run(queue));
-        Ok(Self { submitter, reads })
+        Ok(Self { submitter, reads, module_changes })
     }
 }
 
 impl SubscriptionSql for Sqlite {
+    const NOW_MS: &'static str = <Sqlite as SagaSql>::NOW_MS;
+
+    fn rows_affected(result: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        result.rows_affected()
+    }
+}
+
+impl ModuleSql for Sqlite {
     const NOW_MS: &'static str = <Sqlite as SagaSql>::NOW_MS;
 
     fn rows_affected(result: &sqlx::sqlite::SqliteQueryResult) -> u64 {
@@ -417,6 +437,32 @@ impl EventStore for SqliteStore {
         Sqlite::list_documents(&self.reads, query).await
     }
 
+    async fn change_cluster(&self, change: ClusterChange) -> Result<Option<ModuleGeneration>, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        self.submitter.queue_work(ChangeWork::Cluster { change: Box::new(change), reply }).await?;
+        outcome.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    async fn module_generations(&self) -> Result<Vec<ModuleGeneration>, StoreError> {
+        Sqlite::generation_rows(&self.reads).await
+    }
+
+    async fn module_builds(&self, name: Option<&str>) -> Result<Vec<ModuleBuildRecord>, StoreError> {
+        Sqlite::build_rows(&self.reads, name).await
+    }
+
+    async fn module_build_bytes(&self, content_hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Sqlite::build_bytes(&self.reads, content_hash).await
+    }
+
+    async fn cluster_hosts(&self) -> Result<(i64, Vec<HostRecord>), StoreError> {
+        Sqlite::host_rows(&self.reads).await
+    }
+
+    fn module_changes(&self) -> watch::Receiver<u64> {
+        self.module_changes.clone()
+    }
+
     async fn close(&self) {
         self.submitter.shutdown().await;
         self.reads.close().await;
@@ -535,6 +581,13 @@ const JOURNAL_SIZE_LIMIT: &str = "8388608";
 /// last known version of recently written streams.
 struct Writer {
     connection: SqliteConnection,
+    /// Every module's generation (the fence): this writer is the only one
+    /// that changes them.
+    generations: HashMap<String, u64>,
+    /// Whether appends are fenced by `generations` (`StoreOptions::fence_modules`).
+    fence_modules: bool,
+    /// Bumped after each activation this writer commits.
+    module_changes: watch::Sender<u64>,
     /// Outcome of the last write, for readiness.
     health: std::sync::Arc<WriteHealth>,
     /// Group commits since the last checkpoint.
@@ -589,6 +642,20 @@ impl Writer {
                     .await;
                     self.health.record(&applied);
                     self.commits_since_checkpoint += 1;
+                    let _ = reply.send(applied);
+                }
+                Some(ChangeWork::Cluster { change, reply }) => {
+                    // Fsynced like an append: an activation is a fact the
+                    // fence stands on.
+                    let applied = relaxed_transaction(&mut self.connection, false, async |connection| {
+                        Sqlite::apply_cluster_change(connection, *change).await
+                    })
+                    .await;
+                    self.health.record(&applied);
+                    if let Ok(Some(generation)) = &applied {
+                        self.generations.insert(generation.name.clone(), generation.generation);
+                        self.module_changes.send_modify(|changes| *changes += 1);
+                    }
                     let _ = reply.send(applied);
                 }
                 Some(ChangeWork::Snapshots { snapshots, reply }) => {
@@ -652,7 +719,8 @@ impl Writer {
                 commands.insert(id, decode_command(&row));
             }
         }
-        Ok(Facts { head: self.head, versions, commands })
+        let generations = if self.fence_modules { self.generations.clone() } else { HashMap::new() };
+        Ok(Facts { head: self.head, generations, versions, commands })
     }
 
     /// Copy the WAL's frames into the database without waiting for

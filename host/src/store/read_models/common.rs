@@ -154,9 +154,9 @@ where
             ReadModelChange::CreateCopy { projection, module, version, role } => {
                 Self::create_copy(connection, &projection, &module, version, role).await
             }
-            ReadModelChange::Commit { copy, from, to, ops, collections, skipped } => {
+            ReadModelChange::Commit { copy, from, to, ops, collections, skipped, fence } => {
                 let collections = collections.map(|c| serde_json::to_string(&c).unwrap_or_default());
-                let checkpoint = CheckpointMove { copy, from, to, skipped, collections };
+                let checkpoint = CheckpointMove { copy, from, to, skipped, collections, fence };
                 Self::commit(connection, checkpoint, checked_ops(ops)?).await
             }
             ReadModelChange::SetParked { copy, parked } => Self::set_parked(connection, &copy, parked.as_ref()).await,
@@ -290,6 +290,8 @@ pub(in crate::store) struct CheckpointMove {
     pub to: u64,
     pub skipped: u64,
     pub collections: Option<String>,
+    /// `(module, generation)` of the build that projected the batch.
+    pub fence: Option<(String, u64)>,
 }
 
 impl CheckpointMove {
@@ -298,7 +300,11 @@ impl CheckpointMove {
     pub(super) fn conflict(&self) -> StoreError {
         conflict(
             &self.copy,
-            &format!("checkpoint is no longer {} (another runner moved it, or the copy was retired)", self.from),
+            &format!(
+                "checkpoint is no longer {} (another runner moved it, the copy was retired, or a newer build of \
+                 its module was activated)",
+                self.from
+            ),
         )
     }
 }

@@ -175,6 +175,11 @@ pub enum ReadModelChange {
         collections: Option<Vec<String>>,
         /// Events skipped by an operator in this step.
         skipped: u64,
+        /// The module build that projected the batch: `(module,
+        /// generation)`. The commit is refused (as a conflict) when the
+        /// module's generation in the store is newer — see ARCHITECTURE.md,
+        /// "Cluster modules".
+        fence: Option<(String, u64)>,
     },
     /// Park the copy (its checkpoint stays where it is), or with `None`
     /// clear the parking so the copy is retried.

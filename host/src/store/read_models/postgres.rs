@@ -124,7 +124,9 @@ impl ReadModelSql for Postgres {
                UPDATE projection_copies SET position = $1, skipped = skipped + $2, \
                  collections = COALESCE($3, collections), parked_position = NULL, parked_event_id = NULL, \
                  parked_error = NULL, parked_attempts = NULL, parked_at_us = NULL \
-               WHERE projection = $4 AND generation = $5 AND position = $6 AND role <> 'retired' RETURNING 1), \
+               WHERE projection = $4 AND generation = $5 AND position = $6 AND role <> 'retired' \
+                 AND ($12::text IS NULL OR NOT EXISTS (SELECT 1 FROM module_generations m \
+                   WHERE m.name = $12 AND m.generation > $13)) RETURNING 1), \
              upserted AS ( \
                INSERT INTO read_model_documents (projection, generation, collection, key, body) \
                SELECT $4, $5, c, k, b::jsonb FROM UNNEST($7::text[], $8::text[], $9::text[]) AS t(c, k, b) \
@@ -147,6 +149,8 @@ impl ReadModelSql for Postgres {
         .bind(&upserts.2)
         .bind(&deletes.0)
         .bind(&deletes.1)
+        .bind(checkpoint.fence.as_ref().map(|(module, _)| module.as_str()))
+        .bind(checkpoint.fence.as_ref().map_or(0, |(_, generation)| *generation as i64))
         .fetch_one(&mut *connection)
         .await
         .map_err(database_error)?;

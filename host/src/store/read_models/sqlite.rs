@@ -99,6 +99,10 @@ impl ReadModelSql for Sqlite {
         update.push(" WHERE projection = ").push_bind(&copy.projection);
         update.push(" AND generation = ").push_bind(copy.generation as i64);
         update.push(" AND position = ").push_bind(checkpoint.from as i64).push(" AND role <> 'retired'");
+        if let Some((module, generation)) = &checkpoint.fence {
+            update.push(" AND NOT EXISTS (SELECT 1 FROM module_generations WHERE name = ").push_bind(module);
+            update.push(" AND generation > ").push_bind(*generation as i64).push(")");
+        }
         let moved = update.build().execute(&mut *connection).await.map_err(database_error)?;
         if moved.rows_affected() != 1 {
             return Err(checkpoint.conflict());

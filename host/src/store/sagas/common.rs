@@ -101,6 +101,7 @@ where
                 applied.rows = Self::execute(connection, release).await?;
             }
             SagaChange::Intake { fence, from, to, starts, inputs } => {
+                Self::check_module(connection, &fence).await?;
                 let moved = sqlx::query(
                     "UPDATE sagas SET position = $4, error = NULL \
                      WHERE saga = $1 AND owner = $2 AND epoch = $3 AND position = $5",
@@ -287,7 +288,28 @@ where
         if Self::execute(connection, touch).await? != 1 {
             return Err(lost(fence, "another host holds its lease now"));
         }
-        Ok(())
+        Self::check_module(connection, fence).await
+    }
+
+    /// Refuse a change computed by a build whose module has a newer
+    /// generation in the store.
+    async fn check_module(connection: &mut Self::Connection, fence: &Fence) -> Result<(), StoreError> {
+        let Some((module, generation)) = &fence.module else { return Ok(()) };
+        let newer: Option<(i64,)> =
+            sqlx::query_as("SELECT generation FROM module_generations WHERE name = $1 AND generation > $2")
+                .bind(module.as_str())
+                .bind(*generation as i64)
+                .fetch_optional(&mut *connection)
+                .await
+                .map_err(database_error)?;
+        match newer {
+            Some((current,)) => Err(StoreError::StaleModule {
+                module: module.clone(),
+                generation: *generation,
+                current: current as u64,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Make an instance matching `condition` active again, with a clean

@@ -121,6 +121,11 @@ pub struct Fence {
     pub saga: String,
     pub owner: String,
     pub epoch: u64,
+    /// `(module, generation)` of the build that computed the change: a
+    /// change is refused (`StoreError::StaleModule`) when the module's
+    /// generation in the store is newer (see ARCHITECTURE.md, "Cluster
+    /// modules").
+    pub module: Option<(String, u64)>,
 }
 
 /// A saga's row: checkpoint and lease.

@@ -1,8 +1,10 @@
 //! The cluster: the hosts sharing one event store, kept on one build per
 //! module. [`ClusterService`] runs two loops on every host — a **sync**
 //! (on each module-change notification, or every second) that brings this
-//! host's serving set in line with the store's current builds, and a
-//! **heartbeat** (every second) that records what this host runs — and
+//! host's serving set in line with the store's current builds and
+//! *prepares* (compiles ahead) builds newly published elsewhere, and a
+//! **heartbeat** (every second, and at once after a preparation) that
+//! records what this host runs and has prepared — and
 //! answers `GET /v1/cluster`: each host's generation and hash per module,
 //! the current generation, and who is behind.
 
@@ -123,6 +125,13 @@ impl ClusterService {
             for module in service.registry.current().modules() {
                 service.metrics.set_module_generation(&module.name, module.generation());
             }
+            // A new build published elsewhere: compile it now and say so at
+            // once, so its publisher can activate it everywhere together.
+            if service.registry.prepare_recent().await > 0
+                && let Err(error) = service.heartbeat().await
+            {
+                tracing::debug!(%error, "cluster heartbeat failed; retrying");
+            }
         }
     }
 
@@ -154,6 +163,7 @@ impl ClusterService {
             started_at_ms: self.started_at_ms,
             heartbeat_at_ms: 0,
             modules,
+            prepared: self.registry.prepared(),
         };
         self.store.change_cluster(ClusterChange::Heartbeat(record)).await?;
         let view = self.view().await?;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use orchestrix_host::runtime::{HostOptions, Runtime, RuntimeConfig};
+use orchestrix_host::sandbox::ModulesFrom;
 use orchestrix_host::server::ServerConfig;
 use orchestrix_host::telemetry::{self, Export};
 
@@ -151,11 +152,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         runtime.commands.modules().modules().map(|m| format!("{}@{}", m.name, m.version)).collect();
     println!("orchestrix listening on http://{address}");
     println!("  store:   {}", config.store_url);
-    println!(
-        "  plugins: {} ({})",
-        config.plugins_dir.display(),
-        if names.is_empty() { "none loaded".into() } else { names.join(", ") }
-    );
+    let loaded = if names.is_empty() { "none loaded".into() } else { names.join(", ") };
+    match config.modules_from {
+        ModulesFrom::Directory => println!("  plugins: {} ({loaded})", config.plugins_dir.display()),
+        ModulesFrom::Store => {
+            println!("  modules: from the store ({loaded}); publish with `orchestrix modules publish`")
+        }
+    }
     for failure in &runtime.load_failures() {
         println!("  refused: {} — {}", failure.file.display(), failure.reason);
     }

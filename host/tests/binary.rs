@@ -155,3 +155,62 @@ async fn the_webhook_receiver_checks_signatures_and_answers_as_told() {
     }
     assert!(printed[3].starts_with("401 refused: bad signature"), "{}", printed[3]);
 }
+
+/// The cluster commands against a host taking its modules from the store:
+/// a file that is no module is refused with the reason, the host lists
+/// itself in `orchestrix cluster`, and an unknown module has no builds.
+#[tokio::test]
+async fn the_cluster_commands_talk_to_a_store_mode_host() {
+    let dir = std::env::temp_dir().join(format!("orchestrix-binary-test-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    let mut host = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrix"))
+        .args(["serve", "--modules-from", "store", "--listen", "127.0.0.1:0"])
+        .arg("--plugins")
+        .arg(dir.join("plugins"))
+        .arg("--store")
+        .arg(format!("sqlite://{}", dir.join("events.db").display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("orchestrix starts");
+    use tokio::io::AsyncBufReadExt;
+    let mut stdout = tokio::io::BufReader::new(host.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = stdout.next_line().await.unwrap().expect("the host says where it listens");
+        if let Some(url) = line.strip_prefix("orchestrix listening on ") {
+            break url.to_owned();
+        }
+    };
+    let cli = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_orchestrix")).args(args).args(["--url", &url]).output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let garbage = dir.join("garbage.wasm");
+    std::fs::write(&garbage, b"not a module").unwrap();
+    let (ok, _, stderr) = cli(&["modules", "publish", garbage.to_str().unwrap()]);
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("not a WebAssembly file") && stderr.contains("module_refused"), "{stderr}");
+    let (ok, _, stderr) = cli(&["modules", "builds", "nothing"]);
+    assert!(!ok && stderr.contains("unknown_module"), "{stderr}");
+    let started = std::time::Instant::now();
+    loop {
+        let (ok, stdout, stderr) = cli(&["cluster"]);
+        assert!(ok, "{stderr}");
+        let view: Value = serde_json::from_str(&stdout).unwrap();
+        // Its first heartbeat may precede the listener (no address yet).
+        if view["hosts"].as_array().is_some_and(|hosts| hosts.len() == 1) && view["hosts"][0]["address"] == url.as_str()
+        {
+            assert_eq!(view["hosts_behind"], 0, "{view}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the host never reported itself: {view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    host.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -337,7 +337,9 @@ async fn hosts_killed_mid_publish_leave_one_consistent_current_build() {
             published.push(content_hash(&build));
             sandbox.add_plugin("bank.wasm", &build);
             let mut child = crate::support::spawn_host_process("cluster::publishing_host_process", &config, &sandbox);
-            tokio::time::sleep(Duration::from_millis(150 + orchestrix_testkit::rand_u64() % 900)).await;
+            // Anywhere from compiling to waiting for the previous (dead) host to
+            // prepare the build, storing it and activating it.
+            tokio::time::sleep(Duration::from_millis(150 + orchestrix_testkit::rand_u64() % 3500)).await;
             child.start_kill().expect("SIGKILL");
             child.wait().await.expect("reaped");
         }

@@ -32,5 +32,8 @@ CREATE TABLE cluster_hosts (
     started_at_ms BIGINT NOT NULL,
     heartbeat_at_ms BIGINT NOT NULL,
     -- JSON: {"module": {"generation": n, "content_hash": "…"}}
-    modules TEXT NOT NULL
+    modules TEXT NOT NULL,
+    -- JSON array: content hashes of published builds this host has
+    -- compiled and validated ahead of their activation.
+    prepared TEXT NOT NULL
 );

@@ -13,7 +13,7 @@ use serde_json::Value;
 #[derive(Args)]
 pub struct Target {
     /// Base URL of the running host.
-    #[arg(long, env = "ORCHESTRIX_URL", default_value = "http://127.0.0.1:7070")]
+    #[arg(long, global = true, env = "ORCHESTRIX_URL", default_value = "http://127.0.0.1:7070")]
     pub(crate) url: String,
 }
 

@@ -165,7 +165,23 @@ pub struct ModuleRegistry {
     swap_hook: RwLock<Option<std::sync::Weak<dyn SwapHook>>>,
     /// Publishes every new serving set (projections follow it).
     swapped: tokio::sync::watch::Sender<Arc<ModuleSet>>,
+    /// Content hashes of builds compiled and validated here (in the
+    /// precompile cache), announced in the heartbeat so a publisher can
+    /// activate once every host is ready to switch at once.
+    prepared: RwLock<std::collections::BTreeSet<String>>,
 }
+
+/// How long a publisher waits for the other live hosts to prepare a build
+/// before it activates it anyway (a host that has not prepared compiles at
+/// the switch, and is behind meanwhile).
+const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The hosts a publisher waits for: those whose heartbeat (every second) is
+/// this recent.
+const PREPARE_LIVE_MS: i64 = 3_000;
+
+/// Builds uploaded this recently are prepared by every host.
+const PREPARE_RECENT_MS: i64 = 600_000;
 
 /// What the scan found for one file.
 enum Scanned {
@@ -213,6 +229,7 @@ impl ModuleRegistry {
             reloading: tokio::sync::Mutex::new(()),
             swap_hook: RwLock::new(None),
             swapped: tokio::sync::watch::channel(Arc::new(ModuleSet::default())).0,
+            prepared: RwLock::new(std::collections::BTreeSet::new()),
         }
     }
 
@@ -249,6 +266,70 @@ impl ModuleRegistry {
     /// The module that owned `aggregate_type` before it was unloaded.
     pub fn unloaded_owner(&self, aggregate_type: &str) -> Option<String> {
         self.unloaded.read().get(aggregate_type).cloned()
+    }
+
+    /// Builds compiled here ahead of (or since) their activation.
+    pub fn prepared(&self) -> Vec<String> {
+        self.prepared.read().iter().cloned().collect()
+    }
+
+    /// Compile and validate the recently published builds that passed
+    /// their checks and are not prepared here yet, so that their
+    /// activation swaps them in without a compile. Returns how many it
+    /// prepared.
+    pub async fn prepare_recent(&self) -> usize {
+        let builds = match self.store.module_builds(None).await {
+            Ok(builds) => builds,
+            Err(error) => {
+                tracing::debug!(%error, "cannot list the published builds");
+                return 0;
+            }
+        };
+        let newest = builds.iter().map(|b| b.uploaded_at_ms).max().unwrap_or(0);
+        let mut prepared = 0;
+        for build in builds {
+            if build.status != BuildStatus::Passed
+                || build.uploaded_at_ms < newest - PREPARE_RECENT_MS
+                || self.prepared.read().contains(&build.content_hash)
+            {
+                continue;
+            }
+            match self.load_stored(&build.content_hash).await {
+                Ok(_) => {
+                    self.prepared.write().insert(build.content_hash.clone());
+                    prepared += 1;
+                }
+                Err(reason) => {
+                    tracing::warn!(module = %build.name, hash = %build.content_hash, %reason, "cannot prepare a published build");
+                }
+            }
+        }
+        prepared
+    }
+
+    /// Wait until every other live host has prepared `hash` (for at most
+    /// [`PREPARE_WAIT`]), so the activation switches them all at once.
+    async fn await_prepared(&self, hash: &str) {
+        let started = Instant::now();
+        loop {
+            let waiting: Vec<String> = match self.store.cluster_hosts().await {
+                Ok((now_ms, hosts)) => hosts
+                    .into_iter()
+                    .filter(|h| h.host_id != self.config.host_id && now_ms - h.heartbeat_at_ms <= PREPARE_LIVE_MS)
+                    .filter(|h| !h.prepared.iter().any(|p| p == hash))
+                    .map(|h| h.host_id)
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            if waiting.is_empty() {
+                return;
+            }
+            if started.elapsed() >= PREPARE_WAIT {
+                tracing::warn!(?waiting, "hosts did not prepare the build in time; activating it anyway");
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     pub fn modules_from(&self) -> super::ModulesFrom {
@@ -446,6 +527,8 @@ impl ModuleRegistry {
         expected: u64,
     ) -> Result<ModuleGeneration, StoreError> {
         self.save_build(module, bytes, uploader, Ok(())).await?;
+        self.prepared.write().insert(module.content_hash.clone());
+        self.await_prepared(&module.content_hash).await;
         let activation = Activation {
             name: module.name.clone(),
             content_hash: Some(module.content_hash.clone()),
@@ -516,6 +599,7 @@ impl ModuleRegistry {
             let failure_key = PathBuf::from(format!("store:{}", stored.name));
             match self.load_stored(hash).await {
                 Ok((module, mut steps_ms)) => {
+                    self.prepared.write().insert(hash.clone());
                     let module = Arc::new(module);
                     self.prepare_swap(serving.map(|m| m.as_ref()), &module, &mut steps_ms).await;
                     module.set_generation(stored.generation);
@@ -758,6 +842,8 @@ impl ModuleRegistry {
                     let expected = expected_generation(previous.as_deref(), stored.get(&module.name));
                     let activated = async {
                         self.save_build(&module, candidate.bytes, &uploader, Ok(())).await?;
+                        self.prepared.write().insert(module.content_hash.clone());
+                        self.await_prepared(&module.content_hash).await;
                         let activation = Activation {
                             name: module.name.clone(),
                             content_hash: Some(module.content_hash.clone()),

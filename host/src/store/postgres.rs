@@ -492,15 +492,18 @@ impl EventStore for PostgresStore {
     /// On a connection of the read pool (durable commits), under the
     /// commit timeout; an activation first takes the appends' advisory
     /// lock, so its position is exact and no append planned against the
-    /// old generation commits after it, and notifies every host.
+    /// old generation commits after it. Activations and new builds notify
+    /// every host.
     async fn change_cluster(&self, change: ClusterChange) -> Result<Option<ModuleGeneration>, StoreError> {
         let work = async {
             let mut transaction = self.reads.begin().await.map_err(database_error)?;
-            let activation = match &change {
-                ClusterChange::Activate(activation) => Some(activation.name.clone()),
-                _ => None,
+            // Hosts sync on an activation and prepare a newly stored build.
+            let notify = match &change {
+                ClusterChange::Activate(activation) => Some(format!("module:{}", activation.name)),
+                ClusterChange::SaveBuild(build) => Some(format!("module:build:{}", build.content_hash)),
+                ClusterChange::Heartbeat(_) => None,
             };
-            if activation.is_some() {
+            if matches!(change, ClusterChange::Activate(_)) {
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(self.lock_key)
                     .execute(&mut *transaction)
@@ -508,10 +511,10 @@ impl EventStore for PostgresStore {
                     .map_err(database_error)?;
             }
             let applied = Postgres::apply_cluster_change(&mut transaction, change).await?;
-            if let Some(name) = activation {
+            if let Some(payload) = notify {
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(&self.channel)
-                    .bind(format!("module:{name}"))
+                    .bind(payload)
                     .execute(&mut *transaction)
                     .await
                     .map_err(database_error)?;

@@ -645,9 +645,11 @@ impl Writer {
                     let _ = reply.send(applied);
                 }
                 Some(ChangeWork::Cluster { change, reply }) => {
-                    // Fsynced like an append: an activation is a fact the
-                    // fence stands on.
-                    let applied = relaxed_transaction(&mut self.connection, false, async |connection| {
+                    // Builds and activations are fsynced like an append (an
+                    // activation is a fact the fence stands on); a lost
+                    // heartbeat is only a late one.
+                    let relaxed = self.fsync_appends && matches!(*change, ClusterChange::Heartbeat(_));
+                    let applied = relaxed_transaction(&mut self.connection, relaxed, async |connection| {
                         Sqlite::apply_cluster_change(connection, *change).await
                     })
                     .await;

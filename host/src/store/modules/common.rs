@@ -76,16 +76,19 @@ where
             ClusterChange::Activate(activation) => Self::activate(connection, activation, now_ms).await.map(Some),
             ClusterChange::Heartbeat(host) => {
                 let modules = serde_json::to_string(&host.modules).unwrap_or_else(|_| "{}".into());
+                let prepared = serde_json::to_string(&host.prepared).unwrap_or_else(|_| "[]".into());
                 sqlx::query(
-                    "INSERT INTO cluster_hosts (host_id, address, started_at_ms, heartbeat_at_ms, modules) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (host_id) DO UPDATE SET address = excluded.address, \
-                     heartbeat_at_ms = excluded.heartbeat_at_ms, modules = excluded.modules",
+                    "INSERT INTO cluster_hosts (host_id, address, started_at_ms, heartbeat_at_ms, modules, prepared) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (host_id) DO UPDATE SET address = excluded.address, \
+                     heartbeat_at_ms = excluded.heartbeat_at_ms, modules = excluded.modules, \
+                     prepared = excluded.prepared",
                 )
                 .bind(host.host_id.as_str())
                 .bind(host.address.as_str())
                 .bind(host.started_at_ms)
                 .bind(now_ms)
                 .bind(modules.as_str())
+                .bind(prepared.as_str())
                 .execute(&mut *connection)
                 .await
                 .map_err(database_error)?;
@@ -202,7 +205,8 @@ where
             .await
             .map_err(database_error)?;
         let rows: Vec<HostRow> = sqlx::query_as(
-            "SELECT host_id, address, started_at_ms, heartbeat_at_ms, modules FROM cluster_hosts ORDER BY host_id",
+            "SELECT host_id, address, started_at_ms, heartbeat_at_ms, modules, prepared FROM cluster_hosts \
+             ORDER BY host_id",
         )
         .fetch_all(pool)
         .await
@@ -268,6 +272,7 @@ pub(in crate::store) struct HostRow {
     started_at_ms: i64,
     heartbeat_at_ms: i64,
     modules: String,
+    prepared: String,
 }
 
 impl HostRow {
@@ -278,6 +283,7 @@ impl HostRow {
             started_at_ms: self.started_at_ms,
             heartbeat_at_ms: self.heartbeat_at_ms,
             modules: serde_json::from_str(&self.modules).unwrap_or_default(),
+            prepared: serde_json::from_str(&self.prepared).unwrap_or_default(),
         }
     }
 }

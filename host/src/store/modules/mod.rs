@@ -110,6 +110,8 @@ pub struct HostRecord {
     pub started_at_ms: i64,
     pub heartbeat_at_ms: i64,
     pub modules: BTreeMap<String, RunningModule>,
+    /// Published builds it has compiled ahead of their activation.
+    pub prepared: Vec<String>,
 }
 
 /// One cluster change, one transaction each.

@@ -267,6 +267,21 @@ pub(crate) fn store_status(error: &StoreError) -> (StatusCode, &'static str) {
     (kind_status(error.kind()), code)
 }
 
+/// A module sent as a request body (`POST /v1/what-if`, `POST
+/// /v1/modules`): the bytes, or the JSON error for a body too large,
+/// unreadable or empty (`empty` says what the body must be).
+pub(crate) fn module_body(body: Result<Bytes, BytesRejection>, empty: &str) -> Result<Bytes, ApiError> {
+    let body = body.map_err(|rejection| {
+        let code =
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_body" };
+        ApiError::new(rejection.status(), code, rejection.body_text())
+    })?;
+    if body.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_module", empty));
+    }
+    Ok(body)
+}
+
 pub(crate) fn header_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
     match headers.get(name) {
         None => Ok(None),

@@ -57,6 +57,9 @@ pub(crate) struct Inner {
 
 struct Running {
     wake: Arc<Notify>,
+    /// Counts the lease keeper's hand-overs of the stored row to the
+    /// deliverer (while this host holds the lease).
+    handovers: watch::Receiver<u64>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -191,13 +194,15 @@ impl BusService {
             running.entry(record.name.clone()).or_insert_with(|| {
                 let wake = Arc::new(Notify::new());
                 let (stop, stop_receiver) = watch::channel(false);
+                let (handed_over, handovers) = watch::channel(0);
                 let runner = runner::Runner {
                     name: record.name.clone(),
                     inner: self.inner.clone(),
                     wake: wake.clone(),
+                    handed_over: Arc::new(handed_over),
                     stop: stop_receiver,
                 };
-                Running { wake, stop, task: tokio::spawn(runner.run()) }
+                Running { wake, handovers, stop, task: tokio::spawn(runner.run()) }
             });
         }
         Ok(records)
@@ -288,13 +293,32 @@ impl BusService {
         self.get(name).await
     }
 
-    /// Run a change of one named subscription and wake its runner.
+    /// Run a change of one named subscription and wake its runner. When
+    /// this host delivers it, wait (at most 1 s) until its deliverer holds
+    /// a row read after the change — two hand-overs, the first may come
+    /// from a read already under way — so a pause answered here stops
+    /// every later delivery.
     async fn changed(&self, name: &str, change: SubscriptionChange) -> Result<u64, BusError> {
         let rows = self.inner.store.change_subscription(change).await?.rows;
         if rows == 0 {
             return Err(BusError::UnknownSubscription(name.to_owned()));
         }
+        let handovers = self.running.lock().get(name).map(|runner| runner.handovers.clone());
         self.wake(name);
+        if let Some(mut handovers) = handovers {
+            let seen = *handovers.borrow_and_update();
+            let holding = self
+                .inner
+                .store
+                .subscriptions()
+                .await?
+                .iter()
+                .any(|record| record.name == name && record.owner.as_deref() == Some(self.inner.owner.as_str()));
+            if holding {
+                let handed_over = handovers.wait_for(|count| *count >= seen + 2);
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), handed_over).await;
+            }
+        }
         Ok(rows)
     }
 

@@ -66,6 +66,8 @@ pub(super) struct Runner {
     pub name: String,
     pub inner: Arc<Inner>,
     pub wake: Arc<Notify>,
+    /// Bumped after each hand-over of the stored row to the deliverer.
+    pub handed_over: Arc<watch::Sender<u64>>,
     pub stop: watch::Receiver<bool>,
 }
 
@@ -122,6 +124,7 @@ impl Runner {
             self.wake.clone(),
             self.stop.clone(),
             held_sender,
+            self.handed_over.clone(),
         ));
         // The keeper's first read, before anything else.
         if held.changed().await.is_err() {
@@ -171,6 +174,7 @@ async fn keep_lease(
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
     held: watch::Sender<Held>,
+    handed_over: Arc<watch::Sender<u64>>,
 ) {
     let ttl_ms = inner.config.lease_ttl.as_millis() as i64;
     let mut renewed = Instant::now();
@@ -183,6 +187,7 @@ async fn keep_lease(
                     Ok(records) => match records.into_iter().find(|r| r.name == fence.name) {
                         Some(record) => {
                             held.send_replace(Held::Holding(Box::new(record)));
+                            handed_over.send_modify(|count| *count += 1);
                         }
                         None => {
                             held.send_replace(Held::Lost);

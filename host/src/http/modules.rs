@@ -99,18 +99,7 @@ async fn publish(
             "publish a module as `Content-Type: application/wasm`",
         ));
     }
-    let body = body.map_err(|rejection| {
-        let code =
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_body" };
-        ApiError::new(rejection.status(), code, rejection.body_text())
-    })?;
-    if body.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_module",
-            "the request body must be a .wasm component",
-        ));
-    }
+    let body = super::module_body(body, "the request body must be a .wasm component")?;
     let uploader = format!("{} (POST /v1/modules)", state.cluster.host_id());
     let change = state.commands.registry().publish(body.to_vec(), &uploader).await?;
     Ok((StatusCode::CREATED, Json(change)))

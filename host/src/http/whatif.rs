@@ -59,18 +59,7 @@ async fn what_if(
     ApiQuery(query): ApiQuery<WhatIfQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<WhatIfReport>, ApiError> {
-    let body = body.map_err(|rejection| {
-        let code =
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_body" };
-        ApiError::new(rejection.status(), code, rejection.body_text())
-    })?;
-    if body.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_module",
-            "the request body must be the candidate module (a .wasm component)",
-        ));
-    }
+    let body = super::module_body(body, "the request body must be the candidate module (a .wasm component)")?;
     let streams = match (query.all, query.streams) {
         (true, Some(_)) => {
             return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", "give `streams` or `all`, not both"));

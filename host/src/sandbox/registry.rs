@@ -840,24 +840,10 @@ impl ModuleRegistry {
                     // store's current one unless this host is behind (then
                     // the activation's compare-and-set refuses it).
                     let expected = expected_generation(previous.as_deref(), stored.get(&module.name));
-                    let activated = async {
-                        self.save_build(&module, candidate.bytes, &uploader, Ok(())).await?;
-                        self.prepared.write().insert(module.content_hash.clone());
-                        self.await_prepared(&module.content_hash).await;
-                        let activation = Activation {
-                            name: module.name.clone(),
-                            content_hash: Some(module.content_hash.clone()),
-                            expected_generation: expected,
-                            by: uploader.clone(),
-                        };
-                        self.store.change_cluster(ClusterChange::Activate(activation)).await
-                    }
-                    .await;
-                    match activated {
-                        Ok(Some(generation)) => Ok(generation.generation),
-                        Ok(None) => Err("the activation answered no generation".to_owned()),
-                        Err(error) => Err(format!("could not be published to the store: {error}")),
-                    }
+                    self.publish_checked(&module, candidate.bytes, &uploader, expected)
+                        .await
+                        .map(|activated| activated.generation)
+                        .map_err(|error| format!("could not be published to the store: {error}"))
                 }
                 Err(reason) => {
                     if let Err(error) = self.save_build(&module, candidate.bytes, &uploader, Err(&reason)).await {

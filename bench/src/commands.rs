@@ -92,6 +92,19 @@ pub struct RunOptions {
     pub seconds: Option<f64>,
     /// Run the modules' projections too (off: the write path alone).
     pub projections: bool,
+    /// Over HTTP whatever `--mode` says, with this security in place.
+    pub http: Option<HttpSecurity>,
+}
+
+/// What an HTTP run's clients go through.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum HttpSecurity {
+    /// `--auth off`, plain HTTP.
+    Open,
+    /// `--auth required`; every request carries a bearer token (`command`).
+    Token,
+    /// A token, over TLS (a certificate made for the run).
+    TokenOverTls,
 }
 
 /// Work started beside the clients of a run, given the running host.
@@ -109,7 +122,22 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
     if let Some(dir) = options.plugins_dir {
         config.plugins_dir = dir;
     }
+    if matches!(options.http, Some(HttpSecurity::Token | HttpSecurity::TokenOverTls)) {
+        config.security.auth = orchestrix_host::auth::AuthMode::Required;
+    }
+    let tls = match options.http {
+        Some(HttpSecurity::TokenOverTls) => {
+            let (certificate, ca) = crate::security::test_certificate()?;
+            config.server.tls = Some(certificate.server_config());
+            Some(ca)
+        }
+        _ => None,
+    };
     let runtime = Runtime::start(config.clone()).await.context("starting the host")?;
+    let token = match options.http {
+        Some(HttpSecurity::Token | HttpSecurity::TokenOverTls) => Some(crate::security::token_for(&runtime).await?),
+        _ => None,
+    };
     let body_limits = runtime.body_limits();
     if runtime.commands.modules().route("account").is_none() {
         bail!("the bank module is not in {}: build the plugins first (cargo xtask dist)", args.host.plugins.display());
@@ -123,11 +151,13 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
     }
     let seconds = options.seconds.unwrap_or(args.seconds);
     let meanwhile = options.meanwhile.map(|start| start(&runtime));
-    let result = match args.mode {
+    let mode = if options.http.is_some() { Mode::Http } else { args.mode };
+    let result = match mode {
         Mode::Pipeline => drive(clients, args, seconds, Driver::Pipeline(service)).await?,
         Mode::Http => {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let url = format!("http://{}", listener.local_addr()?);
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let url = format!("{scheme}://{}", listener.local_addr()?);
             let (router, metrics, server_config) = (runtime.router(), runtime.metrics.clone(), config.server.clone());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let server = tokio::spawn(async move {
@@ -136,7 +166,16 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
                 };
                 orchestrix_host::server::serve(listener, router, &server_config, body_limits, metrics, shutdown).await
             });
-            let client = orchestrix_host::http_client::builder().pool_max_idle_per_host(clients).build()?;
+            let mut client = orchestrix_host::http_client::builder().pool_max_idle_per_host(clients);
+            if let Some(ca) = tls {
+                client = client.add_root_certificate(ca);
+            }
+            if let Some(token) = token {
+                let mut headers = reqwest::header::HeaderMap::new();
+                headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+                client = client.default_headers(headers);
+            }
+            let client = client.build()?;
             let result = drive(clients, args, seconds, Driver::Http { client, url }).await;
             let _ = stop.send(());
             let _ = server.await;

@@ -13,6 +13,7 @@
 //! - `history`: see [`history`].
 //! - `bus`: see [`bus`].
 //! - `cluster`: see [`cluster`].
+//! - `security`: see [`security`].
 //!
 //! The figures measured so far, and how, are in `docs/benchmarks.md`.
 
@@ -25,6 +26,7 @@ mod lifecycle;
 mod projections;
 mod robustness;
 mod sagas;
+mod security;
 mod storage;
 mod tracing_export;
 
@@ -78,6 +80,9 @@ pub enum Suite {
     /// Cluster modules: the generation fence's cost on group commit; three
     /// hosts under load, builds published through one (PostgreSQL).
     Cluster,
+    /// The 64-connection HTTP load open, with a bearer token, and with a
+    /// token over TLS.
+    Security,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -91,7 +96,7 @@ pub enum Backend {
     name = "orchestrix-bench",
     version,
     about = "Measure the Orchestrix host: commands, the feed, hot swap, projection rebuilds and lag, robustness, sagas, \
-             history, the outbound bus, cluster modules"
+             history, the outbound bus, cluster modules, security"
 )]
 pub struct BenchArgs {
     /// The host's options, as for `orchestrix serve`.
@@ -102,7 +107,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness,sagas,history,tracing,bus,cluster"
+        default_value = "commands,feed,live,swap,start,sandbox,rebuild,lag,robustness,sagas,history,tracing,bus,cluster,security"
     )]
     suites: Vec<Suite>,
     /// Backends to measure on (comma-separated); PostgreSQL needs --postgres-url.
@@ -205,6 +210,7 @@ async fn run(args: BenchArgs) -> Result<()> {
                 Suite::Tracing => tracing_export::trace_export(&args, backend).await?,
                 Suite::Bus => bus::bus(&args, backend).await?,
                 Suite::Cluster => cluster::cluster(&args, backend).await?,
+                Suite::Security => security::security(&args, backend).await?,
             }
         }
     }

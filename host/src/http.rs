@@ -2,12 +2,14 @@
 //! is `{"error": {"code": ..., "message": ...}}` with a status that tells the
 //! client what to do about it.
 
+pub mod access;
 mod extract;
 mod live;
 mod modules;
 mod projections;
 mod sagas;
 mod subscriptions;
+mod tokens;
 mod whatif;
 
 use std::sync::Arc;
@@ -17,7 +19,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -40,6 +41,7 @@ pub struct ApiState {
     pub bus: Arc<crate::bus::BusService>,
     pub whatif: Arc<crate::whatif::WhatIfService>,
     pub cluster: Arc<crate::cluster::ClusterService>,
+    pub auth: Arc<crate::auth::Authenticator>,
     pub metrics: Metrics,
     /// Turns true when the host shuts down: open event streams end, so a
     /// graceful shutdown does not wait for clients that never hang up.
@@ -64,22 +66,41 @@ impl BodyLimits {
     }
 }
 
-/// The router with every route, each request body limited by `limits`.
-pub fn router(state: Arc<ApiState>, limits: BodyLimits) -> Router {
-    Router::new()
-        .route("/v1/aggregates/{aggregate_type}/{aggregate_id}/commands/{command}", post(send_command))
-        .route("/v1/aggregates/{aggregate_type}/{aggregate_id}", get(aggregate_state))
-        .route("/v1/aggregates/{aggregate_type}/{aggregate_id}/events", get(stream_events))
-        .route("/v1/events", get(global_events))
-        .route("/v1/events/stream", get(live::live_events))
+/// Every route of the API with what it needs (see [`access`]).
+fn api_routes(limits: BodyLimits) -> access::Routes {
+    use crate::auth::Need;
+    access::Routes::new()
+        .post("/v1/aggregates/{aggregate_type}/{aggregate_id}/commands/{command}", Need::Command, send_command)
+        .get("/v1/aggregates/{aggregate_type}/{aggregate_id}", Need::Read, aggregate_state)
+        .get("/v1/aggregates/{aggregate_type}/{aggregate_id}/events", Need::Read, stream_events)
+        .get("/v1/events", Need::Read, global_events)
+        .get("/v1/events/stream", Need::Read, live::live_events)
         .merge(modules::routes(limits.module))
         .merge(projections::routes())
         .merge(sagas::routes())
         .merge(subscriptions::routes())
         .merge(whatif::routes(limits.module))
-        .route("/healthz", get(health))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(metrics))
+        .merge(tokens::routes())
+        .get("/healthz", Need::Open, health)
+        .get("/readyz", Need::Open, ready)
+        .get("/metrics", Need::Metrics, metrics)
+}
+
+/// Every route and what it needs, as [`router`] serves them.
+pub fn route_table() -> Vec<access::RouteScope> {
+    api_routes(BodyLimits { request: 0, module: 0 }).finish().1
+}
+
+/// The router with every route, each request body limited by `limits`.
+pub fn router(state: Arc<ApiState>, limits: BodyLimits) -> Router {
+    let (routes, table) = api_routes(limits).finish();
+    let access = access::Access::new(
+        &table,
+        state.auth.clone(),
+        state.commands.store().clone(),
+        state.cluster.host_id().to_owned(),
+    );
+    routes
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // After every route: it applies to the routes registered so far.
         // axum still adds the `Allow` header.
@@ -90,10 +111,17 @@ pub fn router(state: Arc<ApiState>, limits: BodyLimits) -> Router {
                 format!("{method} is not allowed on this route (see the Allow header)"),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(access, access::authorize))
         .layer(DefaultBodyLimit::max(limits.request))
         .layer(axum::middleware::from_fn(request_limits))
         .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+/// `/metrics` alone and open, for a listener of its own
+/// (`--metrics-listen`: an address only the monitoring network reaches).
+pub fn metrics_router(state: Arc<ApiState>) -> Router {
+    Router::new().route("/metrics", axum::routing::get(metrics)).with_state(state)
 }
 
 /// The W3C trace context a request carries (`traceparent`, `tracestate`),
@@ -191,7 +219,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+        let mut response =
+            (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response();
+        response.extensions_mut().insert(access::ErrorCode(self.code));
+        response
     }
 }
 

@@ -17,18 +17,24 @@
 //!   JetStream and webhooks under store leases, retries, dead letters.
 //! - [`cluster`]: one build per module across the hosts of one store —
 //!   the sync and heartbeat loops, `GET /v1/cluster`.
-//! - [`http_client`]: every outgoing HTTP(S) client, with its TLS provider.
+//! - [`http_client`]: every outgoing HTTP(S) client, with its TLS provider;
+//!   [`egress`]: where the host may connect when a client names the place.
 //! - [`leases`]: lease identity and times shared by sagas and the bus.
 //! - [`http`]: the JSON HTTP API; [`cloudevents`]: the event wire format;
 //!   [`sse`]: the Server-Sent Events parser of the CLI's `--follow`.
+//! - [`auth`]: who may do what — tokens, scopes, rate limits (the HTTP
+//!   side, 401/403 and the audit log, is `http::access`).
 //! - [`limits`]: what a request may name, the same on every store.
-//! - [`server`]: the HTTP server (accept loop, connection limits and timeouts).
+//! - [`server`]: the HTTP server (accept loop, connection limits and timeouts);
+//!   [`tls`]: its certificate, reloaded when the files change.
 //! - [`telemetry`]: W3C trace context, spans, OTLP export.
 //! - [`metrics`]: Prometheus metrics; [`runtime`]: wiring it all together.
 
+pub mod auth;
 pub mod bus;
 pub mod cloudevents;
 pub mod cluster;
+pub mod egress;
 pub mod http;
 pub mod http_client;
 pub mod leases;
@@ -43,4 +49,5 @@ pub mod server;
 pub mod sse;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod whatif;

@@ -1,31 +1,40 @@
 //! `orchestrix`: the host binary. `serve` runs the host; `send`, `events`,
 //! `state`, `what-if`, `modules`, `cluster`, `projections`, `query`, `sagas`
-//! and `subscriptions` talk to a running host over HTTP.
+//! and `subscriptions` talk to a running host over HTTP (with `--token`);
+//! `tokens` manages API tokens in the store; `keys` and `sign` sign modules.
 //! (The benchmarks are a binary of their own: `bench/`, `orchestrix-bench`.)
 
 mod cli;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use orchestrix_host::auth::{AuthMode, RateLimit, SecurityConfig};
+use orchestrix_host::egress::{EgressAllow, EgressPolicy};
 use orchestrix_host::runtime::{HostOptions, Runtime, RuntimeConfig};
 use orchestrix_host::sandbox::ModulesFrom;
 use orchestrix_host::server::ServerConfig;
 use orchestrix_host::telemetry::{self, Export};
+use orchestrix_host::tls::{ReloadingCert, TlsFiles};
 
 #[derive(Parser)]
 #[command(name = "orchestrix", version, about = "Event-sourced domain modules in WebAssembly, hosted durably")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Bearer token the client subcommands send (see `orchestrix tokens create`).
+    #[arg(long, global = true, env = "ORCHESTRIX_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the host: load the plugins, open the store, serve the HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Send a command to a running host and print the result.
     Send(cli::client::SendArgs),
     /// Print events: one aggregate's stream, or the global log.
@@ -47,6 +56,12 @@ enum Command {
     Sagas(cli::sagas::SagasArgs),
     /// Manage the outbound bus: subscriptions to NATS JetStream and webhooks, and their dead letters.
     Subscriptions(cli::subscriptions::SubscriptionsArgs),
+    /// Create, list or revoke API tokens, in the store itself (`--store URL`).
+    Tokens(cli::tokens::TokensArgs),
+    /// Make a key pair for signing modules.
+    Keys(cli::signing::KeysArgs),
+    /// Sign a module for hosts that load only signed modules (`serve --trusted-keys`).
+    Sign(cli::signing::SignArgs),
 }
 
 #[derive(Args)]
@@ -72,6 +87,46 @@ struct ServeArgs {
     /// (it resumes with Last-Event-ID).
     #[arg(long, env = "ORCHESTRIX_SSE_STALL_TIMEOUT_MS", default_value_t = 30_000)]
     sse_stall_timeout_ms: u64,
+    /// `required`: every route but /healthz and /readyz needs a bearer token with the route's scope; `off`:
+    /// anyone may do anything [default: off on a loopback address, required on any other].
+    #[arg(long, env = "ORCHESTRIX_AUTH", value_enum)]
+    auth: Option<AuthMode>,
+    /// Allow `--auth off` on a non-loopback address: anyone who reaches the port may do anything.
+    #[arg(long, env = "ORCHESTRIX_INSECURE")]
+    insecure: bool,
+    /// At most this many requests per second per token (per client address with auth off), answering 429 with
+    /// Retry-After beyond it [default: unlimited].
+    #[arg(long, env = "ORCHESTRIX_RATE_LIMIT", value_parser = positive_rate)]
+    rate_limit: Option<f64>,
+    /// With --rate-limit: requests a token may send at once before the rate applies [default: the rate, at
+    /// least 1].
+    #[arg(long, env = "ORCHESTRIX_RATE_BURST", requires = "rate_limit", value_parser = positive_rate)]
+    rate_burst: Option<f64>,
+    /// Live feed streams (`/v1/events/stream`) one token may hold open at once.
+    #[arg(long, env = "ORCHESTRIX_MAX_STREAMS_PER_TOKEN", default_value_t = 16)]
+    max_streams_per_token: usize,
+    /// Also serve `/metrics`, open, on this address (e.g. a port only the monitoring network reaches); on the
+    /// main address `/metrics` is open to loopback clients and needs `read` from anywhere else.
+    #[arg(long, env = "ORCHESTRIX_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Let subscriptions deliver to this internal network (CIDR), address or host name (repeatable). Without
+    /// it, loopback, private, link-local (169.254.169.254 included) and other internal addresses are refused —
+    /// loopback is allowed while the host listens on loopback alone.
+    #[arg(long = "egress-allow", env = "ORCHESTRIX_EGRESS_ALLOW", value_delimiter = ',')]
+    egress_allow: Vec<EgressAllow>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key); re-read when it changes.
+    #[arg(long, env = "ORCHESTRIX_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "ORCHESTRIX_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("`{text}` is not a positive number")),
+    }
 }
 
 impl ServeArgs {
@@ -82,8 +137,36 @@ impl ServeArgs {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             max_connections: self.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             sse_stall_timeout: Duration::from_millis(self.sse_stall_timeout_ms),
+            tls: None,
         };
+        config.security = SecurityConfig {
+            auth: self.auth_mode(),
+            rate_limit: self
+                .rate_limit
+                .map(|per_second| RateLimit { per_second, burst: self.rate_burst.unwrap_or(per_second).max(1.0) }),
+            max_streams_per_caller: self.max_streams_per_token,
+        };
+        config.bus.egress = Arc::new(EgressPolicy::new(self.egress_allow.clone(), self.listen.ip().is_loopback()));
         config
+    }
+
+    /// `--auth`, or its default for the listen address.
+    fn auth_mode(&self) -> AuthMode {
+        self.auth.unwrap_or(if self.listen.ip().is_loopback() { AuthMode::Off } else { AuthMode::Required })
+    }
+
+    /// Refuse to serve an open API to the network unless told to.
+    fn check_exposure(&self) -> Result<()> {
+        if self.auth_mode() == AuthMode::Off && !self.listen.ip().is_loopback() && !self.insecure {
+            anyhow::bail!(
+                "refusing to serve on {} with --auth off: anyone who reaches that address could read every event, \
+                 send any command and change modules. Use --auth required (and create a token with `orchestrix \
+                 tokens create --store URL --name NAME --scope admin`), listen on a loopback address, or pass \
+                 --insecure to serve it open anyway",
+                self.listen
+            );
+        }
+        Ok(())
     }
 }
 
@@ -117,10 +200,13 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(export) = &export {
         tracing::info!(endpoint = %export.endpoint, "exporting traces over OTLP");
     }
+    if let Some(token) = cli.token {
+        cli::client::use_token(token);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Send(args) => cli::client::send(args).await,
             Command::Events(args) => cli::client::events(args).await,
             Command::State(args) => cli::history::state(args).await,
@@ -131,6 +217,9 @@ fn run(cli: Cli) -> Result<()> {
             Command::Query(args) => cli::read_side::query(args).await,
             Command::Sagas(args) => cli::sagas::sagas(args).await,
             Command::Subscriptions(args) => cli::subscriptions::subscriptions(args).await,
+            Command::Tokens(args) => cli::tokens::tokens(args).await,
+            Command::Keys(args) => cli::signing::keys(args),
+            Command::Sign(args) => cli::signing::sign(args),
         }
     });
     drop(runtime);
@@ -141,8 +230,15 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    args.check_exposure()?;
     orchestrix_host::server::raise_descriptor_limit();
-    let config = args.config();
+    let mut config = args.config();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let certificate = ReloadingCert::load(TlsFiles { cert: cert.clone(), key: key.clone() })?;
+        config.server.tls = Some(certificate.server_config());
+        tokio::spawn(certificate.watch());
+    }
+    let scheme = if config.server.tls.is_some() { "https" } else { "http" };
     let runtime = Runtime::start(config.clone()).await.context("starting the host")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -150,7 +246,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let address = listener.local_addr()?;
     let names: Vec<String> =
         runtime.commands.modules().modules().map(|m| format!("{}@{}", m.name, m.version)).collect();
-    println!("orchestrix listening on http://{address}");
+    println!("orchestrix listening on {scheme}://{address}");
     println!("  store:   {}", config.store_url);
     let loaded = if names.is_empty() { "none loaded".into() } else { names.join(", ") };
     match config.modules_from {
@@ -159,21 +255,44 @@ async fn serve(args: ServeArgs) -> Result<()> {
             println!("  modules: from the store ({loaded}); publish with `orchestrix modules publish`")
         }
     }
+    match (config.security.auth, args.listen.ip().is_loopback()) {
+        (AuthMode::Off, true) => println!(
+            "  auth:    off — a loopback address: anyone on this machine may do anything (--auth required for tokens)"
+        ),
+        (AuthMode::Off, false) => {
+            println!("  auth:    OFF (--insecure) — anyone who reaches {address} may do anything")
+        }
+        (AuthMode::Required, _) => println!(
+            "  auth:    required — send `Authorization: Bearer TOKEN`; create one with `orchestrix tokens create \
+             --store {} --name NAME --scope admin`",
+            config.store_url
+        ),
+    }
+    if let Some(metrics_address) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(metrics_address)
+            .await
+            .with_context(|| format!("cannot listen on {metrics_address} (--metrics-listen)"))?;
+        println!("  metrics: http://{}/metrics (open)", listener.local_addr()?);
+        tokio::spawn(runtime.serve_metrics(listener));
+    }
     for failure in &runtime.load_failures() {
         println!("  refused: {} — {}", failure.file.display(), failure.reason);
     }
+    let base = format!("{scheme}://{address}");
+    let auth = match config.security.auth {
+        AuthMode::Required => r#" -H "authorization: Bearer $ORCHESTRIX_TOKEN""#,
+        AuthMode::Off => "",
+    };
     println!("try:");
     println!(
-        "  curl -s -X POST http://{address}/v1/aggregates/account/acc-1/commands/OpenAccount -H 'content-type: application/json' -d '{{\"owner\":\"Ada\",\"initial_balance\":100}}'"
+        "  curl -s{auth} -X POST {base}/v1/aggregates/account/acc-1/commands/OpenAccount -H 'content-type: application/json' -d '{{\"owner\":\"Ada\",\"initial_balance\":100}}'"
     );
-    println!(
-        "  curl -s -X POST http://{address}/v1/aggregates/account/acc-1/commands/DepositMoney -d '{{\"amount\":50}}'"
-    );
-    println!("  curl -s http://{address}/v1/aggregates/account/acc-1");
-    println!("  curl -s http://{address}/v1/aggregates/account/acc-1/events");
-    println!("  curl -s http://{address}/v1/projections");
-    println!("  curl -s http://{address}/v1/projections/account_summaries/accounts/acc-1");
-    println!("  curl -s http://{address}/metrics");
+    println!("  curl -s{auth} -X POST {base}/v1/aggregates/account/acc-1/commands/DepositMoney -d '{{\"amount\":50}}'");
+    println!("  curl -s{auth} {base}/v1/aggregates/account/acc-1");
+    println!("  curl -s{auth} {base}/v1/aggregates/account/acc-1/events");
+    println!("  curl -s{auth} {base}/v1/projections");
+    println!("  curl -s{auth} {base}/v1/projections/account_summaries/accounts/acc-1");
+    println!("  curl -s{auth} {base}/metrics");
     runtime.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped cleanly");
     Ok(())
@@ -219,5 +338,23 @@ mod tests {
         assert_eq!(server.idle_timeout.as_millis(), 60_000);
         assert_eq!(server.max_connections, None);
         assert_eq!(server.sse_stall_timeout.as_millis(), 30_000);
+        assert_eq!(args.config().security.auth, orchestrix_host::auth::AuthMode::Off, "off on loopback");
+        assert!(args.check_exposure().is_ok());
+    }
+
+    #[test]
+    fn an_open_api_off_loopback_needs_insecure() {
+        let parse = |extra: &[&str]| {
+            let argv = [&["orchestrix", "serve", "--listen", "0.0.0.0:7070"], extra].concat();
+            let cli = <Cli as clap::Parser>::try_parse_from(argv).expect("parses");
+            let super::Command::Serve(args) = cli.command else { panic!("serve") };
+            args
+        };
+        let default = parse(&[]);
+        assert_eq!(default.config().security.auth, orchestrix_host::auth::AuthMode::Required);
+        assert!(default.check_exposure().is_ok());
+        let open = parse(&["--auth", "off"]).check_exposure().expect_err("refused");
+        assert!(open.to_string().contains("--insecure"), "{open}");
+        assert!(parse(&["--auth", "off", "--insecure"]).check_exposure().is_ok());
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::auth::{Authenticator, SecurityConfig};
 use crate::bus::{BusConfig, BusService};
 use crate::cluster::ClusterService;
 use crate::http::{ApiState, BodyLimits, router};
@@ -18,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{CommandService, SnapshotPolicy};
 use crate::projections::{ProjectionConfig, ProjectionService};
 use crate::sagas::{SagaConfig, SagaService};
+use crate::sandbox::signing::TrustedKeys;
 use crate::sandbox::{
     LoadFailure, ModuleRegistry, ModulesFrom, PluginsWatcher, RegistryConfig, Sandbox, SandboxLimits, watch_plugins,
 };
@@ -63,6 +65,11 @@ pub struct RuntimeConfig {
     pub subscriptions_file: Option<PathBuf>,
     /// Connection limits and timeouts of [`Runtime::serve`].
     pub server: ServerConfig,
+    /// Authentication, rate limits (see [`crate::auth`]).
+    pub security: SecurityConfig,
+    /// A directory of public keys: only modules signed by one of them load
+    /// (see [`crate::sandbox::signing`]).
+    pub trusted_keys: Option<PathBuf>,
 }
 
 impl RuntimeConfig {
@@ -87,6 +94,8 @@ impl RuntimeConfig {
             bus: BusConfig::default(),
             subscriptions_file: None,
             server: ServerConfig::default(),
+            security: SecurityConfig::default(),
+            trusted_keys: None,
         }
     }
 }
@@ -99,6 +108,8 @@ pub enum StartError {
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("--trusted-keys: {0}")]
+    TrustedKeys(String),
     #[error("cannot declare the subscriptions of {file}: {reason}")]
     Subscriptions { file: PathBuf, reason: String },
 }
@@ -111,6 +122,7 @@ pub struct Runtime {
     pub bus: Arc<BusService>,
     pub whatif: Arc<WhatIfService>,
     pub cluster: Arc<ClusterService>,
+    pub auth: Arc<Authenticator>,
     pub metrics: Metrics,
     config: RuntimeConfig,
     stopping: tokio::sync::watch::Sender<bool>,
@@ -125,8 +137,18 @@ impl Runtime {
     /// the command service.
     pub async fn start(config: RuntimeConfig) -> Result<Self, StartError> {
         let metrics = Metrics::new();
-        let sandbox = Arc::new(Sandbox::new(config.sandbox.clone())?);
+        let trusted_keys = match &config.trusted_keys {
+            Some(dir) => Some(TrustedKeys::load(dir).map_err(StartError::TrustedKeys)?),
+            None => None,
+        };
+        let sandbox = Arc::new(Sandbox::new(config.sandbox.clone())?.trusting(trusted_keys));
         let store = store::open(&config.store_url, &config.store_options, metrics.clone()).await?;
+        let (stopping, _) = tokio::sync::watch::channel(false);
+        let auth = Authenticator::new(config.security.clone());
+        if let Err(error) = auth.start(store.clone(), stopping.subscribe()).await {
+            store.close().await;
+            return Err(error.into());
+        }
         let host_id = crate::leases::owner_id();
         let registry = Arc::new(ModuleRegistry::new(
             sandbox.clone(),
@@ -194,7 +216,6 @@ impl Runtime {
             }
         }
         let bus = BusService::start(commands.store().clone(), metrics.clone(), config.bus.clone()).await;
-        let (stopping, _) = tokio::sync::watch::channel(false);
         Ok(Self {
             commands,
             projections,
@@ -202,6 +223,7 @@ impl Runtime {
             bus,
             whatif,
             cluster,
+            auth,
             metrics,
             config,
             stopping,
@@ -217,17 +239,31 @@ impl Runtime {
 
     /// The HTTP API of this host.
     pub fn router(&self) -> axum::Router {
-        let state = Arc::new(ApiState {
+        router(self.api_state(), self.body_limits())
+    }
+
+    fn api_state(&self) -> Arc<ApiState> {
+        Arc::new(ApiState {
             commands: self.commands.clone(),
             projections: self.projections.clone(),
             sagas: self.sagas.clone(),
             bus: self.bus.clone(),
             whatif: self.whatif.clone(),
             cluster: self.cluster.clone(),
+            auth: self.auth.clone(),
             metrics: self.metrics.clone(),
             stopping: self.stopping.subscribe(),
-        });
-        router(state, self.body_limits())
+        })
+    }
+
+    /// Serve `/metrics` alone, open, on `listener` (`--metrics-listen`),
+    /// until the process ends.
+    pub fn serve_metrics(&self, listener: TcpListener) -> impl Future<Output = ()> + Send + 'static {
+        let router = crate::http::metrics_router(self.api_state());
+        let config = self.config.server.clone();
+        let limits = self.body_limits();
+        let metrics = self.metrics.clone();
+        async move { server::serve(listener, router, &config, limits, metrics, std::future::pending()).await }
     }
 
     /// The request body limits of this host's API.
@@ -264,6 +300,7 @@ impl Runtime {
     /// (releasing their leases) and projections, finish
     /// pending appends and release the store.
     pub async fn close(&self) {
+        self.stopping.send_replace(true);
         drop(self.watcher.lock().take());
         self.cluster.stop();
         self.sagas.stop().await;

@@ -30,6 +30,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -83,6 +84,9 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// A live feed subscriber whose buffer stays full this long is dropped.
     pub sse_stall_timeout: Duration,
+    /// Serve HTTPS with this configuration (see [`crate::tls`]); the
+    /// handshake must complete within the header-read timeout.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +96,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: None,
             sse_stall_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -165,12 +170,18 @@ pub fn raise_descriptor_limit() {}
 pub struct ConnectionHandle {
     tracker: Arc<Tracker>,
     sse_stall_timeout: Duration,
+    peer: SocketAddr,
 }
 
 impl ConnectionHandle {
     /// Close the connection now, whatever it is doing.
     pub fn close(&self) {
         self.tracker.kill();
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
     }
 
     /// How long a live feed subscriber may leave its buffer full.
@@ -228,7 +239,7 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _)) => shared.admit(stream, draining.clone(), alive.clone(), &mut at_limit),
+            Ok((stream, peer)) => shared.admit(stream, peer, draining.clone(), alive.clone(), &mut at_limit),
             Err(error) if is_connection_error(&error) => {}
             Err(error) => {
                 if accept_errors.ready() {
@@ -298,6 +309,7 @@ impl Shared {
     fn admit(
         self: &Arc<Self>,
         stream: TcpStream,
+        peer: SocketAddr,
         draining: watch::Receiver<bool>,
         alive: mpsc::Sender<()>,
         at_limit: &mut Throttle,
@@ -336,6 +348,7 @@ impl Shared {
         }
         let admitted = Admitted {
             shared: self.clone(),
+            peer,
             tracker,
             pool,
             _open: self.metrics.http_connection_opened(match pool {
@@ -353,6 +366,7 @@ impl Shared {
 /// A connection holding its place in a pool until dropped.
 struct Admitted {
     shared: Arc<Shared>,
+    peer: SocketAddr,
     tracker: Arc<Tracker>,
     pool: Pool,
     _open: GaugeGuard,
@@ -372,12 +386,32 @@ impl Drop for Admitted {
 impl Admitted {
     /// Serve HTTP/1 on the connection, under its watchdog, until it ends,
     /// is killed or times out.
-    async fn run(&self, stream: TcpStream, mut draining: watch::Receiver<bool>) {
-        let io = TokioIo::new(Watched { stream, tracker: self.tracker.clone() });
+    async fn run(&self, stream: TcpStream, draining: watch::Receiver<bool>) {
+        let watched = Watched { stream, tracker: self.tracker.clone() };
+        let Some(tls) = &self.shared.config.tls else {
+            return self.serve_io(TokioIo::new(watched), draining).await;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+        match tokio::time::timeout(self.tracker.head_timeout, acceptor.accept(watched)).await {
+            Ok(Ok(secured)) => self.serve_io(TokioIo::new(secured), draining).await,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "TLS handshake failed");
+                self.shared.metrics.http_connection_closed("tls_handshake_failed");
+            }
+            Err(_) => self.shared.metrics.http_connection_closed("header_timeout"),
+        }
+    }
+
+    /// Serve HTTP/1 on `io` (the socket, or TLS over it).
+    async fn serve_io<I>(&self, io: TokioIo<I>, mut draining: watch::Receiver<bool>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let service = ConnectionService {
             shared: self.shared.clone(),
             tracker: self.tracker.clone(),
             reserve: self.pool == Pool::Reserve,
+            peer: self.peer,
         };
         let http = match self.pool {
             Pool::Main => &self.shared.main_http,
@@ -589,6 +623,7 @@ struct ConnectionService {
     shared: Arc<Shared>,
     tracker: Arc<Tracker>,
     reserve: bool,
+    peer: SocketAddr,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnectionService {
@@ -603,6 +638,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
         request.extensions_mut().insert(ConnectionHandle {
             tracker: self.tracker.clone(),
             sse_stall_timeout: self.shared.config.sse_stall_timeout,
+            peer: self.peer,
         });
         let router = self.shared.router.clone();
         Box::pin(async move {

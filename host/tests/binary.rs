@@ -214,3 +214,90 @@ async fn the_cluster_commands_talk_to_a_store_mode_host() {
     host.kill().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `orchestrix` as an operator securing it: an open API off loopback is
+/// refused; tokens made with the CLI in the store are required by a host
+/// with `--auth required`, sent by the client subcommands (`--token`,
+/// `ORCHESTRIX_TOKEN`), and revoked; keys made and a module signed.
+#[tokio::test]
+async fn the_security_commands_work_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("orchestrix-binary-test-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    let store = format!("sqlite://{}", dir.join("events.db").display());
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_orchestrix"))
+            .args(args)
+            .env_remove("ORCHESTRIX_TOKEN")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, _, stderr) = run(&["serve", "--listen", "0.0.0.0:0", "--auth", "off", "--store", &store], &[]);
+    assert!(!ok && stderr.contains("refusing to serve") && stderr.contains("--insecure"), "{stderr}");
+
+    let (ok, stdout, stderr) = run(&["tokens", "create", "--store", &store, "--name", "ops", "--scope", "read"], &[]);
+    assert!(ok, "{stderr}");
+    let token = stdout.lines().last().unwrap().to_owned();
+    assert!(token.starts_with("orx_") && !token.contains(' '), "the token alone on the last line: {stdout}");
+    let (ok, listed, _) = run(&["tokens", "list", "--store", &store], &[]);
+    assert!(ok && listed.contains("\"ops\"") && !listed.contains(&token[21..]), "{listed}");
+    let (ok, _, stderr) = run(&["tokens", "create", "--store", &store, "--name", "x", "--scope", "root"], &[]);
+    assert!(!ok && stderr.contains("unknown scope"), "{stderr}");
+
+    let mut host = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrix"))
+        .args(["serve", "--auth", "required", "--listen", "127.0.0.1:0", "--store", &store])
+        .arg("--plugins")
+        .arg(dir.join("plugins"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("orchestrix starts");
+    use tokio::io::AsyncBufReadExt;
+    let mut stdout = tokio::io::BufReader::new(host.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = stdout.next_line().await.unwrap().expect("the host says where it listens");
+        if let Some(url) = line.strip_prefix("orchestrix listening on ") {
+            break url.to_owned();
+        }
+    };
+    let (ok, _, stderr) = run(&["modules", "--url", &url], &[]);
+    assert!(!ok && stderr.contains("unauthenticated"), "{stderr}");
+    let (ok, _, stderr) = run(&["modules", "--url", &url, "--token", &token], &[]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = run(&["modules", "reload", "--url", &url], &[("ORCHESTRIX_TOKEN", &token)]);
+    assert!(!ok && stderr.contains("forbidden") && stderr.contains("operate"), "{stderr}");
+    let (ok, _, stderr) = run(&["tokens", "revoke", "--store", &store, "ops"], &[]);
+    assert!(ok, "{stderr}");
+    let revoked = std::time::Instant::now();
+    while run(&["modules", "--url", &url, "--token", &token], &[]).0 {
+        assert!(revoked.elapsed() < Duration::from_secs(2), "the host still honours a revoked token");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    host.kill().await.unwrap();
+
+    let prefix = dir.join("keys").join("team");
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    let (ok, _, stderr) = run(&["keys", "generate", "--out", prefix.to_str().unwrap()], &[]);
+    assert!(ok, "{stderr}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(prefix.with_extension("key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the secret key is private");
+    }
+    let module = dir.join("m.wasm");
+    std::fs::write(&module, b"\0asm\x0d\0\x01\0").unwrap();
+    let key = prefix.with_extension("key");
+    let (ok, _, stderr) = run(&["sign", module.to_str().unwrap(), "--key", key.to_str().unwrap()], &[]);
+    assert!(ok, "{stderr}");
+    std::fs::remove_file(prefix.with_extension("key")).unwrap();
+    let trusted = orchestrix_host::sandbox::signing::TrustedKeys::load(&dir.join("keys")).unwrap();
+    assert_eq!(trusted.verify(&std::fs::read(&module).unwrap(), None).unwrap(), "team");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -61,13 +61,13 @@ struct ReceiverState {
 }
 
 /// A webhook receiver on a loopback port that records every request.
-struct Receiver {
-    url: String,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
     state: Arc<Mutex<ReceiverState>>,
 }
 
 impl Receiver {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let state = Arc::new(Mutex::new(ReceiverState::default()));
         let shared = state.clone();
         let app = axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
@@ -103,7 +103,7 @@ impl Receiver {
         self.state.lock().unwrap().usual = Some(answer);
     }
 
-    fn requests(&self) -> usize {
+    pub(crate) fn requests(&self) -> usize {
         self.state.lock().unwrap().received.len()
     }
 
@@ -157,7 +157,7 @@ impl Receiver {
 }
 
 /// POST a subscription; returns the status and answer.
-async fn subscribe(host: &TestHost, definition: Value) -> (StatusCode, Value) {
+pub(crate) async fn subscribe(host: &TestHost, definition: Value) -> (StatusCode, Value) {
     host.command("/v1/subscriptions", &definition.to_string(), &[]).await
 }
 
@@ -168,7 +168,12 @@ async fn subscription(host: &TestHost, name: &str) -> Value {
 }
 
 /// Poll a subscription until `done` holds (or fail after `limit`).
-async fn wait_subscription(host: &TestHost, name: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_subscription(
+    host: &TestHost,
+    name: &str,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let started = Instant::now();
     loop {
         let body = subscription(host, name).await;

@@ -19,6 +19,7 @@ mod robustness;
 mod saga_domains;
 mod sagas;
 mod sandbox_limits;
+mod security;
 mod store_conformance;
 mod support;
 mod telemetry;

@@ -9,9 +9,9 @@
 //! | wiring | `runtime`, `main`, `cli` |
 //! | edges | `http`, `server` |
 //! | processes | `sagas` (sends commands through the pipeline) |
-//! | services | `pipeline`, `projections`, `whatif`, `bus`, `cluster` (not each other) |
+//! | services | `pipeline`, `projections`, `whatif`, `bus`, `cluster` (not each other); `auth` (tokens in the `store`) |
 //! | runtime parts | `sandbox` (may read the `store`), `cloudevents` (the wire form of stored events), `store` |
-//! | leaves | `limits`, `metrics`, `sse`, `leases`, `http_client`; `telemetry` (trace context and export, counts drops in `metrics`, builds its exporter after `http_client`'s TLS set-up) |
+//! | leaves | `limits`, `metrics`, `sse`, `leases`, `http_client`, `egress`; `tls` (the API's certificate; rustls's provider from `http_client`); `telemetry` (trace context and export, counts drops in `metrics`, builds its exporter after `http_client`'s TLS set-up) |
 
 use std::path::{Path, PathBuf};
 
@@ -45,15 +45,17 @@ fn host_module(relative: &Path) -> String {
 /// Host modules a module may name with `crate::…`.
 fn allowed(module: &str) -> Option<&'static [&'static str]> {
     Some(match module {
-        "limits" | "metrics" | "sse" | "leases" | "http_client" => &[],
+        "limits" | "metrics" | "sse" | "leases" | "http_client" | "egress" => &[],
         "telemetry" => &["metrics", "http_client"],
+        "tls" => &["http_client"],
         "store" => &["limits", "metrics", "sse", "telemetry"],
         "cloudevents" => &["store", "telemetry"],
         "sandbox" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "leases"],
         "pipeline" | "projections" | "whatif" => {
             &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox"]
         }
-        "bus" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "leases", "http_client"],
+        "bus" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "leases", "http_client", "egress"],
+        "auth" => &["limits", "metrics", "store"],
         "cluster" => &["limits", "metrics", "telemetry", "store", "sandbox", "leases"],
         "sagas" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox", "pipeline", "leases"],
         "http" | "server" => &[
@@ -72,6 +74,8 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
             "cluster",
             "leases",
             "http_client",
+            "auth",
+            "egress",
             "http",
             "server",
         ],

@@ -21,6 +21,7 @@ use tokio::sync::{Notify, watch};
 
 pub use self::sink::{sign, verify};
 use self::spec::{SinkSpec, Start, SubscriptionSpec};
+use crate::egress::EgressPolicy;
 use crate::leases::rfc3339;
 use crate::metrics::Metrics;
 use crate::store::{
@@ -38,11 +39,18 @@ pub struct BusConfig {
     /// Events read from the log per step (the most one checkpoint move
     /// covers).
     pub read_batch: usize,
+    /// Where sinks may connect (see [`crate::egress`]).
+    pub egress: Arc<EgressPolicy>,
 }
 
 impl Default for BusConfig {
     fn default() -> Self {
-        Self { lease_ttl: Duration::from_secs(3), renew_every: Duration::from_millis(1000), read_batch: 1024 }
+        Self {
+            lease_ttl: Duration::from_secs(3),
+            renew_every: Duration::from_millis(1000),
+            read_batch: 1024,
+            egress: Arc::default(),
+        }
     }
 }
 
@@ -79,6 +87,9 @@ pub enum BusError {
     /// The sink cannot take events as defined (NATS unreachable, no stream).
     #[error("{0}")]
     SinkNotReady(String),
+    /// The sink's destination is one the host does not connect to.
+    #[error("{0}")]
+    EgressRefused(String),
     #[error("a subscription named `{0}` exists already")]
     Exists(String),
     #[error("no subscription named `{0}`")]
@@ -232,7 +243,7 @@ impl BusService {
     /// can take events: NATS reachable, a stream for its subjects), store it.
     pub async fn create(&self, body: &[u8]) -> Result<SubscriptionView, BusError> {
         let spec = SubscriptionSpec::parse(body).map_err(BusError::Invalid)?;
-        check_sink(&spec.sink).await?;
+        check_sink(&spec.sink, &self.inner.config.egress).await?;
         let change = SubscriptionChange::Create {
             name: spec.name.clone(),
             spec: serde_json::to_string(&spec).expect("a spec is JSON"),
@@ -261,7 +272,7 @@ impl BusService {
             }
         }
         let spec = SubscriptionSpec::parse(&serde_json::to_vec(&value).expect("JSON")).map_err(BusError::Invalid)?;
-        check_sink(&spec.sink).await?;
+        check_sink(&spec.sink, &self.inner.config.egress).await?;
         let change = SubscriptionChange::Update {
             name: name.to_owned(),
             spec: serde_json::to_string(&spec).expect("a spec is JSON"),
@@ -444,12 +455,20 @@ pub async fn declare(store: &dyn EventStore, json: &[u8]) -> Result<Vec<String>,
     Ok(changes)
 }
 
-/// Refuse a sink that cannot take events now, with the reason: a NATS
-/// server that does not answer, or no stream capturing the subjects.
-async fn check_sink(sink: &SinkSpec) -> Result<(), BusError> {
+/// Refuse a sink that cannot take events now, with the reason: a
+/// destination the egress policy refuses, a NATS server that does not
+/// answer, or no stream capturing the subjects.
+async fn check_sink(sink: &SinkSpec, egress: &Arc<EgressPolicy>) -> Result<(), BusError> {
+    let refused = |reason: String| BusError::EgressRefused(format!("`sink.url`: {reason}"));
     match sink {
-        SinkSpec::Nats { .. } => sink::Sink::connect(sink).await.map(drop).map_err(BusError::SinkNotReady),
-        SinkSpec::Webhook { .. } => Ok(()),
+        SinkSpec::Nats { .. } => sink::Sink::connect(sink, egress).await.map(drop).map_err(|failure| match failure {
+            sink::ConnectError::Refused(reason) => refused(reason),
+            sink::ConnectError::NotReady(reason) => BusError::SinkNotReady(reason),
+        }),
+        SinkSpec::Webhook { url, .. } => {
+            let url = reqwest::Url::parse(url).map_err(|e| BusError::Invalid(e.to_string()))?;
+            egress.check_url(&url).await.map_err(refused)
+        }
     }
 }
 

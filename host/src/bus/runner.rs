@@ -371,7 +371,7 @@ impl Delivery<'_> {
                 return false;
             }
         };
-        match Sink::connect(&spec.sink).await {
+        match Sink::connect(&spec.sink, &self.runner.inner.config.egress).await {
             Ok(sink) => {
                 self.connect_failures = 0;
                 self.ready = Some(Ready {
@@ -383,6 +383,7 @@ impl Delivery<'_> {
                 true
             }
             Err(error) => {
+                let error = error.to_string();
                 self.connect_failures += 1;
                 self.runner.inner.metrics.observe_subscription_failure(self.name());
                 self.record_error(Some(error.clone())).await;

@@ -2,6 +2,7 @@
 //! Each takes events in log order and reports how many of them, from the
 //! first, its receiver acknowledged.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -13,6 +14,7 @@ use sha2::Sha256;
 
 use super::spec::{NatsMode, SinkSpec, SubjectTemplate, WebhookMode, signing_key};
 use crate::cloudevents::{BATCH_CONTENT_TYPE, to_cloudevent, write_cloudevent};
+use crate::egress::{EgressPolicy, GuardedResolver};
 use crate::store::StoredEvent;
 
 /// Media type of one structured-mode CloudEvent.
@@ -79,23 +81,27 @@ pub enum Sink {
 }
 
 impl Sink {
-    /// Ready a sink for delivery (NATS: connect, and check that a stream
-    /// captures the subjects).
-    pub async fn connect(spec: &SinkSpec) -> Result<Self, String> {
+    /// Ready a sink for delivery (NATS: check the destination against
+    /// `egress`, connect, and check that a stream captures the subjects;
+    /// a webhook's destination is checked at every connection).
+    pub async fn connect(spec: &SinkSpec, egress: &Arc<EgressPolicy>) -> Result<Self, ConnectError> {
         Ok(match spec {
-            SinkSpec::Webhook { url, secret, mode, timeout_ms, batch_size } => Sink::Webhook(WebhookSink {
-                client: crate::http_client::builder()
-                    .timeout(Duration::from_millis(*timeout_ms))
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .build()
-                    .map_err(|e| format!("cannot build an HTTP client: {}", error_chain(&e)))?,
-                url: url.clone(),
-                key: secret.as_deref().map(signing_key).transpose()?,
-                mode: *mode,
-                batch_size: *batch_size,
-            }),
+            SinkSpec::Webhook { url, secret, mode, timeout_ms, batch_size } => {
+                let parsed = reqwest::Url::parse(url).map_err(|e| ConnectError::NotReady(e.to_string()))?;
+                Sink::Webhook(WebhookSink {
+                    client: webhook_client(Duration::from_millis(*timeout_ms), egress.clone()).map_err(|e| {
+                        ConnectError::NotReady(format!("cannot build an HTTP client: {}", error_chain(&e)))
+                    })?,
+                    egress: egress.clone(),
+                    url: parsed,
+                    key: secret.as_deref().map(signing_key).transpose().map_err(ConnectError::NotReady)?,
+                    mode: *mode,
+                    batch_size: *batch_size,
+                })
+            }
             SinkSpec::Nats { url, subject, mode } => {
-                Sink::Nats(Box::new(NatsSink::connect(url, subject, *mode).await?))
+                check_nats_destination(url, egress).await.map_err(ConnectError::Refused)?;
+                Sink::Nats(Box::new(NatsSink::connect(url, subject, *mode).await.map_err(ConnectError::NotReady)?))
             }
         })
     }
@@ -119,11 +125,69 @@ impl Sink {
     }
 }
 
+/// Why a sink cannot be readied.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The destination is one the host does not connect to.
+    Refused(String),
+    /// It cannot take events now (unreachable, misdefined).
+    NotReady(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Refused(reason) => write!(f, "egress refused: {reason}"),
+            ConnectError::NotReady(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// Redirects a webhook follows, each to a destination the policy allows.
+const MAX_REDIRECTS: usize = 5;
+/// Most bytes of a webhook's answer read (to quote in an error).
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// The HTTP client of one webhook: its timeout, the guarded resolver, and
+/// redirects only to allowed destinations.
+fn webhook_client(timeout: Duration, egress: Arc<EgressPolicy>) -> reqwest::Result<reqwest::Client> {
+    let redirects = egress.clone();
+    crate::http_client::builder()
+        .timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .dns_resolver(Arc::new(GuardedResolver(egress)))
+        .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+            }
+            match redirects.check_literal(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(reason) => attempt.error(format!("egress refused: redirect to {reason}")),
+            }
+        }))
+        .build()
+}
+
+/// A NATS URL's host and port, checked against `egress`.
+async fn check_nats_destination(url: &str, egress: &EgressPolicy) -> Result<(), String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.rsplit('@').next().unwrap_or(rest);
+    let authority = authority.split(['/', ',']).next().unwrap_or(authority);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => {
+            (host, port.parse().map_err(|_| format!("`{url}`: the port is not a number"))?)
+        }
+        _ => (authority, 4222),
+    };
+    egress.check_destination(host, port).await
+}
+
 /// The CloudEvents HTTP binding: one POST per event (structured or binary)
 /// or per batch, signed when a secret is set.
 pub struct WebhookSink {
     client: reqwest::Client,
-    url: String,
+    egress: Arc<EgressPolicy>,
+    url: reqwest::Url,
     key: Option<Vec<u8>>,
     mode: WebhookMode,
     batch_size: usize,
@@ -157,7 +221,11 @@ impl WebhookSink {
             }
         };
         let count = if self.mode == WebhookMode::Batched { events.len().min(self.batch_size) } else { 1 };
-        let mut request = self.client.post(&self.url).header(reqwest::header::CONTENT_TYPE, content_type);
+        // An IP literal is connected to without the resolver: checked here.
+        self.egress
+            .check_literal(&self.url)
+            .map_err(|reason| SinkFailure::at(0, format!("egress refused: {reason}")))?;
+        let mut request = self.client.post(self.url.clone()).header(reqwest::header::CONTENT_TYPE, content_type);
         for (name, value) in headers {
             request = request.header(name, value);
         }
@@ -176,7 +244,7 @@ impl WebhookSink {
         if status.is_success() {
             return Ok(count);
         }
-        let answer = response.bytes().await.unwrap_or_default();
+        let answer = read_capped(response, MAX_ANSWER_BYTES).await;
         let quoted = String::from_utf8_lossy(&answer[..answer.len().min(QUOTED_BODY_BYTES)]).into_owned();
         Err(SinkFailure {
             delivered: 0,
@@ -184,6 +252,18 @@ impl WebhookSink {
             gone: status == reqwest::StatusCode::GONE,
         })
     }
+}
+
+/// The first `limit` bytes of a response body (the rest is not read).
+async fn read_capped(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(limit - body.len())]),
+            _ => break,
+        }
+    }
+    body
 }
 
 /// The Standard Webhooks signature: `v1,` and the base64 HMAC-SHA256 of

@@ -125,8 +125,25 @@ pub struct ClusterArgs {
     target: Target,
 }
 
+/// The token every client subcommand sends (`--token`, `ORCHESTRIX_TOKEN`).
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Send `token` as `Authorization: Bearer` with every request.
+pub(crate) fn use_token(token: String) {
+    let _ = TOKEN.set(token);
+}
+
 pub(crate) fn client() -> reqwest::Client {
-    orchestrix_host::http_client::client()
+    let mut builder = orchestrix_host::http_client::builder();
+    if let Some(token) = TOKEN.get() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")) {
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        builder = builder.default_headers(headers);
+    }
+    builder.build().expect("an HTTP client builds")
 }
 
 /// Print the host's answer on stdout (pretty when it is JSON). A non-2xx

@@ -1,10 +1,14 @@
 //! Subcommands of the `orchestrix` binary other than `serve`, each a thin
 //! HTTP client of a running host: `client` (`send`, `events`, `modules`,
 //! and the helpers the others share), `history` (`state`, `what-if`),
-//! `read_side` (`projections`, `query`), `sagas` and `subscriptions`.
+//! `read_side` (`projections`, `query`), `sagas` and `subscriptions`; and
+//! `tokens`, which talks to the store itself; `keys` and `sign` (`signing`),
+//! which work on files.
 
 pub mod client;
 pub mod history;
 pub mod read_side;
 pub mod sagas;
+pub mod signing;
 pub mod subscriptions;
+pub mod tokens;

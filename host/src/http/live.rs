@@ -22,6 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::extract::ApiQuery;
 use super::{ApiError, ApiState, header_text};
+use crate::auth::Caller;
 use crate::cloudevents;
 use crate::metrics::Metrics;
 use crate::server::ConnectionHandle;
@@ -56,8 +57,24 @@ pub(super) async fn live_events(
     State(state): State<Arc<ApiState>>,
     ApiQuery(query): ApiQuery<LiveQuery>,
     connection: Option<Extension<ConnectionHandle>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // A token holds at most so many streams at once.
+    let permit = match caller.filter(|Extension(caller)| caller.authenticated) {
+        Some(Extension(caller)) => Some(state.auth.open_stream(&caller.name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!(
+                    "the token `{}` holds {} live streams, the most it may; close one first",
+                    caller.name,
+                    state.auth.config().max_streams_per_caller
+                ),
+            )
+        })?),
+        None => None,
+    };
     let after = match header_text(&headers, "last-event-id")?.filter(|id| !id.is_empty()) {
         Some(id) => id.parse().map_err(|_| {
             ApiError::new(
@@ -95,7 +112,7 @@ pub(super) async fn live_events(
     ));
     let open = state.metrics.live_stream_opened();
     let events = futures_util::stream::poll_fn(move |cx| {
-        let _open = &open;
+        let _held = (&open, &permit);
         receiver.poll_recv(cx).map(|buffered| buffered.map(|(event, _share)| Ok::<_, Infallible>(event)))
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())

@@ -5,31 +5,34 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::routing::post;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::access::Routes;
 use super::extract::ApiPath;
 use super::{ApiError, ApiState};
+use crate::auth::Need;
 use crate::sandbox::{ModuleChange, PublishError};
 
 /// `POST` takes a module, so its body limit is the module limit (see
 /// [`super::BodyLimits`]).
 pub const MODULES_PATH: &str = "/v1/modules";
 
-pub(super) fn routes(max_module_bytes: usize) -> Router<Arc<ApiState>> {
-    Router::new()
-        .route(MODULES_PATH, get(modules).post(publish).layer(DefaultBodyLimit::max(max_module_bytes)))
-        .route("/v1/modules/reload", post(reload_modules))
-        .route("/v1/modules/{name}/release", post(release_module))
-        .route("/v1/modules/{name}/activate", post(activate))
-        .route("/v1/modules/{name}/builds", get(builds))
-        .route("/v1/cluster", get(cluster))
+pub(super) fn routes(max_module_bytes: usize) -> Routes {
+    Routes::new()
+        .get(MODULES_PATH, Need::Read, modules)
+        .on(Method::POST, MODULES_PATH, Need::Operate, post(publish).layer(DefaultBodyLimit::max(max_module_bytes)))
+        .post("/v1/modules/reload", Need::Operate, reload_modules)
+        .post("/v1/modules/{name}/release", Need::Operate, release_module)
+        .post("/v1/modules/{name}/activate", Need::Operate, activate)
+        .get("/v1/modules/{name}/builds", Need::Read, builds)
+        .get("/v1/cluster", Need::Read, cluster)
 }
 
 impl From<PublishError> for ApiError {

@@ -4,15 +4,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use super::access::Routes;
 use super::extract::{ApiPath, ApiQuery};
 use super::{ApiError, ApiState};
+use crate::auth::Need;
 use crate::limits::check_no_nul;
 use crate::projections::{ProjectionError, ProjectionStatus};
 use crate::store::read_models::{filter_candidates, valid_field_name};
@@ -22,15 +23,15 @@ use crate::store::{DocumentKey, DocumentQuery};
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-pub(super) fn routes() -> Router<Arc<ApiState>> {
-    Router::new()
-        .route("/v1/projections", get(list_projections))
-        .route("/v1/projections/{name}", get(projection))
-        .route("/v1/projections/{name}/rebuild", post(rebuild))
-        .route("/v1/projections/{name}/retry", post(retry))
-        .route("/v1/projections/{name}/skip", post(skip))
-        .route("/v1/projections/{name}/{collection}", get(list_documents))
-        .route("/v1/projections/{name}/{collection}/{key}", get(document))
+pub(super) fn routes() -> Routes {
+    Routes::new()
+        .get("/v1/projections", Need::Read, list_projections)
+        .get("/v1/projections/{name}", Need::Read, projection)
+        .post("/v1/projections/{name}/rebuild", Need::Operate, rebuild)
+        .post("/v1/projections/{name}/retry", Need::Operate, retry)
+        .post("/v1/projections/{name}/skip", Need::Operate, skip)
+        .get("/v1/projections/{name}/{collection}", Need::Read, list_documents)
+        .get("/v1/projections/{name}/{collection}/{key}", Need::Read, document)
 }
 
 impl From<ProjectionError> for ApiError {

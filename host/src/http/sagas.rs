@@ -4,15 +4,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use super::access::Routes;
 use super::extract::{ApiPath, ApiQuery};
 use super::{ApiError, ApiState};
+use crate::auth::Need;
 use crate::limits::{check_id, check_no_nul};
 use crate::sagas::{InstancePage, InstanceView, SagaError};
 use crate::store::{InstanceQuery, InstanceStatus};
@@ -21,14 +22,14 @@ use crate::store::{InstanceQuery, InstanceStatus};
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-pub(super) fn routes() -> Router<Arc<ApiState>> {
-    Router::new()
-        .route("/v1/sagas", get(list_sagas))
-        .route("/v1/sagas/{name}/instances", get(list_instances))
-        .route("/v1/sagas/{name}/instances/{id}", get(instance))
-        .route("/v1/sagas/{name}/instances/{id}/retry", post(retry))
-        .route("/v1/sagas/{name}/instances/{id}/skip", post(skip))
-        .route("/v1/sagas/{name}/instances/{id}/cancel", post(cancel))
+pub(super) fn routes() -> Routes {
+    Routes::new()
+        .get("/v1/sagas", Need::Read, list_sagas)
+        .get("/v1/sagas/{name}/instances", Need::Read, list_instances)
+        .get("/v1/sagas/{name}/instances/{id}", Need::Read, instance)
+        .post("/v1/sagas/{name}/instances/{id}/retry", Need::Operate, retry)
+        .post("/v1/sagas/{name}/instances/{id}/skip", Need::Operate, skip)
+        .post("/v1/sagas/{name}/instances/{id}/cancel", Need::Operate, cancel)
 }
 
 impl From<SagaError> for ApiError {

@@ -5,17 +5,18 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use super::access::Routes;
 use super::extract::{ApiPath, ApiQuery};
 use super::{ApiError, ApiState, read_body};
+use crate::auth::Need;
 use crate::bus::{BusError, DeadLetterPage, SubscriptionView};
 use crate::limits::check_no_nul;
 
@@ -23,16 +24,21 @@ use crate::limits::check_no_nul;
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-pub(super) fn routes() -> Router<Arc<ApiState>> {
-    Router::new()
-        .route("/v1/subscriptions", get(list).post(create))
-        .route("/v1/subscriptions/{name}", get(show).put(update).delete(delete))
-        .route("/v1/subscriptions/{name}/pause", post(pause))
-        .route("/v1/subscriptions/{name}/resume", post(resume))
-        .route("/v1/subscriptions/{name}/dead-letters", get(dead_letters))
-        .route("/v1/subscriptions/{name}/dead-letters/retry", post(retry_all))
-        .route("/v1/subscriptions/{name}/dead-letters/{id}/retry", post(retry_one))
-        .route("/v1/subscriptions/{name}/dead-letters/{id}/discard", post(discard))
+/// Subscriptions are an operator's, reading them included: they name
+/// where the host sends events (and with what credentials).
+pub(super) fn routes() -> Routes {
+    Routes::new()
+        .get("/v1/subscriptions", Need::Operate, list)
+        .post("/v1/subscriptions", Need::Operate, create)
+        .get("/v1/subscriptions/{name}", Need::Operate, show)
+        .put("/v1/subscriptions/{name}", Need::Operate, update)
+        .delete("/v1/subscriptions/{name}", Need::Operate, delete)
+        .post("/v1/subscriptions/{name}/pause", Need::Operate, pause)
+        .post("/v1/subscriptions/{name}/resume", Need::Operate, resume)
+        .get("/v1/subscriptions/{name}/dead-letters", Need::Operate, dead_letters)
+        .post("/v1/subscriptions/{name}/dead-letters/retry", Need::Operate, retry_all)
+        .post("/v1/subscriptions/{name}/dead-letters/{id}/retry", Need::Operate, retry_one)
+        .post("/v1/subscriptions/{name}/dead-letters/{id}/discard", Need::Operate, discard)
 }
 
 impl From<BusError> for ApiError {
@@ -41,6 +47,7 @@ impl From<BusError> for ApiError {
         match error {
             BusError::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_subscription", message),
             BusError::SinkNotReady(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "sink_not_ready", message),
+            BusError::EgressRefused(_) => ApiError::new(StatusCode::BAD_REQUEST, "egress_refused", message),
             BusError::Exists(_) => ApiError::new(StatusCode::CONFLICT, "subscription_exists", message),
             BusError::UnknownSubscription(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_subscription", message),
             BusError::UnknownDeadLetter { .. } => ApiError::new(StatusCode::NOT_FOUND, "unknown_dead_letter", message),

@@ -6,16 +6,18 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::routing::post;
-use axum::{Json, Router};
 use serde::Deserialize;
 
+use super::access::Routes;
 use super::extract::ApiQuery;
 use super::{ApiError, ApiState};
+use crate::auth::Need;
 use crate::whatif::{WhatIfError, WhatIfOptions, WhatIfReport};
 
 /// The route's path: it takes a module, so its body limit is the module
@@ -25,8 +27,13 @@ pub const WHAT_IF_PATH: &str = "/v1/what-if";
 /// Streams per aggregate type replayed unless `streams` or `all` says otherwise.
 const DEFAULT_STREAMS: usize = 1000;
 
-pub(super) fn routes(max_module_bytes: usize) -> Router<Arc<ApiState>> {
-    Router::new().route(WHAT_IF_PATH, post(what_if).layer(DefaultBodyLimit::max(max_module_bytes)))
+pub(super) fn routes(max_module_bytes: usize) -> Routes {
+    Routes::new().on(
+        Method::POST,
+        WHAT_IF_PATH,
+        Need::Admin,
+        post(what_if).layer(DefaultBodyLimit::max(max_module_bytes)),
+    )
 }
 
 /// `?streams=N` (the most recently written N streams of each aggregate

@@ -105,6 +105,10 @@ pub struct HostOptions {
     /// created at start when missing and updated when changed; others are left alone
     #[arg(long, env = "ORCHESTRIX_SUBSCRIPTIONS")]
     pub subscriptions: Option<PathBuf>,
+    /// A directory of ed25519 public keys (`*.pub`, from `orchestrix keys generate`): load only modules signed
+    /// by one of them (`orchestrix sign`); others are refused with the reason and the serving version stays.
+    #[arg(long, env = "ORCHESTRIX_TRUSTED_KEYS")]
+    pub trusted_keys: Option<PathBuf>,
 }
 
 impl HostOptions {
@@ -148,6 +152,7 @@ impl HostOptions {
             },
         };
         config.subscriptions_file = self.subscriptions.clone();
+        config.trusted_keys = self.trusted_keys.clone();
         config.sandbox = SandboxLimits {
             call_deadline: Duration::from_millis(self.call_deadline_ms),
             max_memory_bytes: self.max_memory_mib << 20,

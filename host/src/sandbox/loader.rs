@@ -67,6 +67,7 @@ pub(super) fn compile_file(
     metrics: &Metrics,
 ) -> Result<(GuestModule, BTreeMap<&'static str, f64>), String> {
     check_component_header(&bytes)?;
+    check_signature(sandbox, file, &bytes)?;
     let mut steps = BTreeMap::new();
     let started = Instant::now();
     let component = compile_cached(sandbox, &bytes, &content_hash, cache_dir)?;
@@ -82,9 +83,23 @@ pub(super) fn compile_file(
 /// the same limits as any guest.
 pub(super) fn compile_candidate(sandbox: &Sandbox, bytes: &[u8], metrics: &Metrics) -> Result<GuestModule, String> {
     check_component_header(bytes)?;
+    check_signature(sandbox, Path::new(""), bytes)?;
     let content_hash = content_hash(bytes);
     let component = Component::new(sandbox.engine(), bytes).map_err(|e| format!("invalid component: {e:#}"))?;
     prepare_module(sandbox, &component, "what-if candidate".into(), content_hash, metrics.clone())
+}
+
+/// With `--trusted-keys`: refuse a module no trusted key signed (its
+/// embedded signature, or `FILE.wasm.sig` beside a file).
+fn check_signature(sandbox: &Sandbox, file: &Path, bytes: &[u8]) -> Result<(), String> {
+    let Some(trusted) = sandbox.trusted_keys() else { return Ok(()) };
+    let detached = match file.file_name() {
+        Some(name) => std::fs::read(file.with_file_name(format!("{}.sig", name.to_string_lossy()))).ok(),
+        None => None,
+    };
+    let signer = trusted.verify(bytes, detached.as_deref())?;
+    tracing::debug!(file = %file.display(), key = %signer, "module signature verified");
+    Ok(())
 }
 
 /// Explain the two most common wrong files before wasmtime does, tersely.

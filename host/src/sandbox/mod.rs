@@ -13,6 +13,7 @@ mod fold;
 mod loader;
 mod output;
 mod registry;
+pub mod signing;
 mod watcher;
 
 use std::collections::HashMap;
@@ -141,10 +142,23 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<GuestState>,
     limits: SandboxLimits,
+    /// Set: only modules signed by one of these keys load.
+    trusted_keys: Option<Arc<signing::TrustedKeys>>,
     ticker_stop: Arc<AtomicBool>,
 }
 
 impl Sandbox {
+    /// From now on, load only modules signed by one of `keys`.
+    pub fn trusting(mut self, keys: Option<signing::TrustedKeys>) -> Self {
+        self.trusted_keys = keys.map(Arc::new);
+        self
+    }
+
+    /// The keys a module must be signed by, when signing is required.
+    pub fn trusted_keys(&self) -> Option<&signing::TrustedKeys> {
+        self.trusted_keys.as_deref()
+    }
+
     pub fn new(limits: SandboxLimits) -> Result<Self, SandboxError> {
         let mut pooling = PoolingAllocationConfig::default();
         pooling
@@ -183,7 +197,7 @@ impl Sandbox {
             })
             .map_err(|e| SandboxError::Engine(format!("cannot start the epoch ticker: {e}")))?;
 
-        Ok(Self { engine, linker, limits, ticker_stop })
+        Ok(Self { engine, linker, limits, trusted_keys: None, ticker_stop })
     }
 
     pub fn engine(&self) -> &Engine {

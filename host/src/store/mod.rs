@@ -15,6 +15,7 @@ pub mod modules;
 mod postgres;
 pub mod read_models;
 pub mod sagas;
+pub mod security;
 mod snapshots;
 mod sqlite;
 pub mod subscriptions;
@@ -42,6 +43,7 @@ pub use sagas::{
     InstanceWrite, NewInput, NewInstance, OutboxCommand, PendingCommand, QueuedInput, ReadyInput, SagaApplied,
     SagaChange, SagaCounts, SagaRecord, SentCommand, TimerKey,
 };
+pub use security::{AuditEntry, AuditRecord, NewToken, SecurityChange, TokenRecord};
 pub use snapshots::{Snapshot, SnapshotLookup};
 pub use sqlite::SqliteStore;
 pub use subscriptions::{
@@ -613,6 +615,17 @@ pub trait EventStore: Send + Sync + 'static {
     /// on PostgreSQL, another process's notification); the registry syncs
     /// on it.
     fn module_changes(&self) -> watch::Receiver<u64>;
+
+    /// Run one security change (tokens, the audit log) as one transaction;
+    /// answers whether it changed anything (see [`security`]).
+    async fn change_security(&self, change: SecurityChange) -> Result<bool, StoreError>;
+
+    /// Every API token, by name (with the hash of its secret, never the
+    /// secret).
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Audit entries after id `after`, oldest first, at most `limit`.
+    async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 
     /// Finish every append already submitted, then release the database.
     async fn close(&self);

@@ -45,6 +45,7 @@ use super::sagas::{
     InstanceDetail, InstanceQuery, InstanceRecord, PendingCommand, ReadyInput, SagaApplied, SagaChange, SagaCounts,
     SagaRecord, SagaSql,
 };
+use super::security::{AuditRecord, SecurityChange, SecuritySql, TokenRecord};
 use super::snapshots::SnapshotSql;
 use super::subscriptions::{
     DeadLetterQuery, DeadLetterRecord, SubscriptionApplied, SubscriptionChange, SubscriptionRecord, SubscriptionSql,
@@ -257,6 +258,14 @@ impl SubscriptionSql for Postgres {
 }
 
 impl ModuleSql for Postgres {
+    const NOW_MS: &'static str = <Postgres as SagaSql>::NOW_MS;
+
+    fn rows_affected(result: &sqlx::postgres::PgQueryResult) -> u64 {
+        result.rows_affected()
+    }
+}
+
+impl SecuritySql for Postgres {
     const NOW_MS: &'static str = <Postgres as SagaSql>::NOW_MS;
 
     fn rows_affected(result: &sqlx::postgres::PgQueryResult) -> u64 {
@@ -549,6 +558,31 @@ impl EventStore for PostgresStore {
 
     fn module_changes(&self) -> watch::Receiver<u64> {
         self.module_changes.clone()
+    }
+
+    /// On a connection of the read pool, under the commit timeout.
+    async fn change_security(&self, change: SecurityChange) -> Result<bool, StoreError> {
+        let work = async {
+            let mut transaction = self.reads.begin().await.map_err(database_error)?;
+            let applied = Postgres::apply_security_change(&mut transaction, change).await?;
+            transaction.commit().await.map_err(database_error)?;
+            Ok(applied)
+        };
+        match tokio::time::timeout(self.commit_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::unavailable(format!(
+                "security transaction got no answer within {:?}",
+                self.commit_timeout
+            ))),
+        }
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        Postgres::token_rows(&self.reads).await
+    }
+
+    async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        Postgres::audit_rows(&self.reads, after, limit).await
     }
 
     async fn close(&self) {

@@ -34,6 +34,7 @@ use super::sagas::{
     InstanceDetail, InstanceQuery, InstanceRecord, PendingCommand, ReadyInput, SagaApplied, SagaChange, SagaCounts,
     SagaRecord, SagaSql,
 };
+use super::security::{AuditRecord, SecurityChange, SecuritySql, TokenRecord};
 use super::snapshots::SnapshotSql;
 use super::subscriptions::{
     DeadLetterQuery, DeadLetterRecord, SubscriptionApplied, SubscriptionChange, SubscriptionRecord, SubscriptionSql,
@@ -62,6 +63,7 @@ enum ChangeWork {
     Snapshots { snapshots: Vec<Snapshot>, reply: oneshot::Sender<Result<(), StoreError>> },
     Subscription { change: Box<SubscriptionChange>, reply: oneshot::Sender<Result<SubscriptionApplied, StoreError>> },
     Cluster { change: Box<ClusterChange>, reply: oneshot::Sender<Result<Option<ModuleGeneration>, StoreError>> },
+    Security { change: Box<SecurityChange>, reply: oneshot::Sender<Result<bool, StoreError>> },
 }
 
 impl WriterWork for ChangeWork {
@@ -80,6 +82,9 @@ impl WriterWork for ChangeWork {
                 let _ = reply.send(Err(StoreError::ShuttingDown));
             }
             Self::Cluster { reply, .. } => {
+                let _ = reply.send(Err(StoreError::ShuttingDown));
+            }
+            Self::Security { reply, .. } => {
                 let _ = reply.send(Err(StoreError::ShuttingDown));
             }
         }
@@ -208,6 +213,14 @@ impl SubscriptionSql for Sqlite {
 }
 
 impl ModuleSql for Sqlite {
+    const NOW_MS: &'static str = <Sqlite as SagaSql>::NOW_MS;
+
+    fn rows_affected(result: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        result.rows_affected()
+    }
+}
+
+impl SecuritySql for Sqlite {
     const NOW_MS: &'static str = <Sqlite as SagaSql>::NOW_MS;
 
     fn rows_affected(result: &sqlx::sqlite::SqliteQueryResult) -> u64 {
@@ -463,6 +476,20 @@ impl EventStore for SqliteStore {
         self.module_changes.clone()
     }
 
+    async fn change_security(&self, change: SecurityChange) -> Result<bool, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        self.submitter.queue_work(ChangeWork::Security { change: Box::new(change), reply }).await?;
+        outcome.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        Sqlite::token_rows(&self.reads).await
+    }
+
+    async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        Sqlite::audit_rows(&self.reads, after, limit).await
+    }
+
     async fn close(&self) {
         self.submitter.shutdown().await;
         self.reads.close().await;
@@ -658,6 +685,17 @@ impl Writer {
                         self.generations.insert(generation.name.clone(), generation.generation);
                         self.module_changes.send_modify(|changes| *changes += 1);
                     }
+                    let _ = reply.send(applied);
+                }
+                Some(ChangeWork::Security { change, reply }) => {
+                    // A token created or revoked is fsynced like an append;
+                    // a lost last-use time is only an older one.
+                    let relaxed = self.fsync_appends && matches!(*change, SecurityChange::TouchTokens(_));
+                    let applied = relaxed_transaction(&mut self.connection, relaxed, async |connection| {
+                        Sqlite::apply_security_change(connection, *change).await
+                    })
+                    .await;
+                    self.health.record(&applied);
                     let _ = reply.send(applied);
                 }
                 Some(ChangeWork::Snapshots { snapshots, reply }) => {

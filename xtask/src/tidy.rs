@@ -76,6 +76,7 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
             "http_client",
             "auth",
             "egress",
+            "tls",
             "http",
             "server",
         ],

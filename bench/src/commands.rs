@@ -128,7 +128,7 @@ pub async fn one_run(args: &BenchArgs, backend: Backend, clients: usize, options
     let tls = match options.http {
         Some(HttpSecurity::TokenOverTls) => {
             let (certificate, ca) = crate::security::test_certificate()?;
-            config.server.tls = Some(certificate.server_config());
+            config.server.tls = Some(certificate.server_config(None)?);
             Some(ca)
         }
         _ => None,

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use orchestrix_host::auth::jwt::{JwksSource, JwtConfig};
 use orchestrix_host::auth::{AuthMode, RateLimit, SecurityConfig};
 use orchestrix_host::egress::{EgressAllow, EgressPolicy};
 use orchestrix_host::runtime::{HostOptions, Runtime, RuntimeConfig};
@@ -114,12 +115,28 @@ struct ServeArgs {
     /// loopback is allowed while the host listens on loopback alone.
     #[arg(long = "egress-allow", env = "ORCHESTRIX_EGRESS_ALLOW", value_delimiter = ',')]
     egress_allow: Vec<EgressAllow>,
+    /// Also accept JWTs issued by this identity provider (`iss`), with --jwt-audience and --jwt-jwks.
+    #[arg(long, env = "ORCHESTRIX_JWT_ISSUER", requires_all = ["jwt_audience", "jwt_jwks"])]
+    jwt_issuer: Option<String>,
+    /// The audience (`aud`) a JWT must name.
+    #[arg(long, env = "ORCHESTRIX_JWT_AUDIENCE", requires = "jwt_issuer")]
+    jwt_audience: Option<String>,
+    /// The identity provider's keys: a JWKS file (re-read when it changes) or an http(s) URL (fetched every 10 min).
+    #[arg(long, env = "ORCHESTRIX_JWT_JWKS", requires = "jwt_issuer")]
+    jwt_jwks: Option<JwksSource>,
+    /// The JWT claim holding the scopes (space-separated text or an array).
+    #[arg(long, env = "ORCHESTRIX_JWT_SCOPE_CLAIM", default_value = "scope")]
+    jwt_scope_claim: String,
     /// Serve HTTPS with this PEM certificate chain (with --tls-key); re-read when it changes.
     #[arg(long, env = "ORCHESTRIX_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "ORCHESTRIX_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// With TLS: accept client certificates issued by this PEM CA; a certificate's subject common name names
+    /// the token whose scopes the client gets (without an Authorization header).
+    #[arg(long, env = "ORCHESTRIX_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn positive_rate(text: &str) -> Result<f64, String> {
@@ -145,6 +162,15 @@ impl ServeArgs {
                 .rate_limit
                 .map(|per_second| RateLimit { per_second, burst: self.rate_burst.unwrap_or(per_second).max(1.0) }),
             max_streams_per_caller: self.max_streams_per_token,
+            jwt: match (&self.jwt_issuer, &self.jwt_audience, &self.jwt_jwks) {
+                (Some(issuer), Some(audience), Some(jwks)) => Some(JwtConfig {
+                    issuer: issuer.clone(),
+                    audience: audience.clone(),
+                    jwks: jwks.clone(),
+                    scope_claim: self.jwt_scope_claim.clone(),
+                }),
+                _ => None,
+            },
         };
         config.bus.egress = Arc::new(EgressPolicy::new(self.egress_allow.clone(), self.listen.ip().is_loopback()));
         config
@@ -235,7 +261,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut config = args.config();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let certificate = ReloadingCert::load(TlsFiles { cert: cert.clone(), key: key.clone() })?;
-        config.server.tls = Some(certificate.server_config());
+        config.server.tls = Some(certificate.server_config(args.tls_client_ca.as_deref())?);
         tokio::spawn(certificate.watch());
     }
     let scheme = if config.server.tls.is_some() { "https" } else { "http" };

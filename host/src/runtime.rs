@@ -108,6 +108,8 @@ pub enum StartError {
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Auth(crate::auth::AuthStartError),
     #[error("--trusted-keys: {0}")]
     TrustedKeys(String),
     #[error("cannot declare the subscriptions of {file}: {reason}")]
@@ -146,8 +148,9 @@ impl Runtime {
         let (stopping, _) = tokio::sync::watch::channel(false);
         let auth = Authenticator::new(config.security.clone());
         if let Err(error) = auth.start(store.clone(), stopping.subscribe()).await {
+            let error = StartError::Auth(error);
             store.close().await;
-            return Err(error.into());
+            return Err(error);
         }
         let host_id = crate::leases::owner_id();
         let registry = Arc::new(ModuleRegistry::new(

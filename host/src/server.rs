@@ -171,6 +171,7 @@ pub struct ConnectionHandle {
     tracker: Arc<Tracker>,
     sse_stall_timeout: Duration,
     peer: SocketAddr,
+    client_name: Option<Arc<str>>,
 }
 
 impl ConnectionHandle {
@@ -182,6 +183,12 @@ impl ConnectionHandle {
     /// The client's address.
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The common name of the client's TLS certificate, when it presented
+    /// one the `--tls-client-ca` issued.
+    pub fn client_name(&self) -> Option<&str> {
+        self.client_name.as_deref()
     }
 
     /// How long a live feed subscriber may leave its buffer full.
@@ -389,11 +396,15 @@ impl Admitted {
     async fn run(&self, stream: TcpStream, draining: watch::Receiver<bool>) {
         let watched = Watched { stream, tracker: self.tracker.clone() };
         let Some(tls) = &self.shared.config.tls else {
-            return self.serve_io(TokioIo::new(watched), draining).await;
+            return self.serve_io(TokioIo::new(watched), None, draining).await;
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
         match tokio::time::timeout(self.tracker.head_timeout, acceptor.accept(watched)).await {
-            Ok(Ok(secured)) => self.serve_io(TokioIo::new(secured), draining).await,
+            Ok(Ok(secured)) => {
+                let subject = secured.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+                let client_name = subject.and_then(|cert| crate::tls::subject_common_name(cert)).map(Arc::from);
+                self.serve_io(TokioIo::new(secured), client_name, draining).await
+            }
             Ok(Err(error)) => {
                 tracing::debug!(%error, "TLS handshake failed");
                 self.shared.metrics.http_connection_closed("tls_handshake_failed");
@@ -403,7 +414,7 @@ impl Admitted {
     }
 
     /// Serve HTTP/1 on `io` (the socket, or TLS over it).
-    async fn serve_io<I>(&self, io: TokioIo<I>, mut draining: watch::Receiver<bool>)
+    async fn serve_io<I>(&self, io: TokioIo<I>, client_name: Option<Arc<str>>, mut draining: watch::Receiver<bool>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -412,6 +423,7 @@ impl Admitted {
             tracker: self.tracker.clone(),
             reserve: self.pool == Pool::Reserve,
             peer: self.peer,
+            client_name,
         };
         let http = match self.pool {
             Pool::Main => &self.shared.main_http,
@@ -624,6 +636,8 @@ struct ConnectionService {
     tracker: Arc<Tracker>,
     reserve: bool,
     peer: SocketAddr,
+    /// The subject (CN) of the client's verified TLS certificate.
+    client_name: Option<Arc<str>>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnectionService {
@@ -639,6 +653,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             tracker: self.tracker.clone(),
             sse_stall_timeout: self.shared.config.sse_stall_timeout,
             peer: self.peer,
+            client_name: self.client_name.clone(),
         });
         let router = self.shared.router.clone();
         Box::pin(async move {

@@ -506,7 +506,7 @@ async fn the_api_serves_tls_and_a_renewed_certificate_without_dropping_connectio
     std::fs::write(&files.key, &key).unwrap();
     let certificate = ReloadingCert::load(files.clone()).unwrap();
     let mut config = sandbox.config();
-    config.server.tls = Some(certificate.server_config());
+    config.server.tls = Some(certificate.server_config(None).unwrap());
     let watcher = tokio::spawn(certificate.watch());
     let runtime = orchestrix_host::runtime::Runtime::start(config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -546,4 +546,292 @@ async fn the_api_serves_tls_and_a_renewed_certificate_without_dropping_connectio
     let _ = stop.send(());
     server.await.unwrap().unwrap();
     watcher.abort();
+}
+
+/// An identity provider of the tests: an ES256 key, its JWKS, and tokens.
+struct IdentityProvider {
+    pair: ring::signature::EcdsaKeyPair,
+    random: ring::rand::SystemRandom,
+}
+
+impl IdentityProvider {
+    fn new() -> Self {
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        let random = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &random).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &random).unwrap();
+        Self { pair, random }
+    }
+
+    fn jwks(&self) -> Value {
+        use base64::Engine;
+        use ring::signature::KeyPair;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let point = self.pair.public_key().as_ref();
+        json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "x": b64(&point[1..33]), "y": b64(&point[33..65])}]})
+    }
+
+    fn token(&self, header: Value, claims: Value) -> String {
+        use base64::Engine;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let signed = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let signature = self.pair.sign(&self.random, signed.as_bytes()).unwrap();
+        format!("{signed}.{}", b64(signature.as_ref()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_of_the_identity_provider_are_honoured_and_bad_ones_refused() {
+    use orchestrix_host::auth::jwt::{JwksSource, JwtConfig};
+    let sandbox = Sandbox::with_bank();
+    let idp = IdentityProvider::new();
+    let jwks = sandbox.dir.path().join("jwks.json");
+    std::fs::write(&jwks, idp.jwks().to_string()).unwrap();
+    let mut config = required(sandbox.config());
+    config.security.jwt = Some(JwtConfig {
+        issuer: "https://idp.example".into(),
+        audience: "orchestrix".into(),
+        jwks: JwksSource::File(jwks),
+        scope_claim: "scope".into(),
+    });
+    let host = TestHost::start(config).await;
+    let now = now_ms() / 1000;
+    let es256 = json!({"alg": "ES256", "kid": "k1", "typ": "JWT"});
+    let claims = |changes: Value| {
+        let mut claims = json!({"iss": "https://idp.example", "aud": "orchestrix", "sub": "alice", "exp": now + 300,
+                                "scope": "openid read command:account"});
+        for (key, value) in changes.as_object().unwrap() {
+            claims[key] = value.clone();
+        }
+        claims
+    };
+    let good = idp.token(es256.clone(), claims(json!({})));
+    assert_eq!(call(&host, Method::GET, "/v1/modules", Some(&good)).await.0, StatusCode::OK);
+    let (status, body) = {
+        let response = host
+            .client
+            .post(format!("{}/v1/aggregates/account/acc-jwt/commands/OpenAccount", host.url))
+            .bearer_auth(&good)
+            .body(r#"{"owner":"Ada","initial_balance":1}"#)
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.text().await.unwrap())
+    };
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _, body) = call(&host, Method::POST, "/v1/modules/reload", Some(&good)).await;
+    assert_eq!((status, body["error"]["scope"].as_str()), (StatusCode::FORBIDDEN, Some("operate")));
+
+    let forged = {
+        let other = IdentityProvider::new();
+        other.token(es256.clone(), claims(json!({})))
+    };
+    let none = {
+        use base64::Engine;
+        let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!("{}.{}.", b64(&json!({"alg": "none"})), b64(&claims(json!({}))))
+    };
+    for (token, why) in [
+        (idp.token(es256.clone(), claims(json!({"iss": "https://evil.example"}))), "another issuer"),
+        (idp.token(es256.clone(), claims(json!({"aud": "someone-else"}))), "another audience"),
+        (idp.token(es256.clone(), claims(json!({"exp": now - 120}))), "expired"),
+        (idp.token(json!({"alg": "HS256", "kid": "k1"}), claims(json!({}))), "not accepted"),
+        (none, "not accepted"),
+        (forged, "does not verify"),
+    ] {
+        let (status, challenge, body) = call(&host, Method::GET, "/v1/modules", Some(&token)).await;
+        assert_eq!((status, challenge.as_deref()), (StatusCode::UNAUTHORIZED, Some("Bearer")), "{why}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains(why), "{why}: {body}");
+    }
+    let (_, _, audit) = call(&host, Method::GET, "/v1/audit", Some(&good)).await;
+    assert_eq!(error_code(&audit), "forbidden", "the audit log is admin's");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_names_the_token_whose_scopes_it_gets() {
+    use orchestrix_host::tls::{ReloadingCert, TlsFiles};
+    let sandbox = Sandbox::with_bank();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let issue = |names: Vec<String>, common_name: Option<&str>| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        if let Some(name) = common_name {
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        }
+        (params.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = issue(vec!["127.0.0.1".into()], None);
+    let (ops_cert, ops_key) = issue(vec![], Some("ops"));
+    let (nobody_cert, nobody_key) = issue(vec![], Some("nobody"));
+    let dir = sandbox.dir.path();
+    let files = TlsFiles { cert: dir.join("tls.crt"), key: dir.join("tls.key") };
+    std::fs::write(&files.cert, &server_cert).unwrap();
+    std::fs::write(&files.key, &server_key).unwrap();
+    std::fs::write(dir.join("clients.pem"), ca.pem()).unwrap();
+
+    let mut config = required(sandbox.config());
+    let store = open_store(&config).await;
+    token(store.as_ref(), "ops", &["read"], None).await;
+    let admin = token(store.as_ref(), "root", &["admin"], None).await;
+    store.close().await;
+    config.server.tls =
+        Some(ReloadingCert::load(files).unwrap().server_config(Some(&dir.join("clients.pem"))).unwrap());
+    let runtime = orchestrix_host::runtime::Runtime::start(config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(runtime.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let client = |identity: Option<(&str, &str)>| {
+        let mut builder = orchestrix_host::http_client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap());
+        if let Some((cert, key)) = identity {
+            builder = builder.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+        }
+        builder.build().unwrap()
+    };
+    let ops = client(Some((&ops_cert, &ops_key)));
+    assert_eq!(ops.get(format!("{url}/v1/modules")).send().await.unwrap().status(), StatusCode::OK);
+    let refused = ops.post(format!("{url}/v1/modules/reload")).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN, "the certificate gets the token's scopes only");
+    let anonymous = client(None).get(format!("{url}/v1/modules")).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let nobody = client(Some((&nobody_cert, &nobody_key))).get(format!("{url}/v1/modules")).send().await.unwrap();
+    assert_eq!(nobody.status(), StatusCode::UNAUTHORIZED);
+    assert!(nobody.text().await.unwrap().contains("names no token"));
+    let with_token = client(None).get(format!("{url}/v1/audit")).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(with_token.status(), StatusCode::OK, "a bearer token works beside client certificates");
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+/// A PostgreSQL server of this test's own, with TLS by a certificate of a
+/// CA made here: started as the `postgres` user from the server binaries
+/// (`initdb`, `postgres`), on a free port; stopped and removed on drop.
+struct TlsPostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+    server: std::process::Child,
+}
+
+impl TlsPostgres {
+    /// None (and why, printed) where it cannot run: not root, no server
+    /// binaries, no `postgres` user.
+    fn start(server_cert: &str, server_key: &str) -> Option<Self> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .flatten()
+            .map(|entry| entry.path().join("bin"))
+            .find(|bin| bin.join("initdb").is_file());
+        let is_root = unsafe { libc::geteuid() } == 0;
+        let (Some(bin), true) = (bin, is_root) else {
+            eprintln!(
+                "SKIPPED: the PostgreSQL TLS test needs root and PostgreSQL's server binaries (/usr/lib/postgresql/*/bin)"
+            );
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let run_as_postgres = |program: &std::path::Path| {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        };
+        let chown = |path: &std::path::Path| {
+            assert!(std::process::Command::new("chown").arg("postgres:postgres").arg(path).status().unwrap().success());
+        };
+        chown(dir.path());
+        let data = dir.path().join("data");
+        let initdb = run_as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(initdb.success(), "initdb");
+        for (name, text) in [("server.crt", server_cert), ("server.key", server_key)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            chown(&path);
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let server = run_as_postgres(&bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "ssl=on", "-c", "fsync=off"])
+            .arg("-k")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(format!("ssl_cert_file={}", dir.path().join("server.crt").display()))
+            .arg("-c")
+            .arg(format!("ssl_key_file={}", dir.path().join("server.key").display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "the test's PostgreSQL never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Self { dir, port, server })
+    }
+}
+
+impl Drop for TlsPostgres {
+    fn drop(&mut self) {
+        // SIGTERM: a smart shutdown, then the directory goes.
+        unsafe { libc::kill(self.server.id() as i32, libc::SIGTERM) };
+        let _ = self.server.wait();
+        let _ = &self.dir;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_store_url_with_sslmode_verify_full_is_honoured() {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let Some(server) = TlsPostgres::start(&cert.pem(), &key.serialize_pem()) else { return };
+    let ca_file = server.dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let other_ca = server.dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, ca_and_server_cert().0).unwrap();
+    let url = |host: &str, mode: &str, root: &std::path::Path| {
+        format!("postgres://postgres@{host}:{}/postgres?sslmode={mode}&sslrootcert={}", server.port, root.display())
+    };
+
+    let store = store::open(&url("localhost", "verify-full", &ca_file), &StoreOptions::default(), Metrics::new())
+        .await
+        .expect("verify-full against the server's CA");
+    let written = store.change_security(SecurityChange::RevokeToken("nobody".into())).await;
+    assert!(matches!(written, Ok(false)), "the store works over TLS: {written:?}");
+    store.close().await;
+    let mut direct =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&url("localhost", "verify-full", &ca_file)).await.unwrap();
+    let (ssl,): (bool,) = sqlx::query_as("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&mut direct)
+        .await
+        .unwrap();
+    assert!(ssl, "the connection is encrypted");
+
+    for (host, root, why) in [
+        ("localhost", other_ca.as_path(), "a certificate of another CA"),
+        ("127.0.0.1", ca_file.as_path(), "another host name"),
+    ] {
+        let refused = store::open(&url(host, "verify-full", root), &StoreOptions::default(), Metrics::new()).await;
+        assert!(refused.is_err(), "verify-full refuses {why}");
+    }
 }

@@ -55,7 +55,7 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
             &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox"]
         }
         "bus" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "leases", "http_client", "egress"],
-        "auth" => &["limits", "metrics", "store"],
+        "auth" => &["limits", "metrics", "store", "http_client"],
         "cluster" => &["limits", "metrics", "telemetry", "store", "sandbox", "leases"],
         "sagas" => &["limits", "metrics", "telemetry", "cloudevents", "sse", "store", "sandbox", "pipeline", "leases"],
         "http" | "server" => &[

@@ -1,9 +1,12 @@
 //! Who may do what. A request's caller is established once, by
 //! [`Authenticator::authenticate`] (a bearer token, or nobody needed when
 //! authentication is off); what the route needs was declared where the
-//! route was registered ([`Need`]); [`scopes::allows`] decides. The HTTP
+//! route was registered ([`Need`]); [`scopes::allows`] decides. A bearer
+//! token is the host's own (`tokens`) or an identity provider's JWT
+//! (`jwt`). The HTTP
 //! side of it (401/403, the audit log, rate limits) is `http::access`.
 
+pub mod jwt;
 pub mod scopes;
 pub mod tokens;
 
@@ -44,11 +47,13 @@ pub struct SecurityConfig {
     pub rate_limit: Option<RateLimit>,
     /// Live feed streams one caller may hold open at once.
     pub max_streams_per_caller: usize,
+    /// Also accept JWTs of an identity provider (see [`jwt`]).
+    pub jwt: Option<jwt::JwtConfig>,
 }
 
 impl Default for SecurityConfig {
     fn default() -> Self {
-        Self { auth: AuthMode::Off, rate_limit: None, max_streams_per_caller: 16 }
+        Self { auth: AuthMode::Off, rate_limit: None, max_streams_per_caller: 16, jwt: None }
     }
 }
 
@@ -74,12 +79,25 @@ pub enum Unauthenticated {
     Unknown,
     #[error("the token has expired")]
     Expired,
+    /// A JWT or client certificate that is not accepted, and why.
+    #[error("{0}")]
+    Jwt(String),
+}
+
+/// Why authentication cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthStartError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("--jwt-jwks: {0}")]
+    Jwks(String),
 }
 
 /// The caller of each request, rate limits and stream caps.
 pub struct Authenticator {
     config: SecurityConfig,
     tokens: Arc<TokenCache>,
+    jwt: std::sync::OnceLock<Arc<jwt::JwtVerifier>>,
     buckets: parking_lot::Mutex<HashMap<String, Bucket>>,
     streams: parking_lot::Mutex<HashMap<String, usize>>,
 }
@@ -97,6 +115,7 @@ impl Authenticator {
         Arc::new(Self {
             config,
             tokens: Arc::default(),
+            jwt: std::sync::OnceLock::new(),
             buckets: parking_lot::Mutex::default(),
             streams: parking_lot::Mutex::default(),
         })
@@ -112,9 +131,14 @@ impl Authenticator {
         self: &Arc<Self>,
         store: Arc<dyn EventStore>,
         stopping: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), crate::store::StoreError> {
+    ) -> Result<(), AuthStartError> {
         if self.config.auth == AuthMode::Off {
             return Ok(());
+        }
+        if let Some(config) = &self.config.jwt {
+            let verifier = jwt::JwtVerifier::load(config.clone()).await.map_err(AuthStartError::Jwks)?;
+            tokio::spawn(verifier.clone().maintain(stopping.clone()));
+            let _ = self.jwt.set(verifier);
         }
         self.tokens.replace(store.tokens().await?);
         tokio::spawn(self.tokens.clone().maintain(store, stopping));
@@ -132,10 +156,30 @@ impl Authenticator {
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(Unauthenticated::Malformed);
         }
+        let token = token.trim();
         let now_ms = chrono::Utc::now().timestamp_millis();
-        match self.tokens.check(token.trim(), now_ms) {
+        if let Some(verifier) = self.jwt.get().filter(|_| !token.starts_with("orx_")) {
+            let (name, scopes) = verifier.verify(token, now_ms / 1000).map_err(Unauthenticated::Jwt)?;
+            return Ok(Caller { name, scopes, authenticated: true });
+        }
+        match self.tokens.check(token, now_ms) {
             Ok(holder) => Ok(Caller { name: holder.name, scopes: holder.scopes, authenticated: true }),
             Err(tokens::Refusal::Unknown) => Err(Unauthenticated::Unknown),
+            Err(tokens::Refusal::Expired) => Err(Unauthenticated::Expired),
+        }
+    }
+
+    /// The caller a client certificate names: the token whose name is the
+    /// certificate subject's common name.
+    pub fn authenticate_certificate(&self, subject: &str) -> Result<Caller, Unauthenticated> {
+        if self.config.auth == AuthMode::Off {
+            return self.authenticate(None);
+        }
+        match self.tokens.by_name(subject, chrono::Utc::now().timestamp_millis()) {
+            Ok(holder) => Ok(Caller { name: holder.name, scopes: holder.scopes, authenticated: true }),
+            Err(tokens::Refusal::Unknown) => {
+                Err(Unauthenticated::Jwt(format!("the client certificate's subject `{subject}` names no token")))
+            }
             Err(tokens::Refusal::Expired) => Err(Unauthenticated::Expired),
         }
     }

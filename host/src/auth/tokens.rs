@@ -143,6 +143,17 @@ impl TokenCache {
         Ok(TokenHolder { name: cached.name.clone(), scopes: cached.scopes.clone() })
     }
 
+    /// The holder of the token named `name` (a client certificate's
+    /// subject), if it is current.
+    pub fn by_name(&self, name: &str, now_ms: i64) -> Result<TokenHolder, Refusal> {
+        let tokens = self.tokens.read();
+        let cached = tokens.values().find(|cached| cached.name == name).ok_or(Refusal::Unknown)?;
+        if cached.expires_at_ms.is_some_and(|expires| expires <= now_ms) {
+            return Err(Refusal::Expired);
+        }
+        Ok(TokenHolder { name: cached.name.clone(), scopes: cached.scopes.clone() })
+    }
+
     /// Replace the cache with `records` (a record with an unreadable scope
     /// or hash is left out, and logged).
     pub fn replace(&self, records: Vec<TokenRecord>) {

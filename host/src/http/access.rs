@@ -151,11 +151,19 @@ pub(super) async fn authorize(State(access): State<Access>, request: Request, ne
     if need == Some(Need::Open) {
         return next.run(request).await;
     }
-    let peer = request.extensions().get::<ConnectionHandle>().map(ConnectionHandle::peer);
+    let connection = request.extensions().get::<ConnectionHandle>();
+    let peer = connection.map(ConnectionHandle::peer);
+    let certified = connection.and_then(ConnectionHandle::client_name).map(str::to_owned);
     if need == Some(Need::Metrics) && peer.is_some_and(|peer| peer.ip().is_loopback()) {
         return next.run(request).await;
     }
-    let caller = match access.auth.authenticate(request.headers().get(header::AUTHORIZATION)) {
+    // A bearer token wins; without one, a client certificate names its token.
+    let authorization = request.headers().get(header::AUTHORIZATION);
+    let authenticated = match (authorization, certified) {
+        (None, Some(subject)) => access.auth.authenticate_certificate(&subject),
+        _ => access.auth.authenticate(authorization),
+    };
+    let caller = match authenticated {
         Ok(caller) => caller,
         Err(why) => return unauthenticated(&why.to_string()),
     };

@@ -251,6 +251,7 @@ async fn the_security_commands_work_end_to_end() {
 
     let mut host = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrix"))
         .args(["serve", "--auth", "required", "--listen", "127.0.0.1:0", "--store", &store])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .arg("--plugins")
         .arg(dir.join("plugins"))
         .stdout(Stdio::piped())
@@ -266,6 +267,18 @@ async fn the_security_commands_work_end_to_end() {
             break url.to_owned();
         }
     };
+    let metrics = loop {
+        let line = stdout.next_line().await.unwrap().expect("the host says where its metrics are");
+        if let Some(rest) = line.strip_prefix("  metrics: ") {
+            break rest.split(' ').next().unwrap().to_owned();
+        }
+    };
+    let client = orchestrix_host::http_client::client();
+    let scraped = client.get(&metrics).send().await.unwrap();
+    assert_eq!(scraped.status(), 200, "--metrics-listen serves /metrics open");
+    assert!(scraped.text().await.unwrap().contains("orchestrix_"));
+    let beside = client.get(metrics.replace("/metrics", "/v1/modules")).send().await.unwrap();
+    assert_eq!(beside.status(), 404, "and nothing else");
     let (ok, _, stderr) = run(&["modules", "--url", &url], &[]);
     assert!(!ok && stderr.contains("unauthenticated"), "{stderr}");
     let (ok, _, stderr) = run(&["modules", "--url", &url, "--token", &token], &[]);

@@ -381,6 +381,25 @@ async fn subscriptions_to_internal_addresses_are_refused_unless_allowed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_a_refused_address_is_not_followed() {
+    let redirector = axum::Router::new().fallback(|| async {
+        (StatusCode::TEMPORARY_REDIRECT, [("location", "http://169.254.169.254/latest/meta-data")])
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, redirector).await.unwrap() });
+    let sandbox = Sandbox::with_bank();
+    let host = TestHost::start(strict_egress(sandbox.config(), &["127.0.0.1"])).await;
+    let (status, body) = subscribe(&host, json!({"name": "bounce", "sink": {"type": "webhook", "url": url}})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    host.account("acc-1", "OpenAccount", r#"{"owner":"Ada","initial_balance":1}"#).await;
+    let failed = wait_subscription(&host, "bounce", Duration::from_secs(10), |s| s["last_error"].is_string()).await;
+    let error = failed["last_error"].as_str().unwrap();
+    assert!(error.contains("egress refused") && error.contains("169.254.169.254"), "{error}");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_that_resolves_to_a_refused_address_fails_at_delivery_with_the_reason() {
     let receiver = Receiver::start().await;
     let sandbox = Sandbox::with_bank();

@@ -156,25 +156,24 @@ async fn the_webhook_receiver_checks_signatures_and_answers_as_told() {
     assert!(printed[3].starts_with("401 refused: bad signature"), "{}", printed[3]);
 }
 
-/// The cluster commands against a host taking its modules from the store:
-/// a file that is no module is refused with the reason, the host lists
-/// itself in `orchestrix cluster`, and an unknown module has no builds.
-#[tokio::test]
-async fn the_cluster_commands_talk_to_a_store_mode_host() {
-    let dir = std::env::temp_dir().join(format!("orchestrix-binary-test-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+/// The rest of a serving host's stdout, line by line.
+type Banner = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
+
+/// `orchestrix serve --listen 127.0.0.1:0 --plugins DIR/plugins ARGS…`,
+/// once it says where it listens: the process, its URL, and the rest of
+/// its banner.
+async fn serve_from(dir: &std::path::Path, args: &[&str]) -> (tokio::process::Child, String, Banner) {
+    use tokio::io::AsyncBufReadExt;
     let mut host = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrix"))
-        .args(["serve", "--modules-from", "store", "--listen", "127.0.0.1:0"])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .arg("--plugins")
         .arg(dir.join("plugins"))
-        .arg("--store")
-        .arg(format!("sqlite://{}", dir.join("events.db").display()))
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("orchestrix starts");
-    use tokio::io::AsyncBufReadExt;
     let mut stdout = tokio::io::BufReader::new(host.stdout.take().unwrap()).lines();
     let url = loop {
         let line = stdout.next_line().await.unwrap().expect("the host says where it listens");
@@ -182,6 +181,18 @@ async fn the_cluster_commands_talk_to_a_store_mode_host() {
             break url.to_owned();
         }
     };
+    (host, url, stdout)
+}
+
+/// The cluster commands against a host taking its modules from the store:
+/// a file that is no module is refused with the reason, the host lists
+/// itself in `orchestrix cluster`, and an unknown module has no builds.
+#[tokio::test]
+async fn the_cluster_commands_talk_to_a_store_mode_host() {
+    let dir = std::env::temp_dir().join(format!("orchestrix-binary-test-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    let store = format!("sqlite://{}", dir.join("events.db").display());
+    let (mut host, url, _banner) = serve_from(&dir, &["--modules-from", "store", "--store", &store]).await;
     let cli = |args: &[&str]| {
         let output = Command::new(env!("CARGO_BIN_EXE_orchestrix")).args(args).args(["--url", &url]).output().unwrap();
         (
@@ -249,24 +260,8 @@ async fn the_security_commands_work_end_to_end() {
     let (ok, _, stderr) = run(&["tokens", "create", "--store", &store, "--name", "x", "--scope", "root"], &[]);
     assert!(!ok && stderr.contains("unknown scope"), "{stderr}");
 
-    let mut host = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrix"))
-        .args(["serve", "--auth", "required", "--listen", "127.0.0.1:0", "--store", &store])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .arg("--plugins")
-        .arg(dir.join("plugins"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("orchestrix starts");
-    use tokio::io::AsyncBufReadExt;
-    let mut stdout = tokio::io::BufReader::new(host.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = stdout.next_line().await.unwrap().expect("the host says where it listens");
-        if let Some(url) = line.strip_prefix("orchestrix listening on ") {
-            break url.to_owned();
-        }
-    };
+    let (mut host, url, mut stdout) =
+        serve_from(&dir, &["--auth", "required", "--store", &store, "--metrics-listen", "127.0.0.1:0"]).await;
     let metrics = loop {
         let line = stdout.next_line().await.unwrap().expect("the host says where its metrics are");
         if let Some(rest) = line.strip_prefix("  metrics: ") {

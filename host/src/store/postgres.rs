@@ -91,10 +91,21 @@ impl PostgresStore {
     /// Connect to `url`, create the schema if one is configured, apply the
     /// embedded migrations (serialised by advisory locks, so several hosts
     /// may start at once) and start the writer and the listener.
+    ///
+    /// TLS only when asked for: a URL without `sslmode` (and no
+    /// `PGSSLMODE`) connects in plain text rather than libpq's `prefer`,
+    /// since TLS through sqlx cost more than half the group-commit
+    /// throughput on the project's machine (docs/benchmarks.md); name
+    /// `sslmode=require` or `verify-full` to encrypt.
     pub async fn open(url: &str, options: &StoreOptions, metrics: Metrics) -> Result<Self, StoreError> {
         let mut connect = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Configuration(format!("invalid PostgreSQL URL: {e}")))?
             .application_name("orchestrix");
+        let names_sslmode =
+            url.split_once('?').is_some_and(|(_, query)| query.split('&').any(|pair| pair.starts_with("sslmode=")));
+        if !names_sslmode && std::env::var_os("PGSSLMODE").is_none() {
+            connect = connect.ssl_mode(sqlx::postgres::PgSslMode::Disable);
+        }
         if let Some(schema) = &options.schema {
             if schema.is_empty() || !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(StoreError::Configuration(format!(
@@ -167,6 +178,31 @@ impl PostgresStore {
             channel,
             module_changes,
         })
+    }
+}
+
+impl PostgresStore {
+    /// `work` in one transaction on `pool`, committed — all under the
+    /// commit timeout (`what` names the transaction when it runs out).
+    async fn in_transaction<T>(
+        &self,
+        pool: &PgPool,
+        what: &str,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let run = async {
+            let mut transaction = pool.begin().await.map_err(database_error)?;
+            let applied = work(&mut transaction).await?;
+            transaction.commit().await.map_err(database_error)?;
+            Ok(applied)
+        };
+        match tokio::time::timeout(self.commit_timeout, run).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::unavailable(format!(
+                "{what} transaction got no answer within {:?}",
+                self.commit_timeout
+            ))),
+        }
     }
 }
 
@@ -378,18 +414,10 @@ impl EventStore for PostgresStore {
     /// timeout: a saga change lost to a server crash is lost whole and
     /// redone (see ARCHITECTURE.md, "Sagas").
     async fn change_saga(&self, change: SagaChange) -> Result<SagaApplied, StoreError> {
-        let work = async {
-            let mut transaction = self.read_model_writes.begin().await.map_err(database_error)?;
-            let applied = Postgres::apply_saga_change(&mut transaction, change).await?;
-            transaction.commit().await.map_err(database_error)?;
-            Ok(applied)
-        };
-        match tokio::time::timeout(self.commit_timeout, work).await {
-            Ok(result) => result,
-            Err(_) => {
-                Err(StoreError::unavailable(format!("saga transaction got no answer within {:?}", self.commit_timeout)))
-            }
-        }
+        self.in_transaction(&self.read_model_writes, "saga", async |connection| {
+            Postgres::apply_saga_change(connection, change).await
+        })
+        .await
     }
 
     async fn saga_overview(&self) -> Result<Vec<(SagaRecord, SagaCounts)>, StoreError> {
@@ -399,19 +427,10 @@ impl EventStore for PostgresStore {
     /// One transaction on the pool without flush waits, under the commit
     /// timeout: a lost checkpoint move means a redelivery (at least once).
     async fn change_subscription(&self, change: SubscriptionChange) -> Result<SubscriptionApplied, StoreError> {
-        let work = async {
-            let mut transaction = self.read_model_writes.begin().await.map_err(database_error)?;
-            let applied = Postgres::apply_subscription_change(&mut transaction, change).await?;
-            transaction.commit().await.map_err(database_error)?;
-            Ok(applied)
-        };
-        match tokio::time::timeout(self.commit_timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::unavailable(format!(
-                "subscription transaction got no answer within {:?}",
-                self.commit_timeout
-            ))),
-        }
+        self.in_transaction(&self.read_model_writes, "subscription", async |connection| {
+            Postgres::apply_subscription_change(connection, change).await
+        })
+        .await
     }
 
     async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
@@ -504,8 +523,7 @@ impl EventStore for PostgresStore {
     /// old generation commits after it. Activations and new builds notify
     /// every host.
     async fn change_cluster(&self, change: ClusterChange) -> Result<Option<ModuleGeneration>, StoreError> {
-        let work = async {
-            let mut transaction = self.reads.begin().await.map_err(database_error)?;
+        self.in_transaction(&self.reads, "cluster", async |transaction| {
             // Hosts sync on an activation and prepare a newly stored build.
             let notify = match &change {
                 ClusterChange::Activate(activation) => Some(format!("module:{}", activation.name)),
@@ -519,7 +537,7 @@ impl EventStore for PostgresStore {
                     .await
                     .map_err(database_error)?;
             }
-            let applied = Postgres::apply_cluster_change(&mut transaction, change).await?;
+            let applied = Postgres::apply_cluster_change(transaction, change).await?;
             if let Some(payload) = notify {
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(&self.channel)
@@ -528,16 +546,9 @@ impl EventStore for PostgresStore {
                     .await
                     .map_err(database_error)?;
             }
-            transaction.commit().await.map_err(database_error)?;
             Ok(applied)
-        };
-        match tokio::time::timeout(self.commit_timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::unavailable(format!(
-                "cluster transaction got no answer within {:?}",
-                self.commit_timeout
-            ))),
-        }
+        })
+        .await
     }
 
     async fn module_generations(&self) -> Result<Vec<ModuleGeneration>, StoreError> {
@@ -562,19 +573,10 @@ impl EventStore for PostgresStore {
 
     /// On a connection of the read pool, under the commit timeout.
     async fn change_security(&self, change: SecurityChange) -> Result<bool, StoreError> {
-        let work = async {
-            let mut transaction = self.reads.begin().await.map_err(database_error)?;
-            let applied = Postgres::apply_security_change(&mut transaction, change).await?;
-            transaction.commit().await.map_err(database_error)?;
-            Ok(applied)
-        };
-        match tokio::time::timeout(self.commit_timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::unavailable(format!(
-                "security transaction got no answer within {:?}",
-                self.commit_timeout
-            ))),
-        }
+        self.in_transaction(&self.reads, "security", async |connection| {
+            Postgres::apply_security_change(connection, change).await
+        })
+        .await
     }
 
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -117,14 +118,15 @@ struct Cached {
     secret_sha256: [u8; 32],
     scopes: Vec<Scope>,
     expires_at_ms: Option<i64>,
+    /// Last use seen by this host (0: none), and the last one written back.
+    last_used_ms: AtomicI64,
+    written_ms: AtomicI64,
 }
 
 /// Every token of the store, as of the last refresh, by token id.
 #[derive(Default)]
 pub struct TokenCache {
     tokens: parking_lot::RwLock<HashMap<String, Arc<Cached>>>,
-    /// Last use per token id since the last write-back.
-    uses: parking_lot::Mutex<HashMap<String, i64>>,
 }
 
 impl TokenCache {
@@ -139,7 +141,7 @@ impl TokenCache {
         if cached.expires_at_ms.is_some_and(|expires| expires <= now_ms) {
             return Err(Refusal::Expired);
         }
-        self.uses.lock().insert(id.to_owned(), now_ms);
+        cached.last_used_ms.fetch_max(now_ms, Ordering::Relaxed);
         Ok(TokenHolder { name: cached.name.clone(), scopes: cached.scopes.clone() })
     }
 
@@ -157,14 +159,25 @@ impl TokenCache {
     /// Replace the cache with `records` (a record with an unreadable scope
     /// or hash is left out, and logged).
     pub fn replace(&self, records: Vec<TokenRecord>) {
+        let previous = self.tokens.read().clone();
         let mut tokens = HashMap::with_capacity(records.len());
         for record in records {
             let scopes: Result<Vec<Scope>, _> = record.scopes.iter().map(|s| s.parse()).collect();
             let hash = hex::decode(&record.secret_sha256).ok().and_then(|h| <[u8; 32]>::try_from(h).ok());
             match (scopes, hash) {
                 (Ok(scopes), Some(secret_sha256)) => {
-                    let cached =
-                        Cached { name: record.name, secret_sha256, scopes, expires_at_ms: record.expires_at_ms };
+                    // Uses seen here and not yet written back carry over.
+                    let (used, written) = previous.get(&record.token_id).map_or((0, 0), |old| {
+                        (old.last_used_ms.load(Ordering::Relaxed), old.written_ms.load(Ordering::Relaxed))
+                    });
+                    let cached = Cached {
+                        name: record.name,
+                        secret_sha256,
+                        scopes,
+                        expires_at_ms: record.expires_at_ms,
+                        last_used_ms: AtomicI64::new(used),
+                        written_ms: AtomicI64::new(written),
+                    };
                     tokens.insert(record.token_id, Arc::new(cached));
                 }
                 _ => tracing::error!(token = %record.name, "a stored token is unreadable; it is not accepted"),
@@ -211,8 +224,21 @@ impl TokenCache {
         self.write_back_uses(store.as_ref()).await;
     }
 
+    /// Last uses (by token id) newer than the ones written back, marked
+    /// as written.
+    fn unwritten_uses(&self) -> Vec<(String, i64)> {
+        self.tokens
+            .read()
+            .iter()
+            .filter_map(|(id, cached)| {
+                let used = cached.last_used_ms.load(Ordering::Relaxed);
+                (used > cached.written_ms.swap(used, Ordering::Relaxed)).then(|| (id.clone(), used))
+            })
+            .collect()
+    }
+
     async fn write_back_uses(&self, store: &dyn EventStore) {
-        let uses: Vec<(String, i64)> = self.uses.lock().drain().collect();
+        let uses = self.unwritten_uses();
         if uses.is_empty() {
             return;
         }
@@ -254,6 +280,18 @@ mod tests {
         assert_eq!(cache.check("orx_nonsense", 0).unwrap_err(), Refusal::Unknown);
         cache.replace(vec![]);
         assert_eq!(cache.check(&issued.secret_text, 0).unwrap_err(), Refusal::Unknown, "revoked");
+    }
+
+    #[test]
+    fn last_uses_survive_a_refresh_and_are_written_back_once() {
+        let issued = issue("ci", &[Scope::Read], None).expect("issued");
+        let cache = TokenCache::default();
+        cache.replace(vec![record(&issued)]);
+        assert!(cache.unwritten_uses().is_empty());
+        cache.check(&issued.secret_text, 42).expect("valid");
+        cache.replace(vec![record(&issued)]);
+        assert_eq!(cache.unwritten_uses(), vec![(issued.record.token_id.clone(), 42)]);
+        assert!(cache.unwritten_uses().is_empty(), "written once");
     }
 
     #[test]

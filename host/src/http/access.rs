@@ -66,36 +66,31 @@ impl Routes {
         self
     }
 
-    pub(super) fn get<H, T>(self, path: &'static str, need: Need, handler: H) -> Self
+    /// `method` on `path`, served by `handler`, for callers that have
+    /// `need`.
+    fn handle<H, T>(self, method: Method, path: &'static str, need: Need, handler: H) -> Self
     where
         H: Handler<T, Arc<ApiState>>,
         T: 'static,
     {
-        self.on(Method::GET, path, need, on(axum::routing::MethodFilter::GET, handler))
+        let filter = axum::routing::MethodFilter::try_from(method.clone()).expect("a method axum routes");
+        self.on(method, path, need, on(filter, handler))
     }
 
-    pub(super) fn post<H, T>(self, path: &'static str, need: Need, handler: H) -> Self
-    where
-        H: Handler<T, Arc<ApiState>>,
-        T: 'static,
-    {
-        self.on(Method::POST, path, need, on(axum::routing::MethodFilter::POST, handler))
+    pub(super) fn get<H: Handler<T, Arc<ApiState>>, T: 'static>(self, path: &'static str, need: Need, h: H) -> Self {
+        self.handle(Method::GET, path, need, h)
     }
 
-    pub(super) fn put<H, T>(self, path: &'static str, need: Need, handler: H) -> Self
-    where
-        H: Handler<T, Arc<ApiState>>,
-        T: 'static,
-    {
-        self.on(Method::PUT, path, need, on(axum::routing::MethodFilter::PUT, handler))
+    pub(super) fn post<H: Handler<T, Arc<ApiState>>, T: 'static>(self, path: &'static str, need: Need, h: H) -> Self {
+        self.handle(Method::POST, path, need, h)
     }
 
-    pub(super) fn delete<H, T>(self, path: &'static str, need: Need, handler: H) -> Self
-    where
-        H: Handler<T, Arc<ApiState>>,
-        T: 'static,
-    {
-        self.on(Method::DELETE, path, need, on(axum::routing::MethodFilter::DELETE, handler))
+    pub(super) fn put<H: Handler<T, Arc<ApiState>>, T: 'static>(self, path: &'static str, need: Need, h: H) -> Self {
+        self.handle(Method::PUT, path, need, h)
+    }
+
+    pub(super) fn delete<H: Handler<T, Arc<ApiState>>, T: 'static>(self, path: &'static str, need: Need, h: H) -> Self {
+        self.handle(Method::DELETE, path, need, h)
     }
 
     pub(super) fn merge(mut self, other: Routes) -> Self {

@@ -30,6 +30,9 @@ struct Cli {
     /// Bearer token the client subcommands send (see `orchestrix tokens create`).
     #[arg(long, global = true, env = "ORCHESTRIX_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A PEM CA certificate the client subcommands trust for an `https://` host (beside the system's).
+    #[arg(long, global = true, env = "ORCHESTRIX_CA_CERT")]
+    ca_cert: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -228,6 +231,9 @@ fn run(cli: Cli) -> Result<()> {
     }
     if let Some(token) = cli.token {
         cli::client::use_token(token);
+    }
+    if let Some(file) = &cli.ca_cert {
+        cli::client::trust_ca(file)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = runtime.block_on(async {

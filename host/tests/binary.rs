@@ -309,3 +309,44 @@ async fn the_security_commands_work_end_to_end() {
     assert_eq!(trusted.verify(&std::fs::read(&module).unwrap(), None).unwrap(), "team");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A host serving HTTPS with a certificate of a private CA, reached by the
+/// CLI with `--ca-cert` (and refused without it).
+#[tokio::test]
+async fn the_cli_reaches_an_https_host_that_trusts_a_private_ca() {
+    let dir = std::env::temp_dir().join(format!("orchestrix-binary-test-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
+    for (name, pem) in [("ca.pem", ca.pem()), ("tls.crt", cert.pem()), ("tls.key", key.serialize_pem())] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+    let (cert_file, key_file) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let store = format!("sqlite://{}", dir.join("events.db").display());
+    let (mut host, url, _banner) = serve_from(
+        &dir,
+        &["--store", &store, "--tls-cert", cert_file.to_str().unwrap(), "--tls-key", key_file.to_str().unwrap()],
+    )
+    .await;
+    let url = url.replace("https://127.0.0.1", "https://localhost");
+    let modules = |ca: Option<&std::path::Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_orchestrix"));
+        command.args(["modules", "--url", &url]).env_remove("ORCHESTRIX_CA_CERT");
+        if let Some(ca) = ca {
+            command.arg("--ca-cert").arg(ca);
+        }
+        let output = command.output().unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (ok, stderr) = modules(None);
+    assert!(!ok && stderr.contains("cannot reach"), "a private CA is not trusted by default: {stderr}");
+    let (ok, stderr) = modules(Some(&dir.join("ca.pem")));
+    assert!(ok, "{stderr}");
+    host.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -133,8 +133,23 @@ pub(crate) fn use_token(token: String) {
     let _ = TOKEN.set(token);
 }
 
+/// A CA the client subcommands trust besides the system's (`--ca-cert`).
+static CA: std::sync::OnceLock<reqwest::Certificate> = std::sync::OnceLock::new();
+
+/// Trust the PEM CA certificate in `file` for `https://` hosts.
+pub(crate) fn trust_ca(file: &std::path::Path) -> Result<()> {
+    let pem = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let certificate =
+        reqwest::Certificate::from_pem(&pem).with_context(|| format!("{} is not a PEM certificate", file.display()))?;
+    let _ = CA.set(certificate);
+    Ok(())
+}
+
 pub(crate) fn client() -> reqwest::Client {
     let mut builder = orchestrix_host::http_client::builder();
+    if let Some(ca) = CA.get() {
+        builder = builder.add_root_certificate(ca.clone());
+    }
     if let Some(token) = TOKEN.get() {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")) {

@@ -120,6 +120,61 @@ pub fn write_cloudevent(event: &StoredEvent, out: &mut Vec<u8>) {
     serde_json::to_writer(out, &Structured::of(event)).expect("writing to memory cannot fail");
 }
 
+/// A structured-mode CloudEvent as this host writes it, read back.
+#[derive(serde::Deserialize)]
+struct Incoming<'a> {
+    causationid: Option<String>,
+    correlationid: Option<String>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    id: uuid::Uuid,
+    module: String,
+    modulehash: Option<String>,
+    moduleversion: String,
+    position: u64,
+    schemaversion: u32,
+    specversion: String,
+    stream: String,
+    streamversion: u64,
+    time: chrono::DateTime<chrono::Utc>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// Read back one structured-mode CloudEvent written by [`write_cloudevent`]
+/// (an export line): the stored event, every field as it was stored.
+pub fn from_cloudevent(json: &str) -> Result<StoredEvent, String> {
+    let incoming: Incoming = serde_json::from_str(json).map_err(|e| format!("not an Orchestrix CloudEvent: {e}"))?;
+    if incoming.specversion != "1.0" {
+        return Err(format!("specversion {} is not 1.0", incoming.specversion));
+    }
+    let (aggregate_type, aggregate_id) =
+        incoming.stream.split_once('/').ok_or_else(|| format!("stream `{}` is not TYPE/ID", incoming.stream))?;
+    let event_type = incoming
+        .kind
+        .strip_prefix(&format!("{}.{aggregate_type}.", incoming.module))
+        .ok_or_else(|| format!("type `{}` is not {}.{aggregate_type}.EVENT", incoming.kind, incoming.module))?
+        .to_owned();
+    Ok(StoredEvent {
+        position: incoming.position,
+        stream: StreamId::new(aggregate_type, aggregate_id),
+        version: incoming.streamversion,
+        id: incoming.id,
+        event_type,
+        schema_version: incoming.schemaversion,
+        time: incoming.time,
+        data: incoming.data.get().to_owned(),
+        correlation_id: incoming.correlationid,
+        causation_id: incoming.causationid,
+        module: incoming.module,
+        module_version: incoming.moduleversion,
+        module_hash: incoming.modulehash,
+        trace: crate::telemetry::TraceContext::from_stored(incoming.traceparent, incoming.tracestate),
+    })
+}
+
 /// Render events as a CloudEvents JSON batch (an array).
 pub fn to_batch(events: &[StoredEvent]) -> Value {
     Value::Array(events.iter().map(to_cloudevent).collect())

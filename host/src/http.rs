@@ -75,6 +75,7 @@ fn api_routes(limits: BodyLimits) -> access::Routes {
         .get("/v1/aggregates/{aggregate_type}/{aggregate_id}/events", Need::Read, stream_events)
         .get("/v1/events", Need::Read, global_events)
         .get("/v1/events/stream", Need::Read, live::live_events)
+        .get("/v1/events/head", Need::Read, chain_head)
         .merge(modules::routes(limits.module))
         .merge(projections::routes())
         .merge(sagas::routes())
@@ -511,6 +512,13 @@ async fn global_events(
     Ok(response)
 }
 
+/// `GET /v1/events/head`: the last event's position and its chain — the
+/// value an operator anchors elsewhere to prove later that the history up
+/// to it is unchanged (`orchestrix store verify --anchor`).
+async fn chain_head(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.commands.store().chain_head().await?.to_json()))
+}
+
 async fn health(State(state): State<Arc<ApiState>>) -> Json<Value> {
     Json(json!({"status": "ok", "modules": state.commands.modules().modules().count()}))
 }
@@ -522,7 +530,6 @@ async fn health(State(state): State<Arc<ApiState>>) -> Json<Value> {
 /// readiness comes back on its own.
 async fn ready(State(state): State<Arc<ApiState>>) -> Response {
     let store = state.commands.store();
-    let head = *store.head().borrow();
     let not_ready = |reason: String| {
         let body = json!({
             "status": "not_ready",
@@ -531,14 +538,17 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
         });
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     };
-    match tokio::time::timeout(std::time::Duration::from_secs(2), store.read_all(head, 1)).await {
-        Ok(Ok(_)) => {}
+    let head = match tokio::time::timeout(std::time::Duration::from_secs(2), store.chain_head()).await {
+        Ok(Ok(head)) => head,
         Ok(Err(error)) => return not_ready(format!("reads fail: {error}")),
         Err(_) => return not_ready("the event store did not answer a read within 2 s".into()),
-    }
+    };
     match store.write_failure() {
         Some(failure) => not_ready(format!("writes fail: {failure}")),
-        None => Json(json!({"status": "ready", "head_position": head})).into_response(),
+        None => {
+            let chain = head.chain.map(hex::encode);
+            Json(json!({"status": "ready", "head_position": head.position, "head_chain": chain})).into_response()
+        }
     }
 }
 

@@ -66,6 +66,12 @@ enum Command {
     Keys(cli::signing::KeysArgs),
     /// Sign a module for hosts that load only signed modules (`serve --trusted-keys`).
     Sign(cli::signing::SignArgs),
+    /// Copy a store to another (SQLite ⇄ PostgreSQL), verify its tamper-evidence chain, back up a SQLite store.
+    Store(cli::lifecycle::StoreArgs),
+    /// Write a store's events as CloudEvents JSON lines.
+    Export(cli::lifecycle::ExportArgs),
+    /// Append CloudEvents JSON lines written by `export` to a store, keeping ids, positions and versions.
+    Import(cli::lifecycle::ImportArgs),
 }
 
 #[derive(Args)]
@@ -248,6 +254,9 @@ fn run(cli: Cli) -> Result<()> {
             Command::Projections(args) => cli::read_side::projections(args).await,
             Command::Query(args) => cli::read_side::query(args).await,
             Command::Sagas(args) => cli::sagas::sagas(args).await,
+            Command::Store(args) => cli::lifecycle::store(args).await,
+            Command::Export(args) => cli::lifecycle::export(args).await,
+            Command::Import(args) => cli::lifecycle::import(args).await,
             Command::Subscriptions(args) => cli::subscriptions::subscriptions(args).await,
             Command::Tokens(args) => cli::tokens::tokens(args).await,
             Command::Keys(args) => cli::signing::keys(args),

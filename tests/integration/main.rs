@@ -9,6 +9,7 @@ mod bus;
 mod cluster;
 mod commands;
 mod connections;
+mod data_lifecycle;
 mod feed;
 mod fixtures;
 mod history;

@@ -54,6 +54,20 @@ impl Backend {
         }
     }
 
+    /// A second store on the same storage, opened with `options` (as a
+    /// restarted host would open it).
+    pub async fn reopen(&self, options: StoreOptions) -> Arc<dyn EventStore> {
+        match &self.storage {
+            Storage::Directory { url, .. } => {
+                Arc::new(SqliteStore::open(url, &options, Metrics::new()).await.expect("sqlite opens again"))
+            }
+            Storage::Schema { url, schema } => {
+                let options = StoreOptions { schema: Some(schema.clone()), ..options };
+                Arc::new(PostgresStore::open(url, &options, Metrics::new()).await.expect("PostgreSQL opens again"))
+            }
+        }
+    }
+
     /// Close the store and remove its storage.
     pub async fn finish(self) {
         self.store.close().await;

@@ -2,11 +2,13 @@
 //! HTTP client of a running host: `client` (`send`, `events`, `modules`,
 //! and the helpers the others share), `history` (`state`, `what-if`),
 //! `read_side` (`projections`, `query`), `sagas` and `subscriptions`; and
-//! `tokens`, which talks to the store itself; `keys` and `sign` (`signing`),
-//! which work on files.
+//! `tokens` and `lifecycle` (`store copy|verify|backup`, `export`,
+//! `import`), which talk to the store itself; `keys` and `sign`
+//! (`signing`), which work on files.
 
 pub mod client;
 pub mod history;
+pub mod lifecycle;
 pub mod read_side;
 pub mod sagas;
 pub mod signing;

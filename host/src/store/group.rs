@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::telemetry;
 
+use super::chain::{self, ChainHash};
 use super::{
     AppendOutcome, AppendRequest, CommandRecord, EventData, EventMetadata, ExpectedVersion, StoreError, StoredEvent,
     StreamId,
@@ -206,6 +207,8 @@ pub(super) struct Accepted {
     pub expected: ExpectedVersion,
     pub metadata: EventMetadata,
     pub events: Vec<StoredEvent>,
+    /// The chain of each of `events` (empty when the chain is off).
+    pub chains: Vec<ChainHash>,
     pub command_id: Option<String>,
     pub reply: Reply,
 }
@@ -234,6 +237,9 @@ impl Accepted {
 /// id in the batch (a stream with no events is at version 0).
 pub(super) struct Facts {
     pub head: u64,
+    /// The chain of the event at `head` (`chain::GENESIS` for an empty
+    /// log); `None` when the store writes no chain.
+    pub head_chain: Option<ChainHash>,
     /// Every module's generation in the store (the fence; a module absent
     /// here fences nothing).
     pub generations: HashMap<String, u64>,
@@ -246,19 +252,31 @@ pub(super) struct Facts {
 pub(super) struct Plan {
     pub accepted: Vec<Accepted>,
     pub head: u64,
+    /// The chain at `head` once the batch commits.
+    pub head_chain: Option<ChainHash>,
     pub versions: HashMap<StreamId, u64>,
 }
 
 impl Plan {
-    /// Every row of the batch, in position order.
-    pub(super) fn rows(&self) -> impl Iterator<Item = &StoredEvent> {
-        self.accepted.iter().flat_map(|a| a.events.iter())
+    /// Every row of the batch with its chain, in position order.
+    pub(super) fn rows(&self) -> impl Iterator<Item = (&StoredEvent, Option<&ChainHash>)> {
+        self.accepted
+            .iter()
+            .flat_map(|a| a.events.iter().enumerate().map(|(index, event)| (event, a.chains.get(index))))
     }
 
-    /// `(command id, first row, last row)` of every accepted append that
-    /// carries an idempotency key.
-    pub(super) fn command_records(&self) -> impl Iterator<Item = (&String, &StoredEvent, &StoredEvent)> {
-        self.accepted.iter().filter_map(|a| Some((a.command_id.as_ref()?, a.events.first()?, a.events.last()?)))
+    /// The idempotency record of every accepted append that carries a key.
+    pub(super) fn command_records(&self) -> impl Iterator<Item = CommandRow<'_>> {
+        self.accepted.iter().filter_map(|a| {
+            let (first, last) = (a.events.first()?, a.events.last()?);
+            Some(CommandRow {
+                command_id: a.command_id.as_ref()?,
+                stream: &first.stream,
+                first_position: first.position,
+                last_position: last.position,
+                version: last.version,
+            })
+        })
     }
 
     /// The span of this batch's commit (`db.system` names the database),
@@ -308,11 +326,69 @@ impl Plan {
     }
 }
 
+/// A row of `commands`, borrowed from what is being written.
+pub(super) struct CommandRow<'a> {
+    pub command_id: &'a str,
+    pub stream: &'a StreamId,
+    pub first_position: u64,
+    pub last_position: u64,
+    pub version: u64,
+}
+
 /// The streams and command ids a batch needs facts about.
 pub(super) fn batch_keys(appends: &[(AppendRequest, Reply)]) -> (Vec<StreamId>, Vec<String>) {
     let streams: HashSet<&StreamId> = appends.iter().map(|(request, _)| &request.stream).collect();
     let ids: HashSet<&String> = appends.iter().filter_map(|(request, _)| request.command_id.as_ref()).collect();
     (streams.into_iter().cloned().collect(), ids.into_iter().cloned().collect())
+}
+
+/// An import checked against the log: the chain of each row and what the
+/// log looks like once it commits.
+pub(super) struct ImportPlan {
+    /// The chain of each imported row (empty when the store writes none).
+    pub chains: Vec<ChainHash>,
+    pub head: u64,
+    pub head_chain: Option<ChainHash>,
+    /// The streams' versions after the import.
+    pub versions: HashMap<StreamId, u64>,
+}
+
+/// Check that `events` continue the log at `head` without a gap and each
+/// continues its stream (`versions` holds the current version of every
+/// stream they touch), and chain them onto `head_chain`.
+pub(super) fn plan_import(
+    events: &[StoredEvent],
+    head: u64,
+    head_chain: Option<ChainHash>,
+    mut versions: HashMap<StreamId, u64>,
+) -> Result<ImportPlan, StoreError> {
+    let mut position = head;
+    let mut last_chain = head_chain;
+    let mut chains = Vec::with_capacity(if head_chain.is_some() { events.len() } else { 0 });
+    for event in events {
+        if event.position != position + 1 {
+            return Err(StoreError::Refused(format!(
+                "an imported event must continue the log: the store's last position is {position}, the next event \
+                 has position {} (import into an empty store, a file without gaps)",
+                event.position
+            )));
+        }
+        let version = versions.entry(event.stream.clone()).or_insert(0);
+        if event.version != *version + 1 {
+            return Err(StoreError::Refused(format!(
+                "imported event at position {} has version {} of {}, which is at version {version}: duplicate or \
+                 missing events",
+                event.position, event.version, event.stream
+            )));
+        }
+        *version = event.version;
+        position = event.position;
+        if let Some(previous) = last_chain.as_mut() {
+            *previous = chain::link(previous, event);
+            chains.push(*previous);
+        }
+    }
+    Ok(ImportPlan { chains, head: position, head_chain: last_chain, versions })
 }
 
 /// Answer every append of a batch that cannot be planned with `error`.
@@ -333,8 +409,9 @@ pub(super) fn commit_time() -> DateTime<Utc> {
 /// appends before it. Refusals and duplicates are answered here; accepted
 /// appends get consecutive positions after `facts.head`.
 pub(super) fn plan(appends: Vec<(AppendRequest, Reply)>, facts: Facts, time: DateTime<Utc>) -> Plan {
-    let Facts { head, generations, mut versions, commands } = facts;
+    let Facts { head, head_chain, generations, mut versions, commands } = facts;
     let mut next_position = head;
+    let mut last_chain = head_chain;
     let mut used_ids: HashSet<String> = HashSet::new();
     let mut accepted = Vec::with_capacity(appends.len());
     for (request, reply) in appends {
@@ -393,13 +470,23 @@ pub(super) fn plan(appends: Vec<(AppendRequest, Reply)>, facts: Facts, time: Dat
                 }
             })
             .collect();
+        let chains: Vec<ChainHash> = match last_chain.as_mut() {
+            Some(previous) => events
+                .iter()
+                .map(|event| {
+                    *previous = chain::link(previous, event);
+                    *previous
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         if let Some(last) = events.last() {
             versions.insert(stream.clone(), last.version);
         }
         if let Some(id) = &command_id {
             used_ids.insert(id.clone());
         }
-        accepted.push(Accepted { stream, expected, metadata, events, command_id, reply });
+        accepted.push(Accepted { stream, expected, metadata, events, chains, command_id, reply });
     }
-    Plan { accepted, head: next_position, versions }
+    Plan { accepted, head: next_position, head_chain: last_chain, versions }
 }

@@ -9,6 +9,7 @@
 //!   so a reader that has seen position N never later sees a new event below N;
 //! - a command id appends at most once; a resend gets the original record.
 
+pub mod chain;
 mod feed;
 mod group;
 pub mod modules;
@@ -19,6 +20,7 @@ pub mod security;
 mod snapshots;
 mod sqlite;
 pub mod subscriptions;
+pub mod transfer;
 
 use std::fmt;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+pub use chain::{ChainBreak, ChainHash, ChainHead, ChainedEvent};
 pub use feed::{EventFilter, Subscription};
 pub use modules::{
     Activation, BuildStatus, ClusterChange, HostRecord, ModuleBuildRecord, ModuleGeneration, NewModuleBuild,
@@ -83,6 +86,11 @@ pub struct StoreOptions {
     /// appends of superseded builds (the fence; see `modules`). Always on
     /// in the host; the cluster benchmark turns it off to measure its cost.
     pub fence_modules: bool,
+    /// Chain every appended event to the one before it (tamper evidence:
+    /// see `chain`). Always on in the host; the chain benchmark turns it
+    /// off to measure its cost (events written so are sealed when the
+    /// store is next opened with the chain on).
+    pub chain_events: bool,
 }
 
 impl Default for StoreOptions {
@@ -97,6 +105,7 @@ impl Default for StoreOptions {
             commit_timeout: Duration::from_secs(5),
             schema: None,
             fence_modules: true,
+            chain_events: true,
         }
     }
 }
@@ -142,17 +151,38 @@ pub(crate) fn push_pairs_in<'a, DB: sqlx::Database>(
 }
 
 /// Open the store a URL names: `sqlite://PATH` or `postgres://…`
-/// (`postgresql://…`).
+/// (`postgresql://…`; a `schema=NAME` parameter sets
+/// [`StoreOptions::schema`] when the options name none).
 pub async fn open(url: &str, options: &StoreOptions, metrics: Metrics) -> Result<Arc<dyn EventStore>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::open(url, options, metrics).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PostgresStore::open(url, options, metrics).await?))
+        let (url, schema) = split_schema(url);
+        let options = StoreOptions { schema: options.schema.clone().or(schema), ..options.clone() };
+        Ok(Arc::new(PostgresStore::open(&url, &options, metrics).await?))
     } else {
         Err(StoreError::Configuration(format!(
             "unsupported store URL `{url}`: use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE"
         )))
     }
+}
+
+/// A PostgreSQL URL without its `schema=NAME` parameter, and the name.
+pub fn split_schema(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else { return (url.to_owned(), None) };
+    let mut schema = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("schema=") {
+            Some(name) => {
+                schema = Some(name.to_owned());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let url = if rest.is_empty() { base.to_owned() } else { format!("{base}?{}", rest.join("&")) };
+    (url, schema)
 }
 
 /// Identity of one stream: an aggregate instance.
@@ -626,6 +656,20 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Audit entries after id `after`, oldest first, at most `limit`.
     async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Up to `limit` events after position `after`, in position order, each
+    /// with the chain stored beside it.
+    async fn read_chained(&self, after: u64, limit: usize) -> Result<Vec<ChainedEvent>, StoreError>;
+
+    /// The last event's position and stored chain.
+    async fn chain_head(&self) -> Result<ChainHead, StoreError>;
+
+    /// Append events exactly as another store holds them — ids, positions,
+    /// stream versions, times and attributes kept — chained onto this
+    /// store's head, in one transaction behind the appends already queued.
+    /// Refused (nothing written) unless the positions continue the log
+    /// without a gap and each event continues its stream's versions.
+    async fn import_events(&self, events: Vec<StoredEvent>) -> Result<ChainHead, StoreError>;
 
     /// Finish every append already submitted, then release the database.
     async fn close(&self);

@@ -35,9 +35,10 @@ use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Postgres, Row};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
+use super::chain::{self, ChainHash, ChainHead, ChainedEvent};
 use super::group::{
-    Facts, Job, PROBE_SQL, Plan, Reply, Submitter, VERSION_CACHE_LIMIT, WriteHealth, batch_keys, commit_time,
-    fail_appends, next_batch, plan, refuse_remaining,
+    CommandRow, Facts, Job, PROBE_SQL, Plan, Reply, Submitter, VERSION_CACHE_LIMIT, WriteHealth, batch_keys,
+    commit_time, fail_appends, next_batch, plan, plan_import, refuse_remaining,
 };
 use super::modules::{ClusterChange, HostRecord, ModuleBuildRecord, ModuleGeneration, ModuleSql};
 use super::read_models::ReadModelSql;
@@ -134,6 +135,14 @@ impl PostgresStore {
             .run(&mut setup)
             .await
             .map_err(|e| StoreError::unavailable(format!("migrations failed: {e}")))?;
+        if options.chain_events {
+            let begin = format!("BEGIN; SELECT pg_advisory_xact_lock({})", lock_key(&schema));
+            sqlx::raw_sql(AssertSqlSafe(begin)).execute(&mut setup).await.map_err(database_error)?;
+            let sealed = seal_chain(&mut setup).await;
+            let end = if sealed.is_ok() { "COMMIT" } else { "ROLLBACK" };
+            setup.execute(end).await.map_err(database_error)?;
+            sealed?;
+        }
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
             .fetch_one(&mut setup)
             .await
@@ -158,6 +167,7 @@ impl PostgresStore {
             health,
             lock_key: lock_key(&schema),
             fence_modules: options.fence_modules,
+            chain_events: options.chain_events,
             channel: channel.clone(),
             acquire_timeout: options.acquire_timeout,
             commit_timeout: options.commit_timeout,
@@ -587,11 +597,197 @@ impl EventStore for PostgresStore {
         Postgres::audit_rows(&self.reads, after, limit).await
     }
 
+    async fn read_chained(&self, after: u64, limit: usize) -> Result<Vec<ChainedEvent>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            ", chain FROM events WHERE position > $1 ORDER BY position LIMIT $2"
+        ))
+        .bind(after.min(i64::MAX as u64) as i64)
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(database_error)?;
+        Ok(rows.iter().map(|row| ChainedEvent { event: decode_event(row), chain: row.get(16) }).collect())
+    }
+
+    async fn chain_head(&self) -> Result<ChainHead, StoreError> {
+        let mut connection = self.reads.acquire().await.map_err(database_error)?;
+        read_chain_head(&mut connection).await
+    }
+
+    /// In one transaction holding the appends' advisory lock, on a
+    /// connection of the read pool (durable commits).
+    async fn import_events(&self, events: Vec<StoredEvent>) -> Result<ChainHead, StoreError> {
+        let head = self
+            .in_transaction(&self.reads, "import", async |connection| {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(self.lock_key)
+                    .execute(&mut *connection)
+                    .await
+                    .map_err(database_error)?;
+                let head = read_chain_head(connection).await?;
+                let head_chain = match head.chain {
+                    Some(chain) => Some(chain),
+                    None if head.position == 0 => Some(chain::GENESIS),
+                    None => Some(seal_chain(connection).await?),
+                };
+                let mut streams: Vec<&StreamId> = events.iter().map(|event| &event.stream).collect();
+                streams.sort();
+                streams.dedup();
+                let (types, ids): (Vec<&str>, Vec<&str>) =
+                    streams.iter().map(|s| (s.aggregate_type.as_str(), s.aggregate_id.as_str())).unzip();
+                let rows = sqlx::query(
+                    "SELECT s.aggregate_type, s.aggregate_id, COALESCE((SELECT MAX(e.version) FROM events e \
+                     WHERE e.aggregate_type = s.aggregate_type AND e.aggregate_id = s.aggregate_id), 0) \
+                     FROM UNNEST($1::text[], $2::text[]) AS s(aggregate_type, aggregate_id)",
+                )
+                .bind(&types)
+                .bind(&ids)
+                .fetch_all(&mut *connection)
+                .await
+                .map_err(database_error)?;
+                let versions = rows
+                    .iter()
+                    .map(|row| {
+                        (StreamId::new(row.get::<String, _>(0), row.get::<String, _>(1)), row.get::<i64, _>(2) as u64)
+                    })
+                    .collect();
+                let planned = plan_import(&events, head.position, head_chain, versions)?;
+                let rows: Vec<(&StoredEvent, Option<&ChainHash>)> =
+                    events.iter().enumerate().map(|(index, event)| (event, planned.chains.get(index))).collect();
+                insert_rows(connection, &rows, &[], &self.channel, planned.head).await.map_err(database_error)?;
+                Ok(ChainHead { position: planned.head, chain: planned.head_chain })
+            })
+            .await?;
+        Ok(head)
+    }
+
     async fn close(&self) {
         self.submitter.shutdown().await;
         self.reads.close().await;
         self.listener.abort();
     }
+}
+
+/// Insert rows (with their chains) and idempotency records in one
+/// statement, and notify every host of the new head.
+async fn insert_rows(
+    connection: &mut PgConnection,
+    rows: &[(&StoredEvent, Option<&ChainHash>)],
+    records: &[CommandRow<'_>],
+    channel: &str,
+    head: u64,
+) -> Result<(), sqlx::Error> {
+    let insert = sqlx::query(concat!(
+        "WITH new_events AS (INSERT INTO events (",
+        columns!(),
+        ", chain) SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::uuid[], $6::text[], \
+         $7::int4[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], \
+         $14::text[], $15::text[], $16::text[], $17::bytea[])), \
+         new_commands AS (INSERT INTO commands \
+         (command_id, aggregate_type, aggregate_id, first_position, last_position, version) \
+         SELECT * FROM UNNEST($18::text[], $19::text[], $20::text[], $21::bigint[], $22::bigint[], $23::bigint[])) \
+         SELECT pg_notify($24, $25)"
+    ))
+    .bind(rows.iter().map(|(e, _)| e.position as i64).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.stream.aggregate_type.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.stream.aggregate_id.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.version as i64).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.event_type.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.schema_version as i32).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.time).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.data.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.correlation_id.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.causation_id.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.module.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.module_version.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.trace.as_ref().map(TraceContext::traceparent)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.trace.as_ref().and_then(TraceContext::tracestate)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(e, _)| e.module_hash.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, chain)| chain.map(|chain| chain.as_slice())).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.command_id).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.stream.aggregate_type.as_str()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.stream.aggregate_id.as_str()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.first_position as i64).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.last_position as i64).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.version as i64).collect::<Vec<_>>())
+    .bind(channel)
+    .bind(head.to_string());
+    insert.execute(connection).await.map(drop)
+}
+
+/// The last event's position and stored chain.
+async fn read_chain_head(connection: &mut PgConnection) -> Result<ChainHead, StoreError> {
+    let row: Option<(i64, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT position, chain FROM events ORDER BY position DESC LIMIT 1")
+            .fetch_optional(&mut *connection)
+            .await
+            .map_err(database_error)?;
+    Ok(match row {
+        None => ChainHead { position: 0, chain: None },
+        Some((position, stored)) => ChainHead { position: position as u64, chain: chain::stored(stored)? },
+    })
+}
+
+/// Chain the unsealed end of the log — events written before the chain
+/// existed (a store migrated from an older version, or an older host
+/// still writing) or with it turned off — onto the last sealed event, and
+/// return the head's chain. The caller holds the appends' advisory lock in
+/// the open transaction. An unsealed event in the middle of the log is left
+/// for `verify` to report.
+async fn seal_chain(connection: &mut PgConnection) -> Result<ChainHash, StoreError> {
+    let head = read_chain_head(connection).await?;
+    if let Some(chain) = head.chain {
+        return Ok(chain);
+    }
+    let sealed: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT position, chain FROM events WHERE chain IS NOT NULL ORDER BY position DESC LIMIT 1")
+            .fetch_optional(&mut *connection)
+            .await
+            .map_err(database_error)?;
+    let (mut after, mut previous) = match sealed {
+        Some((position, stored)) => (position as u64, chain::stored(Some(stored))?.unwrap_or(chain::GENESIS)),
+        None => (0, chain::GENESIS),
+    };
+    let mut count = 0u64;
+    loop {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM events WHERE position > $1 ORDER BY position LIMIT 5000"
+        ))
+        .bind(after as i64)
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(database_error)?;
+        if rows.is_empty() {
+            break;
+        }
+        let (mut positions, mut links) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+        for row in &rows {
+            let event = decode_event(row);
+            previous = chain::link(&previous, &event);
+            positions.push(event.position as i64);
+            links.push(previous.to_vec());
+            after = event.position;
+        }
+        sqlx::query(
+            "UPDATE events SET chain = sealed.chain FROM UNNEST($1::bigint[], $2::bytea[]) AS sealed(position, chain) \
+             WHERE events.position = sealed.position",
+        )
+        .bind(&positions)
+        .bind(&links)
+        .execute(&mut *connection)
+        .await
+        .map_err(database_error)?;
+        count += positions.len() as u64;
+    }
+    if count > 0 {
+        tracing::info!(events = count, "sealed events written without a chain into the tamper-evidence chain");
+    }
+    Ok(previous)
 }
 
 fn decode_event(row: &PgRow) -> StoredEvent {
@@ -633,6 +829,8 @@ struct Writer {
     lock_key: i64,
     /// Read module generations with the head (`StoreOptions::fence_modules`).
     fence_modules: bool,
+    /// Chain the rows it writes (`StoreOptions::chain_events`).
+    chain_events: bool,
     channel: String,
     acquire_timeout: Duration,
     commit_timeout: Duration,
@@ -795,23 +993,43 @@ impl Writer {
             "'{}'"
         };
         let begin = format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({}); SELECT COALESCE(MAX(position), 0), {generations} FROM events",
+            "BEGIN; SELECT pg_advisory_xact_lock({}); SELECT COALESCE(MAX(position), 0), {generations}, \
+             (SELECT chain FROM events ORDER BY position DESC LIMIT 1) FROM events",
             self.lock_key
         );
         let rows = self.step("BEGIN", sqlx::raw_sql(AssertSqlSafe(begin)).fetch_all(&mut *connection)).await?;
-        let (head, generations) = rows
+        let (head, generations, head_chain) = rows
             .last()
-            .and_then(|row| Some((row.try_get::<i64, _>(0).ok()?, row.try_get::<String, _>(1).ok()?)))
+            .and_then(|row| {
+                Some((
+                    row.try_get::<i64, _>(0).ok()?,
+                    row.try_get::<String, _>(1).ok()?,
+                    row.try_get::<Option<Vec<u8>>, _>(2).ok()?,
+                ))
+            })
             .ok_or_else(|| StoreError::unavailable("BEGIN: the head position was not returned"))?;
         let head = head as u64;
+        let head_chain = match (self.chain_events, chain::stored(head_chain)?) {
+            (false, _) => None,
+            (true, Some(chain)) => Some(chain),
+            (true, None) if head == 0 => Some(chain::GENESIS),
+            // Rows another host wrote without a chain (an older version):
+            // sealed here, under the lock.
+            (true, None) => Some(seal_chain(connection).await?),
+        };
         let generations: HashMap<String, u64> =
             serde_json::from_str(&generations).map_err(|e| StoreError::Corrupt(format!("module generations: {e}")))?;
         if self.known_head != Some(head) || self.versions.len() > VERSION_CACHE_LIMIT {
             self.versions.clear();
         }
         let (streams, ids) = batch_keys(appends);
-        let mut facts =
-            Facts { head, generations, versions: HashMap::with_capacity(streams.len()), commands: HashMap::new() };
+        let mut facts = Facts {
+            head,
+            head_chain,
+            generations,
+            versions: HashMap::with_capacity(streams.len()),
+            commands: HashMap::new(),
+        };
         let mut unknown = Vec::new();
         for stream in streams {
             match self.versions.get(&stream) {
@@ -861,44 +1079,9 @@ impl Writer {
     }
 
     async fn write_and_commit(&self, connection: &mut PgConnection, plan: &Plan) -> Result<(), StoreError> {
-        let rows: Vec<&StoredEvent> = plan.rows().collect();
-        let records: Vec<(&String, &StoredEvent, &StoredEvent)> = plan.command_records().collect();
-        let insert = sqlx::query(concat!(
-            "WITH new_events AS (INSERT INTO events (",
-            columns!(),
-            ") SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::uuid[], $6::text[], \
-             $7::int4[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], \
-             $14::text[], $15::text[], $16::text[])), \
-             new_commands AS (INSERT INTO commands \
-             (command_id, aggregate_type, aggregate_id, first_position, last_position, version) \
-             SELECT * FROM UNNEST($17::text[], $18::text[], $19::text[], $20::bigint[], $21::bigint[], $22::bigint[])) \
-             SELECT pg_notify($23, $24)"
-        ))
-        .bind(rows.iter().map(|e| e.position as i64).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.stream.aggregate_type.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.stream.aggregate_id.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.version as i64).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.schema_version as i32).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.time).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.data.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.correlation_id.as_deref()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.causation_id.as_deref()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.module.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.module_version.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.trace.as_ref().map(TraceContext::traceparent)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.trace.as_ref().and_then(TraceContext::tracestate)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|e| e.module_hash.as_deref()).collect::<Vec<_>>())
-        .bind(records.iter().map(|(id, _, _)| id.as_str()).collect::<Vec<_>>())
-        .bind(records.iter().map(|(_, first, _)| first.stream.aggregate_type.as_str()).collect::<Vec<_>>())
-        .bind(records.iter().map(|(_, first, _)| first.stream.aggregate_id.as_str()).collect::<Vec<_>>())
-        .bind(records.iter().map(|(_, first, _)| first.position as i64).collect::<Vec<_>>())
-        .bind(records.iter().map(|(_, _, last)| last.position as i64).collect::<Vec<_>>())
-        .bind(records.iter().map(|(_, _, last)| last.version as i64).collect::<Vec<_>>())
-        .bind(&self.channel)
-        .bind(plan.head.to_string());
-        self.step("writing the batch", insert.execute(&mut *connection)).await?;
+        let rows: Vec<(&StoredEvent, Option<&ChainHash>)> = plan.rows().collect();
+        let records: Vec<CommandRow> = plan.command_records().collect();
+        self.step("writing the batch", insert_rows(connection, &rows, &records, &self.channel, plan.head)).await?;
         self.step("COMMIT", connection.execute("COMMIT")).await.map_err(|error| {
             StoreError::unavailable(format!(
                 "{error}; whether the batch committed is unknown — resend with the same idempotency key"

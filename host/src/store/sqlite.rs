@@ -23,9 +23,10 @@ use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
+use super::chain::{self, ChainHash, ChainHead, ChainedEvent};
 use super::group::{
-    Facts, Job, PROBE_SQL, Plan, Reply, Submitter, VERSION_CACHE_LIMIT, WriteHealth, WriterWork, batch_keys,
-    commit_time, fail_appends, next_batch, plan, refuse_remaining,
+    CommandRow, Facts, Job, PROBE_SQL, Reply, Submitter, VERSION_CACHE_LIMIT, WriteHealth, WriterWork, batch_keys,
+    commit_time, fail_appends, next_batch, plan, plan_import, refuse_remaining,
 };
 use super::modules::{ClusterChange, HostRecord, ModuleBuildRecord, ModuleGeneration, ModuleSql};
 use super::push_pairs_in;
@@ -64,6 +65,7 @@ enum ChangeWork {
     Subscription { change: Box<SubscriptionChange>, reply: oneshot::Sender<Result<SubscriptionApplied, StoreError>> },
     Cluster { change: Box<ClusterChange>, reply: oneshot::Sender<Result<Option<ModuleGeneration>, StoreError>> },
     Security { change: Box<SecurityChange>, reply: oneshot::Sender<Result<bool, StoreError>> },
+    Import { events: Vec<StoredEvent>, reply: oneshot::Sender<Result<ChainHead, StoreError>> },
 }
 
 impl WriterWork for ChangeWork {
@@ -85,6 +87,9 @@ impl WriterWork for ChangeWork {
                 let _ = reply.send(Err(StoreError::ShuttingDown));
             }
             Self::Security { reply, .. } => {
+                let _ = reply.send(Err(StoreError::ShuttingDown));
+            }
+            Self::Import { reply, .. } => {
                 let _ = reply.send(Err(StoreError::ShuttingDown));
             }
         }
@@ -170,10 +175,11 @@ impl SqliteStore {
             .run(&mut writer)
             .await
             .map_err(|e| StoreError::unavailable(format!("migrations failed: {e}")))?;
-        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
-            .fetch_one(&mut writer)
-            .await
-            .map_err(database_error)?;
+        if options.chain_events {
+            seal_chain(&mut writer).await?;
+        }
+        let ChainHead { position: head, chain: head_chain } = read_chain_head(&mut writer).await?;
+        let head_chain = options.chain_events.then(|| head_chain.unwrap_or(chain::GENESIS));
         let generations = Sqlite::generation_map(&mut writer).await?;
         let fence_modules = options.fence_modules;
         let reads = SqlitePoolOptions::new()
@@ -183,7 +189,7 @@ impl SqliteStore {
             .map_err(database_error)?;
 
         let (submitter, queue, head_sender, health) =
-            Submitter::new(options.queue_depth, options.max_event_bytes, head as u64);
+            Submitter::new(options.queue_depth, options.max_event_bytes, head);
         let (module_changes_sender, module_changes) = watch::channel(0);
         let state = Writer {
             connection: writer,
@@ -193,7 +199,8 @@ impl SqliteStore {
             health,
             commits_since_checkpoint: 0,
             fsync_appends: options.fsync_every_commit,
-            head: head as u64,
+            head,
+            head_chain,
             versions: HashMap::new(),
             head_sender,
             max_batch: options.max_batch,
@@ -328,6 +335,32 @@ impl EventStore for SqliteStore {
                 .await
                 .map_err(database_error)?;
         rows.iter().map(decode_event).collect()
+    }
+
+    async fn read_chained(&self, after: u64, limit: usize) -> Result<Vec<ChainedEvent>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            ", chain FROM events WHERE position > ? ORDER BY position LIMIT ?"
+        ))
+        .bind(after.min(i64::MAX as u64) as i64)
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(database_error)?;
+        rows.iter().map(|row| Ok(ChainedEvent { event: decode_event(row)?, chain: row.get(16) })).collect()
+    }
+
+    async fn chain_head(&self) -> Result<ChainHead, StoreError> {
+        let mut connection = self.reads.acquire().await.map_err(database_error)?;
+        read_chain_head(&mut connection).await
+    }
+
+    /// Queued to the writer behind the appends already queued.
+    async fn import_events(&self, events: Vec<StoredEvent>) -> Result<ChainHead, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        self.submitter.queue_work(ChangeWork::Import { events, reply }).await?;
+        outcome.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
     async fn find_command(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError> {
@@ -622,6 +655,8 @@ struct Writer {
     /// Appends are fsynced (`synchronous=FULL`); read-model changes never are.
     fsync_appends: bool,
     head: u64,
+    /// The chain at `head` (`None`: the chain is off).
+    head_chain: Option<ChainHash>,
     versions: HashMap<StreamId, u64>,
     head_sender: watch::Sender<u64>,
     max_batch: usize,
@@ -698,6 +733,11 @@ impl Writer {
                     self.health.record(&applied);
                     let _ = reply.send(applied);
                 }
+                Some(ChangeWork::Import { events, reply }) => {
+                    let imported = self.import(events).await;
+                    self.health.record(&imported);
+                    let _ = reply.send(imported);
+                }
                 Some(ChangeWork::Snapshots { snapshots, reply }) => {
                     let saved = relaxed_transaction(&mut self.connection, self.fsync_appends, async |connection| {
                         Sqlite::save_snapshots(connection, &snapshots).await
@@ -760,7 +800,7 @@ impl Writer {
             }
         }
         let generations = if self.fence_modules { self.generations.clone() } else { HashMap::new() };
-        Ok(Facts { head: self.head, generations, versions, commands })
+        Ok(Facts { head: self.head, head_chain: self.head_chain, generations, versions, commands })
     }
 
     /// Copy the WAL's frames into the database without waiting for
@@ -803,12 +843,19 @@ impl Writer {
             return;
         }
         let commit_started = std::time::Instant::now();
-        let written = self.write(&plan).instrument(plan.commit_span("sqlite")).await.map_err(database_error);
+        let rows: Vec<(&StoredEvent, Option<&ChainHash>)> = plan.rows().collect();
+        let records: Vec<CommandRow> = plan.command_records().collect();
+        let written = write(&mut self.connection, &rows, &records)
+            .instrument(plan.commit_span("sqlite"))
+            .await
+            .map_err(database_error);
+        drop((rows, records));
         self.health.record(&written);
         match written {
             Ok(()) => {
                 self.commits_since_checkpoint += 1;
                 self.head = plan.head;
+                self.head_chain = plan.head_chain;
                 if self.versions.len() + plan.versions.len() > VERSION_CACHE_LIMIT {
                     self.versions.clear();
                 }
@@ -826,12 +873,7 @@ impl Writer {
                 // Positions and versions are re-read from the database next
                 // time (a refusal may come from rows another writer left).
                 self.versions.clear();
-                if let Ok(head) = sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(position), 0) FROM events")
-                    .fetch_one(&mut self.connection)
-                    .await
-                {
-                    self.head = head as u64;
-                }
+                self.reread_head().await;
                 if let Some(halves) = plan.isolate(&error) {
                     for half in halves {
                         Box::pin(self.commit_batch(half)).await;
@@ -841,55 +883,160 @@ impl Writer {
         }
     }
 
-    /// Write a batch as one multi-statement script — `BEGIN IMMEDIATE`,
-    /// multi-row INSERTs, idempotency records, `COMMIT` — so the whole
-    /// transaction costs a single round trip to sqlx's SQLite thread.
-    async fn write(&mut self, plan: &Plan) -> Result<(), sqlx::Error> {
-        let rows: Vec<&StoredEvent> = plan.rows().collect();
-        let mut script: QueryBuilder<Sqlite> = QueryBuilder::new("BEGIN IMMEDIATE; ");
-        for chunk in rows.chunks(ROWS_PER_INSERT) {
-            script.push(concat!("INSERT INTO events (", columns!(), ") "));
-            script.push_values(chunk, |mut row, event| {
-                row.push_bind(event.position as i64)
-                    .push_bind(&event.stream.aggregate_type)
-                    .push_bind(&event.stream.aggregate_id)
-                    .push_bind(event.version as i64)
-                    .push_bind(event.id.to_string())
-                    .push_bind(&event.event_type)
-                    .push_bind(i64::from(event.schema_version))
-                    .push_bind(event.time.timestamp_micros())
-                    .push_bind(&event.data)
-                    .push_bind(&event.correlation_id)
-                    .push_bind(&event.causation_id)
-                    .push_bind(&event.module)
-                    .push_bind(&event.module_version)
-                    .push_bind(event.trace.as_ref().map(TraceContext::traceparent))
-                    .push_bind(event.trace.as_ref().and_then(TraceContext::tracestate))
-                    .push_bind(&event.module_hash);
-            });
-            script.push("; ");
+    /// Re-read the head and its chain after a failed write (a refusal may
+    /// come from rows another writer left).
+    async fn reread_head(&mut self) {
+        if let Ok(head) = read_chain_head(&mut self.connection).await {
+            self.head = head.position;
+            if self.head_chain.is_some() {
+                self.head_chain = Some(head.chain.unwrap_or(chain::GENESIS));
+            }
         }
-        let records: Vec<(&String, &StoredEvent, &StoredEvent)> = plan.command_records().collect();
-        if !records.is_empty() {
-            script.push(
-                "INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_position, last_position, version) ",
-            );
-            script.push_values(records, |mut row, (id, first, last)| {
-                row.push_bind(id)
-                    .push_bind(&first.stream.aggregate_type)
-                    .push_bind(&first.stream.aggregate_id)
-                    .push_bind(first.position as i64)
-                    .push_bind(last.position as i64)
-                    .push_bind(last.version as i64);
-            });
-            script.push("; ");
-        }
-        script.push("COMMIT");
-        let result = script.build().persistent(true).execute(&mut self.connection).await;
-        if result.is_err() {
-            // The script stops at the failing statement; undo what it began.
-            let _ = sqlx::query("ROLLBACK").execute(&mut self.connection).await;
-        }
-        result.map(|_| ())
     }
+
+    /// Write imported events as they are, chained onto the head.
+    async fn import(&mut self, events: Vec<StoredEvent>) -> Result<ChainHead, StoreError> {
+        let mut versions = HashMap::new();
+        for event in &events {
+            if !versions.contains_key(&event.stream) {
+                let version = self.current_version(&event.stream).await.map_err(database_error)?;
+                versions.insert(event.stream.clone(), version);
+            }
+        }
+        let planned = plan_import(&events, self.head, self.head_chain, versions)?;
+        let rows: Vec<(&StoredEvent, Option<&ChainHash>)> =
+            events.iter().enumerate().map(|(index, event)| (event, planned.chains.get(index))).collect();
+        if let Err(error) = write(&mut self.connection, &rows, &[]).await {
+            self.versions.clear();
+            self.reread_head().await;
+            return Err(database_error(error));
+        }
+        self.commits_since_checkpoint += 1;
+        self.head = planned.head;
+        self.head_chain = planned.head_chain;
+        if self.versions.len() + planned.versions.len() > VERSION_CACHE_LIMIT {
+            self.versions.clear();
+        }
+        self.versions.extend(planned.versions);
+        self.head_sender.send_replace(self.head);
+        Ok(ChainHead { position: self.head, chain: self.head_chain })
+    }
+}
+
+/// Write rows (with their chains) and idempotency records as one
+/// multi-statement script — `BEGIN IMMEDIATE`, multi-row INSERTs, `COMMIT` —
+/// so the whole transaction costs a single round trip to sqlx's SQLite
+/// thread.
+async fn write(
+    connection: &mut SqliteConnection,
+    rows: &[(&StoredEvent, Option<&ChainHash>)],
+    records: &[CommandRow<'_>],
+) -> Result<(), sqlx::Error> {
+    let mut script: QueryBuilder<Sqlite> = QueryBuilder::new("BEGIN IMMEDIATE; ");
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        script.push(concat!("INSERT INTO events (", columns!(), ", chain) "));
+        script.push_values(chunk, |mut row, (event, chain)| {
+            row.push_bind(event.position as i64)
+                .push_bind(&event.stream.aggregate_type)
+                .push_bind(&event.stream.aggregate_id)
+                .push_bind(event.version as i64)
+                .push_bind(event.id.to_string())
+                .push_bind(&event.event_type)
+                .push_bind(i64::from(event.schema_version))
+                .push_bind(event.time.timestamp_micros())
+                .push_bind(&event.data)
+                .push_bind(&event.correlation_id)
+                .push_bind(&event.causation_id)
+                .push_bind(&event.module)
+                .push_bind(&event.module_version)
+                .push_bind(event.trace.as_ref().map(TraceContext::traceparent))
+                .push_bind(event.trace.as_ref().and_then(TraceContext::tracestate))
+                .push_bind(&event.module_hash)
+                .push_bind(chain.map(|chain| chain.as_slice()));
+        });
+        script.push("; ");
+    }
+    if !records.is_empty() {
+        script.push(
+            "INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_position, last_position, version) ",
+        );
+        script.push_values(records, |mut row, record| {
+            row.push_bind(record.command_id)
+                .push_bind(&record.stream.aggregate_type)
+                .push_bind(&record.stream.aggregate_id)
+                .push_bind(record.first_position as i64)
+                .push_bind(record.last_position as i64)
+                .push_bind(record.version as i64);
+        });
+        script.push("; ");
+    }
+    script.push("COMMIT");
+    let result = script.build().persistent(true).execute(&mut *connection).await;
+    if result.is_err() {
+        // The script stops at the failing statement; undo what it began.
+        let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
+    }
+    result.map(|_| ())
+}
+
+/// The last event's position and stored chain.
+async fn read_chain_head(connection: &mut SqliteConnection) -> Result<ChainHead, StoreError> {
+    let row: Option<(i64, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT position, chain FROM events ORDER BY position DESC LIMIT 1")
+            .fetch_optional(&mut *connection)
+            .await
+            .map_err(database_error)?;
+    Ok(match row {
+        None => ChainHead { position: 0, chain: None },
+        Some((position, stored)) => ChainHead { position: position as u64, chain: chain::stored(stored)? },
+    })
+}
+
+/// Chain the unsealed end of the log — events written before the chain
+/// existed (a store migrated from an older version) or with it turned off —
+/// onto the last sealed event. An unsealed event in the middle of the log is
+/// left for `verify` to report.
+async fn seal_chain(connection: &mut SqliteConnection) -> Result<(), StoreError> {
+    let head = read_chain_head(connection).await?;
+    if head.position == 0 || head.chain.is_some() {
+        return Ok(());
+    }
+    let sealed: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT position, chain FROM events WHERE chain IS NOT NULL ORDER BY position DESC LIMIT 1")
+            .fetch_optional(&mut *connection)
+            .await
+            .map_err(database_error)?;
+    let (mut after, mut previous) = match sealed {
+        Some((position, stored)) => (position as u64, chain::stored(Some(stored))?.unwrap_or(chain::GENESIS)),
+        None => (0, chain::GENESIS),
+    };
+    let mut count = 0u64;
+    loop {
+        let rows =
+            sqlx::query(concat!("SELECT ", columns!(), " FROM events WHERE position > ? ORDER BY position LIMIT ?"))
+                .bind(after as i64)
+                .bind(ROWS_PER_INSERT as i64)
+                .fetch_all(&mut *connection)
+                .await
+                .map_err(database_error)?;
+        if rows.is_empty() {
+            break;
+        }
+        let mut links = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let event = decode_event(row)?;
+            previous = chain::link(&previous, &event);
+            links.push((event.position as i64, previous));
+            after = event.position;
+        }
+        let mut update: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE events SET chain = sealed.column2 FROM (");
+        update.push_values(&links, |mut row, (position, link)| {
+            row.push_bind(*position).push_bind(link.as_slice());
+        });
+        update.push(") AS sealed WHERE events.position = sealed.column1");
+        update.build().execute(&mut *connection).await.map_err(database_error)?;
+        count += links.len() as u64;
+    }
+    tracing::info!(events = count, "sealed events written without a chain into the tamper-evidence chain");
+    Ok(())
 }

@@ -350,3 +350,195 @@ async fn the_cli_reaches_an_https_host_that_trusts_a_private_ca() {
     host.kill().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `orchestrix ARGS…` to completion: whether it succeeded, stdout, stderr.
+async fn orchestrix(args: &[&str]) -> (bool, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrix"))
+        .args(args)
+        .env_remove("ORCHESTRIX_STORE")
+        .output()
+        .await
+        .expect("orchestrix runs");
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("UTF-8 output");
+    (output.status.success(), text(output.stdout), text(output.stderr))
+}
+
+/// One event per number of `numbers` on `streams` streams of `store`, with
+/// command ids and correlation ids, and a trace context on every other one.
+async fn populate(store: &dyn orchestrix_host::store::EventStore, numbers: std::ops::Range<usize>, streams: usize) {
+    use orchestrix_host::store::{AppendRequest, EventData, EventMetadata, ExpectedVersion, StreamId};
+    use orchestrix_host::telemetry::TraceContext;
+    for i in numbers {
+        let trace = (i % 2 == 0)
+            .then(|| TraceContext::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", Some("k=v")))
+            .flatten();
+        let request = AppendRequest {
+            stream: StreamId::new("account", format!("a-{}", i % streams)),
+            expected: ExpectedVersion::Any,
+            events: vec![EventData {
+                event_type: if i % 3 == 0 { "Opened".into() } else { "Deposited".into() },
+                schema_version: 1,
+                data: format!(r#"{{"amount": {i}, "note": "é \\ \"q\""}}"#),
+            }],
+            metadata: EventMetadata {
+                correlation_id: Some(format!("c-{i}")),
+                module: "bank".into(),
+                module_version: "0.3.0".into(),
+                module_hash: Some("ab12".into()),
+                trace,
+                ..EventMetadata::default()
+            },
+            command_id: Some(format!("cmd-{i}")),
+        };
+        store.append(request).await.expect("append");
+    }
+}
+
+async fn open_store(url: &str) -> std::sync::Arc<dyn orchestrix_host::store::EventStore> {
+    use orchestrix_host::store::{self, StoreOptions};
+    store::open(url, &StoreOptions::default(), orchestrix_host::metrics::Metrics::new()).await.expect("the store opens")
+}
+
+/// Export, import, verify (and its refusals), backup of a store being
+/// written, and copy into a non-empty store — through the binary, on
+/// SQLite and (with `DATABASE_URL`) PostgreSQL.
+#[tokio::test]
+async fn the_lifecycle_commands_export_import_verify_back_up_and_copy() {
+    let dir = std::env::temp_dir().join(format!("orchestrix-lifecycle-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| dir.join(name).display().to_string();
+    let source = format!("sqlite://{}", path("source.db"));
+    let store = open_store(&source).await;
+    populate(&*store, 0..300, 17).await;
+
+    let export = path("events.jsonl");
+    let (ok, _, stderr) = orchestrix(&["export", "--store", &source, "--out", &export]).await;
+    assert!(ok && stderr.contains("exported 300 events"), "{stderr}");
+    let (ok, lines, _) =
+        orchestrix(&["export", "--store", &source, "--after", "10", "--until", "100", "--type", "account.Opened"])
+            .await;
+    assert!(ok);
+    let positions: Vec<u64> =
+        lines.lines().map(|line| serde_json::from_str::<Value>(line).unwrap()["position"].as_u64().unwrap()).collect();
+    assert_eq!(positions, (11..=100).filter(|p| (p - 1) % 3 == 0).collect::<Vec<_>>());
+
+    let mut targets = vec![format!("sqlite://{}", path("imported.db"))];
+    let postgres = match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => {
+            let schema = orchestrix_testkit::fresh_schema(&url, orchestrix_testkit::Purpose::Test).await.unwrap();
+            targets.push(format!("{url}?schema={schema}"));
+            Some((url, schema))
+        }
+        _ => {
+            eprintln!("SKIPPED on PostgreSQL: the lifecycle commands (set DATABASE_URL)");
+            None
+        }
+    };
+    for target in &targets {
+        let (ok, stdout, stderr) = orchestrix(&["import", "--store", target, &export]).await;
+        assert!(ok && stdout.contains("imported 300 events"), "{target}: {stdout}{stderr}");
+        let (ok, _, stderr) = orchestrix(&["import", "--store", target, &export]).await;
+        assert!(!ok && stderr.contains("must continue the log"), "{target}: a second import is refused: {stderr}");
+        let (ok, stdout, stderr) = orchestrix(&["store", "verify", "--store", target, "--against", &source]).await;
+        assert!(ok && stdout.contains("chain intact") && stdout.contains("the same history"), "{stdout}{stderr}");
+        let imported = open_store(target).await;
+        assert_eq!(imported.read_all(0, 1000).await.unwrap(), store.read_all(0, 1000).await.unwrap(), "{target}");
+        imported.close().await;
+        let (ok, _, stderr) = orchestrix(&["store", "copy", "--from", &source, "--to", target]).await;
+        assert!(!ok && stderr.contains("not empty"), "{stderr}");
+    }
+
+    // The head an operator anchors, then an edit the chain exposes.
+    let head = store.chain_head().await.unwrap();
+    let anchor = format!("{}:{}", head.position, hex::encode(head.chain.unwrap()));
+    let imported = &targets[0];
+    let (ok, _, stderr) = orchestrix(&["store", "verify", "--store", imported, "--anchor", &anchor]).await;
+    assert!(ok, "{stderr}");
+    {
+        use sqlx::Connection;
+        let mut raw = sqlx::SqliteConnection::connect(imported).await.unwrap();
+        sqlx::query("UPDATE events SET data = '{\"amount\": 1000000}' WHERE position = 42")
+            .execute(&mut raw)
+            .await
+            .unwrap();
+    }
+    let (ok, _, stderr) = orchestrix(&["store", "verify", "--store", imported]).await;
+    assert!(!ok && stderr.contains("position 42 does not match"), "{stderr}");
+    let (ok, _, stderr) = orchestrix(&["store", "verify", "--store", &source, "--against", imported]).await;
+    assert!(!ok && stderr.contains("differ from position 42"), "{stderr}");
+
+    // A backup while appends go on.
+    let writing = {
+        let store = store.clone();
+        tokio::spawn(async move { populate(&*store, 300..700, 50).await })
+    };
+    let backup = path("backup.db");
+    let (ok, stdout, stderr) = orchestrix(&["store", "backup", "--store", &source, "--to", &backup]).await;
+    assert!(ok && stdout.contains("chain intact"), "{stdout}{stderr}");
+    writing.await.unwrap();
+    let (ok, _, stderr) = orchestrix(&["store", "backup", "--store", &source, "--to", &backup]).await;
+    assert!(!ok && stderr.contains("exists"), "{stderr}");
+    let backup_url = format!("sqlite://{backup}");
+    let restored = open_store(&backup_url).await;
+    let backed_up = restored.chain_head().await.unwrap().position;
+    assert!((300..=700).contains(&backed_up), "{backed_up}");
+    let mut original = store.read_all(0, 1000).await.unwrap();
+    original.truncate(backed_up as usize);
+    assert_eq!(restored.read_all(0, 1000).await.unwrap(), original, "the backup is a prefix of the log");
+    restored.close().await;
+    let (ok, _, stderr) = orchestrix(&["store", "verify", "--store", &backup_url]).await;
+    assert!(ok, "{stderr}");
+
+    // A copy to PostgreSQL of the whole store, as the README's switch-over does.
+    if let Some((url, schema)) = &postgres {
+        let copy_schema = orchestrix_testkit::fresh_schema(url, orchestrix_testkit::Purpose::Test).await.unwrap();
+        let target = format!("{url}?schema={copy_schema}");
+        let (ok, stdout, stderr) = orchestrix(&["store", "copy", "--from", &source, "--to", &target]).await;
+        assert!(ok && stdout.contains("copied 700 events") && stdout.contains("commands 700"), "{stdout}{stderr}");
+        let (ok, stdout, stderr) = orchestrix(&["store", "verify", "--store", &target, "--against", &source]).await;
+        assert!(ok && stdout.contains("the same history (700 events)"), "{stdout}{stderr}");
+        restore_a_dump(url, &copy_schema, &source, &dir).await;
+        for schema in [schema, &copy_schema] {
+            orchestrix_testkit::drop_schema(url, schema).await.unwrap();
+        }
+    }
+    store.close().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// README's PostgreSQL backup: `pg_dump` of the store's schema, restored
+/// with `pg_restore` into a new database, verifies and holds the history of
+/// `original`.
+async fn restore_a_dump(url: &str, schema: &str, original: &str, dir: &std::path::Path) {
+    let found = |tool: &str| std::process::Command::new(tool).arg("--version").output().is_ok();
+    if !found("pg_dump") || !found("pg_restore") {
+        eprintln!("SKIPPED: restoring a pg_dump (pg_dump and pg_restore are not installed)");
+        return;
+    }
+    let dump = dir.join("store.dump");
+    let status = std::process::Command::new("pg_dump")
+        .args(["--format=custom", "--schema", schema, "--file"])
+        .arg(&dump)
+        .arg(url)
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_dump");
+    let database = format!("orchestrix_restore_{}", uuid::Uuid::now_v7().simple());
+    let restored = format!("{}/{database}", url.rsplit_once('/').unwrap().0);
+    let admin = |sql: String| async move {
+        use sqlx::Connection;
+        let mut connection = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut connection).await.unwrap();
+    };
+    admin(format!("CREATE DATABASE {database}")).await;
+    let status = std::process::Command::new("pg_restore")
+        .args(["--no-owner", "--dbname", &restored])
+        .arg(&dump)
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_restore");
+    let store = format!("{restored}?schema={schema}");
+    let (ok, stdout, stderr) = orchestrix(&["store", "verify", "--store", &store, "--against", original]).await;
+    assert!(ok && stdout.contains("the same history (700 events)"), "{stdout}{stderr}");
+    admin(format!("DROP DATABASE {database} WITH (FORCE)")).await;
+}

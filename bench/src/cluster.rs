@@ -26,13 +26,11 @@ use orchestrix_host::pipeline::CommandRequest;
 use orchestrix_host::projections::ProjectionSelection;
 use orchestrix_host::runtime::Runtime;
 use orchestrix_host::sandbox::ModulesFrom;
-use orchestrix_host::store::{
-    Activation, AppendRequest, ClusterChange, EventData, EventMetadata, ExpectedVersion, StreamId,
-};
+use orchestrix_host::store::StreamId;
 use orchestrix_testkit::with_build_label;
 use parking_lot::Mutex;
 
-use crate::storage::BenchStorage;
+use crate::storage::{BenchStorage, append_rate};
 use crate::{Backend, BenchArgs, describe, median_by, percentile_ms};
 
 const STREAMS: usize = 1000;
@@ -46,63 +44,6 @@ pub async fn cluster(args: &BenchArgs, backend: Backend) -> Result<()> {
     Ok(())
 }
 
-/// Appends per second with 64 appenders for `seconds`, fence on or off.
-async fn append_rate(args: &BenchArgs, backend: Backend, fenced: bool) -> Result<f64> {
-    let mut storage = BenchStorage::create(args, backend).await?;
-    storage.options.fence_modules = fenced;
-    let store =
-        orchestrix_host::store::open(&storage.url, &storage.options, orchestrix_host::metrics::Metrics::new()).await?;
-    let activation = Activation {
-        name: "bank".into(),
-        content_hash: Some("bench".into()),
-        expected_generation: 0,
-        by: "bench".into(),
-    };
-    store.change_cluster(ClusterChange::Activate(activation)).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let appended = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut appenders = tokio::task::JoinSet::new();
-    for client in 0..CLIENTS {
-        let (store, stop, appended) = (store.clone(), stop.clone(), appended.clone());
-        appenders.spawn(async move {
-            let mut i = client;
-            while !stop.load(Ordering::Relaxed) {
-                let request = AppendRequest {
-                    stream: StreamId::new("account", format!("fence-{}", i % STREAMS)),
-                    expected: ExpectedVersion::Any,
-                    events: vec![EventData {
-                        event_type: "MoneyDeposited".into(),
-                        schema_version: 1,
-                        data: r#"{"amount":1}"#.into(),
-                    }],
-                    metadata: EventMetadata {
-                        module: "bank".into(),
-                        module_version: "0.1.0".into(),
-                        module_generation: Some(1),
-                        ..Default::default()
-                    },
-                    command_id: None,
-                };
-                store.append(request).await?;
-                appended.fetch_add(1, Ordering::Relaxed);
-                i += CLIENTS;
-            }
-            anyhow::Ok(())
-        });
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (start_count, started) = (appended.load(Ordering::Relaxed), Instant::now());
-    tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
-    let rate = (appended.load(Ordering::Relaxed) - start_count) as f64 / started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    while let Some(appender) = appenders.join_next().await {
-        appender??;
-    }
-    store.close().await;
-    storage.remove().await?;
-    Ok(rate)
-}
-
 async fn fence(args: &BenchArgs, backend: Backend) -> Result<()> {
     println!(
         "bench cluster/fence: {CLIENTS} appenders, one event an append over {STREAMS} streams, {} s per run, fence off \
@@ -113,8 +54,8 @@ async fn fence(args: &BenchArgs, backend: Backend) -> Result<()> {
     );
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for run in 1..=args.runs {
-        let without = append_rate(args, backend, false).await?;
-        let with = append_rate(args, backend, true).await?;
+        let without = append_rate(args, backend, |options| options.fence_modules = false).await?;
+        let with = append_rate(args, backend, |options| options.fence_modules = true).await?;
         println!("  run {run}: fence off {without:.0} appends/s, on {with:.0} appends/s");
         off.push(without);
         on.push(with);

@@ -20,6 +20,7 @@
 mod bus;
 mod cluster;
 mod commands;
+mod data;
 mod feed;
 mod history;
 mod lifecycle;
@@ -83,6 +84,9 @@ pub enum Suite {
     /// The 64-connection HTTP load open, with a bearer token, and with a
     /// token over TLS.
     Security,
+    /// The data lifecycle: the tamper-evidence chain's cost on group
+    /// commit; copying a store between backends, verifying and comparing.
+    Data,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -141,6 +145,9 @@ pub struct BenchArgs {
     /// Events in the log the JetStream benchmark delivers.
     #[arg(long, default_value_t = 200_000)]
     pub bus_events: usize,
+    /// Events the store copy benchmark copies each way.
+    #[arg(long, default_value_t = 500_000)]
+    pub copy_events: usize,
     /// NATS server (with JetStream) of the bus benchmark.
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
@@ -211,6 +218,7 @@ async fn run(args: BenchArgs) -> Result<()> {
                 Suite::Bus => bus::bus(&args, backend).await?,
                 Suite::Cluster => cluster::cluster(&args, backend).await?,
                 Suite::Security => security::security(&args, backend).await?,
+                Suite::Data => data::data(&args, backend).await?,
             }
         }
     }

@@ -1,16 +1,26 @@
 //! [`BenchStorage`]: fresh storage for one benchmark run — a SQLite file in
 //! a new temporary directory, or a new PostgreSQL schema — and removing it;
-//! [`start_without_projections`] and [`stop`]: a host on fresh storage.
+//! [`start_without_projections`] and [`stop`]: a host on fresh storage;
+//! [`append_rate`]: group-commit throughput of 64 appenders on fresh
+//! storage with some store option changed.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use orchestrix_host::projections::ProjectionSelection;
 use orchestrix_host::runtime::Runtime;
-use orchestrix_host::store::StoreOptions;
+use orchestrix_host::store::{
+    Activation, AppendRequest, ClusterChange, EventData, EventMetadata, ExpectedVersion, StoreOptions, StreamId,
+};
 use orchestrix_testkit::{Purpose, drop_schema, fresh_schema};
 
 use crate::{Backend, BenchArgs};
+
+const STREAMS: usize = 1000;
+const CLIENTS: usize = 64;
 
 /// A host on fresh storage with the options given, no projection running.
 pub async fn start_without_projections(args: &BenchArgs, backend: Backend) -> Result<(Runtime, BenchStorage)> {
@@ -60,6 +70,14 @@ impl BenchStorage {
         }
     }
 
+    /// The store's URL, naming its PostgreSQL schema (`schema=`).
+    pub fn store_url(&self) -> String {
+        match &self.options.schema {
+            Some(schema) => format!("{}?schema={schema}", self.url),
+            None => self.url.clone(),
+        }
+    }
+
     pub async fn remove(self) -> Result<()> {
         if let Some(dir) = self.dir {
             let _ = std::fs::remove_dir_all(dir);
@@ -69,4 +87,64 @@ impl BenchStorage {
         }
         Ok(())
     }
+}
+
+/// Appends per second with 64 appenders for `seconds` on fresh storage
+/// whose options `configure` sets: deposits over 1,000 streams, one event
+/// an append, each carrying a module generation (the fence's input), after
+/// a second of warm-up.
+pub async fn append_rate(args: &BenchArgs, backend: Backend, configure: impl FnOnce(&mut StoreOptions)) -> Result<f64> {
+    let mut storage = BenchStorage::create(args, backend).await?;
+    configure(&mut storage.options);
+    let store =
+        orchestrix_host::store::open(&storage.url, &storage.options, orchestrix_host::metrics::Metrics::new()).await?;
+    let activation = Activation {
+        name: "bank".into(),
+        content_hash: Some("bench".into()),
+        expected_generation: 0,
+        by: "bench".into(),
+    };
+    store.change_cluster(ClusterChange::Activate(activation)).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let appended = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut appenders = tokio::task::JoinSet::new();
+    for client in 0..CLIENTS {
+        let (store, stop, appended) = (store.clone(), stop.clone(), appended.clone());
+        appenders.spawn(async move {
+            let mut i = client;
+            while !stop.load(Ordering::Relaxed) {
+                let request = AppendRequest {
+                    stream: StreamId::new("account", format!("fence-{}", i % STREAMS)),
+                    expected: ExpectedVersion::Any,
+                    events: vec![EventData {
+                        event_type: "MoneyDeposited".into(),
+                        schema_version: 1,
+                        data: r#"{"amount":1}"#.into(),
+                    }],
+                    metadata: EventMetadata {
+                        module: "bank".into(),
+                        module_version: "0.1.0".into(),
+                        module_generation: Some(1),
+                        ..Default::default()
+                    },
+                    command_id: None,
+                };
+                store.append(request).await?;
+                appended.fetch_add(1, Ordering::Relaxed);
+                i += CLIENTS;
+            }
+            anyhow::Ok(())
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (start_count, started) = (appended.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
+    let rate = (appended.load(Ordering::Relaxed) - start_count) as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    while let Some(appender) = appenders.join_next().await {
+        appender??;
+    }
+    store.close().await;
+    storage.remove().await?;
+    Ok(rate)
 }

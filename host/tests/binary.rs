@@ -488,6 +488,17 @@ async fn the_lifecycle_commands_export_import_verify_back_up_and_copy() {
     restored.close().await;
     let (ok, _, stderr) = orchestrix(&["store", "verify", "--store", &backup_url]).await;
     assert!(ok, "{stderr}");
+    // Verifying never seals: a last row stripped of its chain is reported.
+    {
+        use sqlx::Connection;
+        let mut raw = sqlx::SqliteConnection::connect(&backup_url).await.unwrap();
+        sqlx::query("UPDATE events SET data = '{}', chain = NULL WHERE position = (SELECT MAX(position) FROM events)")
+            .execute(&mut raw)
+            .await
+            .unwrap();
+    }
+    let (ok, _, stderr) = orchestrix(&["store", "verify", "--store", &backup_url]).await;
+    assert!(!ok && stderr.contains(&format!("position {backed_up} carries no chain")), "{stderr}");
 
     // A copy to PostgreSQL of the whole store, as the README's switch-over does.
     if let Some((url, schema)) = &postgres {
@@ -498,6 +509,7 @@ async fn the_lifecycle_commands_export_import_verify_back_up_and_copy() {
         let (ok, stdout, stderr) = orchestrix(&["store", "verify", "--store", &target, "--against", &source]).await;
         assert!(ok && stdout.contains("the same history (700 events)"), "{stdout}{stderr}");
         restore_a_dump(url, &copy_schema, &source, &dir).await;
+        a_killed_copy_resumes(url, &dir).await;
         for schema in [schema, &copy_schema] {
             orchestrix_testkit::drop_schema(url, schema).await.unwrap();
         }
@@ -541,4 +553,63 @@ async fn restore_a_dump(url: &str, schema: &str, original: &str, dir: &std::path
     let (ok, stdout, stderr) = orchestrix(&["store", "verify", "--store", &store, "--against", original]).await;
     assert!(ok && stdout.contains("the same history (700 events)"), "{stdout}{stderr}");
     admin(format!("DROP DATABASE {database} WITH (FORCE)")).await;
+}
+
+/// `store copy` killed with SIGKILL halfway through a large store leaves a
+/// consistent prefix; `--resume` finishes it and the two stores verify as one.
+async fn a_killed_copy_resumes(url: &str, dir: &std::path::Path) {
+    use orchestrix_host::store::{AppendRequest, EventData, EventMetadata, ExpectedVersion, StreamId};
+    let source = format!("sqlite://{}", dir.join("large.db").display());
+    let store = open_store(&source).await;
+    for batch in 0..200 {
+        let request = AppendRequest {
+            stream: StreamId::new("account", format!("large-{}", batch % 30)),
+            expected: ExpectedVersion::Any,
+            events: (0..500)
+                .map(|i| EventData {
+                    event_type: "Deposited".into(),
+                    schema_version: 1,
+                    data: format!(r#"{{"n":{i}}}"#),
+                })
+                .collect(),
+            metadata: EventMetadata {
+                module: "bank".into(),
+                module_version: "0.3.0".into(),
+                ..EventMetadata::default()
+            },
+            command_id: None,
+        };
+        store.append(request).await.unwrap();
+    }
+    store.close().await;
+    let schema = orchestrix_testkit::fresh_schema(url, orchestrix_testkit::Purpose::Test).await.unwrap();
+    let target = format!("{url}?schema={schema}");
+    let mut copy = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrix"))
+        .args(["store", "copy", "--from", &source, "--to", &target])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let copied = open_store(&target).await;
+    let started = std::time::Instant::now();
+    loop {
+        let position = copied.chain_head().await.unwrap().position;
+        if position >= 20_000 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the copy never reached 20,000 events");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    copy.kill().await.unwrap();
+    let interrupted = copied.chain_head().await.unwrap().position;
+    assert!(interrupted < 100_000, "the copy was killed before it finished: {interrupted}");
+    copied.close().await;
+    let (ok, _, stderr) = orchestrix(&["store", "copy", "--from", &source, "--to", &target]).await;
+    assert!(!ok && stderr.contains("--resume"), "{stderr}");
+    let (ok, stdout, stderr) = orchestrix(&["store", "copy", "--from", &source, "--to", &target, "--resume"]).await;
+    assert!(ok, "{stdout}{stderr}");
+    let (ok, stdout, stderr) = orchestrix(&["store", "verify", "--store", &target, "--against", &source]).await;
+    assert!(ok && stdout.contains("the same history (100000 events)"), "{stdout}{stderr}");
+    orchestrix_testkit::drop_schema(url, &schema).await.unwrap();
 }

@@ -106,8 +106,10 @@ async fn events_written_without_a_chain_are_sealed_when_the_store_opens() {
         assert_eq!((verified.events, verified.first_break), (11, None), "{name}");
         let at_ten = reopened.read_chained(9, 1).await.unwrap().remove(0).chain.unwrap();
         assert_eq!(Some(&at_ten[..]), sealed_head.chain.as_ref().map(|c| &c[..]), "{name}: the same chain as before");
-        // Appends go on from the sealed head.
+        // Appends go on from the sealed head, a large one included (more
+        // rows than one SQLite statement takes).
         reopened.append(append(&StreamId::new("t", "after"), ExpectedVersion::Any, &["A"])).await.unwrap();
+        reopened.append(append(&StreamId::new("t", "large"), ExpectedVersion::Any, &["A"; 5000])).await.unwrap();
         assert_eq!(first_break(&*reopened, None).await, None, "{name}");
         reopened.close().await;
         backend.finish().await;
@@ -210,6 +212,8 @@ async fn a_store_copied_while_its_host_serves_holds_the_same_history_and_state_o
     transfer::copy(&middle, &last, true, None, |_| {}).await.expect("--resume on a finished copy is a no-op");
 
     let (original, middle_store, last_store) = (open(&source).await, open(&middle).await, open(&last).await);
+    let anchored = original.chain_head().await.unwrap().to_json();
+    assert_eq!(anchored["position"], head);
     for (name, copy) in [("middle", &middle_store), ("last", &last_store)] {
         let compared = chain::compare(&*original, &**copy).await.unwrap();
         assert_eq!((compared.events, compared.first_difference), ((head, head), None), "{name}");
@@ -227,6 +231,9 @@ async fn a_store_copied_while_its_host_serves_holds_the_same_history_and_state_o
     let copied_host = TestHost::start(config).await;
     let status = caught_up(&copied_host, "account_summaries").await;
     assert_eq!(status["position"], head, "{status}");
+    assert_eq!(copied_host.get("/v1/events/head").await.1, anchored, "the head an operator anchors");
+    let (_, ready) = copied_host.get("/readyz").await;
+    assert_eq!((&ready["head_position"], &ready["head_chain"]), (&anchored["position"], &anchored["chain"]));
     assert_eq!(observable(&copied_host, ACCOUNTS).await, expected);
     copied_host.stop().await;
     if let (Some(url), Some(schema)) = (postgres, schema) {

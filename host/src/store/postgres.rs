@@ -751,6 +751,7 @@ async fn seal_chain(connection: &mut PgConnection) -> Result<ChainHash, StoreErr
         Some((position, stored)) => (position as u64, chain::stored(Some(stored))?.unwrap_or(chain::GENESIS)),
         None => (0, chain::GENESIS),
     };
+    let sealed_after = after;
     let mut count = 0u64;
     loop {
         let rows = sqlx::query(concat!(
@@ -785,7 +786,11 @@ async fn seal_chain(connection: &mut PgConnection) -> Result<ChainHash, StoreErr
         count += positions.len() as u64;
     }
     if count > 0 {
-        tracing::info!(events = count, "sealed events written without a chain into the tamper-evidence chain");
+        tracing::warn!(
+            events = count,
+            after_position = sealed_after,
+            "sealed events that had no chain (written before the chain existed, or with it off) onto the chain"
+        );
     }
     Ok(previous)
 }

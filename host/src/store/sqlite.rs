@@ -623,8 +623,9 @@ fn decode_command(row: &SqliteRow) -> CommandRecord {
     }
 }
 
-/// Rows per INSERT statement (15 parameters each; SQLite allows 32766).
-const ROWS_PER_INSERT: usize = 2000;
+/// Rows per INSERT statement (17 parameters each; SQLite allows 32766 in
+/// one statement).
+const ROWS_PER_INSERT: usize = 32766 / 17;
 /// Group commits (appends and read-model changes) between two passive
 /// checkpoints of the writer.
 const CHECKPOINT_EVERY_COMMITS: u32 = 32;
@@ -1010,6 +1011,7 @@ async fn seal_chain(connection: &mut SqliteConnection) -> Result<(), StoreError>
         Some((position, stored)) => (position as u64, chain::stored(Some(stored))?.unwrap_or(chain::GENESIS)),
         None => (0, chain::GENESIS),
     };
+    let sealed_after = after;
     let mut count = 0u64;
     loop {
         let rows =
@@ -1037,6 +1039,12 @@ async fn seal_chain(connection: &mut SqliteConnection) -> Result<(), StoreError>
         update.build().execute(&mut *connection).await.map_err(database_error)?;
         count += links.len() as u64;
     }
-    tracing::info!(events = count, "sealed events written without a chain into the tamper-evidence chain");
+    if count > 0 {
+        tracing::warn!(
+            events = count,
+            after_position = sealed_after,
+            "sealed events that had no chain (written before the chain existed, or with it off) onto the chain"
+        );
+    }
     Ok(())
 }

@@ -410,7 +410,9 @@ pub async fn copy(
     mut progress: impl FnMut(CopyProgress) + Send,
 ) -> Result<Copied, StoreError> {
     let started = std::time::Instant::now();
-    let source = super::open(from, &StoreOptions::default(), Metrics::new()).await?;
+    // The source is read as it is (its unchained end, if any, is not sealed).
+    let as_is = StoreOptions { chain_events: false, ..StoreOptions::default() };
+    let source = super::open(from, &as_is, Metrics::new()).await?;
     let target = super::open(to, &StoreOptions::default(), Metrics::new()).await?;
     let copied = async {
         check_target(&*source, &*target, resume).await?;

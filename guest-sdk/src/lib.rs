@@ -95,6 +95,7 @@ mod time;
 use std::fmt;
 
 pub use aggregate::Aggregate;
+#[doc(hidden)]
 pub use exports::Exports;
 pub use module::{Module, ModuleBuilder, Upcast};
 pub use projection::{DocumentKey, Documents, Projection, ReadModelOp};
@@ -102,13 +103,17 @@ pub use saga::{CommandRequest, CommandResult, Reaction, Saga, SagaInput};
 pub use serde;
 pub use serde_json;
 pub use time::Timestamp;
+#[doc(hidden)]
 pub use wit_bindgen;
 
-/// The bindings generated from `wit/`. Not part of the public API.
+/// The bindings generated from the package's own copy of the contract,
+/// `guest-sdk/wit/domain.wit` (kept equal to the workspace's `wit/` by a
+/// test), so the crate builds outside this repository. Not part of the
+/// public API.
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "module",
         pub_export_macro: true,
         export_macro_name: "__export_component",

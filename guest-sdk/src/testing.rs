@@ -91,47 +91,91 @@ pub struct AggregateFixture<A: Aggregate> {
 }
 
 impl<A: Aggregate> AggregateFixture<A> {
-    fn folded_state(&self) -> Vec<u8> {
-        let adapter = AggregateAdapter::<A>::new();
-        let events: Vec<RecordedEvent> = self
-            .history
-            .iter()
-            .enumerate()
-            .map(|(i, e)| record(A::TYPE, "test", i as u64 + 1, i as u64 + 1, e))
-            .collect();
-        adapter.apply(&[], &events).expect("history must fold")
-    }
-
     /// Handle a typed command.
+    #[track_caller]
     pub fn when(self, command: A::Command) -> AggregateOutcome<A> {
-        let (command_type, payload) = codec::encode(&command).expect("test command must serialize");
+        let (command_type, payload) = codec::encode(&command)
+            .unwrap_or_else(|e| panic!("the test command for `{}` must serialize: {e}", A::TYPE));
         self.when_raw(&command_type, &payload)
     }
 
     /// Handle a command given as wire type and JSON text, as the host would.
+    #[track_caller]
     pub fn when_raw(self, command_type: &str, payload: &str) -> AggregateOutcome<A> {
         let adapter = AggregateAdapter::<A>::new();
-        let state = self.folded_state();
+        let state = folded_state::<A>(&self.history);
         let result = adapter.handle(&state, command_type, payload).map(|events| {
             events
                 .iter()
                 .map(|e| codec::decode(&e.event_type, &e.payload).expect("produced events must decode"))
                 .collect()
         });
-        AggregateOutcome { result }
+        AggregateOutcome { history: self.history, result }
     }
 
     /// The state the history folds to, as the module renders it.
+    #[track_caller]
     pub fn state_json(&self) -> Value {
-        let adapter = AggregateAdapter::<A>::new();
-        let text = adapter.describe_state(&self.folded_state()).expect("state must render");
-        serde_json::from_str(&text).expect("state renders as JSON")
+        state_json::<A>(&self.history)
     }
 }
 
-/// What handling a command produced.
+/// `history` folded by `A` from its default state.
+#[track_caller]
+fn folded_state<A: Aggregate>(history: &[A::Event]) -> Vec<u8> {
+    let adapter = AggregateAdapter::<A>::new();
+    let events: Vec<RecordedEvent> =
+        history.iter().enumerate().map(|(i, e)| record(A::TYPE, "test", i as u64 + 1, i as u64 + 1, e)).collect();
+    adapter.apply(&[], &events).unwrap_or_else(|e| panic!("the history of `{}` must fold: {e}", A::TYPE))
+}
+
+/// The state `history` folds to, as the module renders it (JSON).
+#[track_caller]
+fn state_json<A: Aggregate>(history: &[A::Event]) -> Value {
+    let adapter = AggregateAdapter::<A>::new();
+    let text = adapter
+        .describe_state(&folded_state::<A>(history))
+        .unwrap_or_else(|e| panic!("the state of `{}` must render: {e}", A::TYPE));
+    serde_json::from_str(&text).expect("state renders as JSON")
+}
+
+/// What handling a command produced, and the history it was handled on.
 pub struct AggregateOutcome<A: Aggregate> {
+    history: Vec<A::Event>,
     result: Result<Vec<A::Event>, DomainError>,
+}
+
+impl<A: Aggregate> AggregateOutcome<A>
+where
+    A::Event: Debug,
+{
+    /// Handle another command on the history and the events this one
+    /// produced (it must have been accepted); the `then_expect_*`
+    /// assertions then look at the new command alone.
+    #[track_caller]
+    pub fn when(self, command: A::Command) -> AggregateOutcome<A> {
+        self.accepted().when(command)
+    }
+
+    /// [`when`](Self::when), with a command given as wire type and JSON text.
+    #[track_caller]
+    pub fn when_raw(self, command_type: &str, payload: &str) -> AggregateOutcome<A> {
+        self.accepted().when_raw(command_type, payload)
+    }
+
+    /// The history with this command's events appended.
+    #[track_caller]
+    fn accepted(self) -> AggregateFixture<A> {
+        let mut history = self.history;
+        match self.result {
+            Ok(events) => history.extend(events),
+            Err(error) => panic!(
+                "the previous command of `{}` was refused ({error}); a chained `when` needs it accepted",
+                A::TYPE
+            ),
+        }
+        AggregateFixture { history }
+    }
 }
 
 impl<A: Aggregate> AggregateOutcome<A>
@@ -139,15 +183,34 @@ where
     A::Event: PartialEq + Debug,
 {
     /// Assert the command was accepted with exactly these events.
-    pub fn then_expect_events(self, expected: impl IntoIterator<Item = A::Event>) {
+    #[track_caller]
+    pub fn then_expect_events(self, expected: impl IntoIterator<Item = A::Event>) -> Self {
         let expected: Vec<A::Event> = expected.into_iter().collect();
-        match self.result {
-            Ok(events) => assert_eq!(events, expected, "unexpected events"),
+        match &self.result {
+            Ok(events) => assert_eq!(events, &expected, "unexpected events"),
             Err(error) => panic!("expected events {expected:?}, got error: {error}"),
         }
+        self
+    }
+
+    /// Assert the command was accepted and the state after its events, as
+    /// the module renders it, is `expected`.
+    #[track_caller]
+    pub fn then_expect_state(self, expected: Value) -> Self {
+        let mut history = Vec::new();
+        match &self.result {
+            Ok(events) => {
+                history.extend(self.history.iter().map(clone_event::<A>));
+                history.extend(events.iter().map(clone_event::<A>));
+            }
+            Err(error) => panic!("expected the state {expected}, got error: {error}"),
+        }
+        assert_eq!(state_json::<A>(&history), expected, "state of `{}` after the command", A::TYPE);
+        self
     }
 
     /// Assert a business-rule rejection whose reason contains `reason`.
+    #[track_caller]
     pub fn then_expect_rejection(self, reason: &str) {
         match self.result {
             Err(DomainError::Rejected(actual)) => {
@@ -158,6 +221,7 @@ where
     }
 
     /// Assert an invalid-input error whose reason contains `reason`.
+    #[track_caller]
     pub fn then_expect_invalid(self, reason: &str) {
         match self.result {
             Err(DomainError::Invalid(actual)) => {
@@ -171,6 +235,13 @@ where
     pub fn result(self) -> Result<Vec<A::Event>, DomainError> {
         self.result
     }
+}
+
+/// A copy of an event through its wire form (events need not be `Clone`).
+#[track_caller]
+fn clone_event<A: Aggregate>(event: &A::Event) -> A::Event {
+    let (event_type, payload) = codec::encode(event).expect("events must serialize");
+    codec::decode(&event_type, &payload).expect("events must decode")
 }
 
 /// Start a projection test with empty read models.
@@ -193,6 +264,7 @@ where
     P::Event: Serialize,
 {
     /// Project these events of one stream, as one batch.
+    #[track_caller]
     pub fn given(
         mut self,
         aggregate_type: &str,
@@ -212,6 +284,7 @@ where
     }
 
     /// Project events and expect the projection to fail.
+    #[track_caller]
     pub fn given_failing(mut self, aggregate_type: &str, aggregate_id: &str, event: P::Event) -> DomainError {
         self.position += 1;
         let batch = [record(aggregate_type, aggregate_id, 1, self.position, &event)];
@@ -244,6 +317,7 @@ where
     }
 
     /// Assert a document's body.
+    #[track_caller]
     pub fn then_expect_document(self, collection: &str, key: &str, expected: Value) -> Self {
         let actual = self.documents.get(&DocumentKey::new(collection, key));
         assert_eq!(actual, Some(&expected), "document {collection}/{key}");
@@ -251,9 +325,29 @@ where
     }
 
     /// Assert a document does not exist.
+    #[track_caller]
     pub fn then_expect_no_document(self, collection: &str, key: &str) -> Self {
         let actual = self.documents.get(&DocumentKey::new(collection, key));
         assert_eq!(actual, None, "document {collection}/{key} should not exist");
+        self
+    }
+
+    /// Assert a whole collection: exactly these documents, by key.
+    #[track_caller]
+    pub fn then_expect_collection<'a>(
+        self,
+        collection: &str,
+        expected: impl IntoIterator<Item = (&'a str, Value)>,
+    ) -> Self {
+        let expected: BTreeMap<String, Value> =
+            expected.into_iter().map(|(key, body)| (key.to_owned(), body)).collect();
+        let actual: BTreeMap<String, Value> = self
+            .documents
+            .iter()
+            .filter(|(key, _)| key.collection == collection)
+            .map(|(key, body)| (key.key.clone(), body.clone()))
+            .collect();
+        assert_eq!(actual, expected, "collection {collection} of `{}`", P::NAME);
         self
     }
 }
@@ -557,5 +651,86 @@ impl<S: Saga> SagaOutcome<S> {
     /// helpers don't cover.
     pub fn result(self) -> Result<(S, Reaction), DomainError> {
         self.result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+
+    #[derive(Default, Serialize, Deserialize)]
+    struct Lamp {
+        on: bool,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum LampCommand {
+        Switch {},
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum LampEvent {
+        SwitchedOn {},
+        SwitchedOff {},
+    }
+
+    impl Aggregate for Lamp {
+        const TYPE: &'static str = "lamp";
+        type Command = LampCommand;
+        type Event = LampEvent;
+
+        fn handle(&self, _: LampCommand) -> Result<Vec<LampEvent>, DomainError> {
+            Ok(vec![if self.on { LampEvent::SwitchedOff {} } else { LampEvent::SwitchedOn {} }])
+        }
+
+        fn apply(&mut self, event: LampEvent) {
+            self.on = event == LampEvent::SwitchedOn {};
+        }
+    }
+
+    /// The line a panic inside `run` was reported at (on this thread).
+    fn panic_line(run: impl FnOnce() + std::panic::UnwindSafe) -> u32 {
+        let seen = Arc::new(Mutex::new(None));
+        let previous: Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync> = Arc::from(std::panic::take_hook());
+        let this_thread = std::thread::current().id();
+        {
+            let (seen, previous) = (seen.clone(), previous.clone());
+            std::panic::set_hook(Box::new(move |info| match info.location() {
+                Some(location) if std::thread::current().id() == this_thread => {
+                    *seen.lock().unwrap() = Some(location.line());
+                }
+                _ => previous(info),
+            }));
+        }
+        let outcome = std::panic::catch_unwind(run);
+        std::panic::set_hook(Box::new(move |info| previous(info)));
+        assert!(outcome.is_err(), "the assertion should have failed");
+        seen.lock().unwrap().expect("a panic location")
+    }
+
+    #[test]
+    fn a_failing_assertion_points_at_the_test_line() {
+        let line = line!() + 1;
+        let reported = panic_line(|| drop(given::<Lamp>([]).when(LampCommand::Switch {}).then_expect_events([])));
+        assert_eq!(reported, line);
+        let line = line!() + 4;
+        let reported = panic_line(|| {
+            given::<Lamp>([]).when(LampCommand::Switch {}).then_expect_state(serde_json::json!({"on": false}));
+        });
+        assert_eq!(reported, line);
+    }
+
+    #[test]
+    fn chained_commands_see_the_events_before_them() {
+        given::<Lamp>([LampEvent::SwitchedOn {}])
+            .when(LampCommand::Switch {})
+            .then_expect_events([LampEvent::SwitchedOff {}])
+            .when(LampCommand::Switch {})
+            .then_expect_events([LampEvent::SwitchedOn {}])
+            .then_expect_state(serde_json::json!({"on": true}));
     }
 }

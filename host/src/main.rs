@@ -66,6 +66,9 @@ enum Command {
     Keys(cli::signing::KeysArgs),
     /// Sign a module for hosts that load only signed modules (`serve --trusted-keys`).
     Sign(cli::signing::SignArgs),
+    /// Deploy a module build into a running host's plugins directory (written, then renamed over) and wait
+    /// until the host serves it or says why it refused it.
+    Deploy(cli::deploy::DeployArgs),
     /// Copy a store to another (SQLite ⇄ PostgreSQL), verify its tamper-evidence chain, back up a SQLite store.
     Store(cli::lifecycle::StoreArgs),
     /// Write a store's events as CloudEvents JSON lines.
@@ -254,6 +257,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Projections(args) => cli::read_side::projections(args).await,
             Command::Query(args) => cli::read_side::query(args).await,
             Command::Sagas(args) => cli::sagas::sagas(args).await,
+            Command::Deploy(args) => cli::deploy::deploy(args).await,
             Command::Store(args) => cli::lifecycle::store(args).await,
             Command::Export(args) => cli::lifecycle::export(args).await,
             Command::Import(args) => cli::lifecycle::import(args).await,

@@ -613,3 +613,41 @@ async fn a_killed_copy_resumes(url: &str, dir: &std::path::Path) {
     assert!(ok && stdout.contains("the same history (100000 events)"), "{stdout}{stderr}");
     orchestrix_testkit::drop_schema(url, &schema).await.unwrap();
 }
+
+/// `orchestrix deploy` writes the build into the plugins directory (no
+/// temporary file left behind) and reports the host's answer: the reason it
+/// refused a file that is no module; the swap of a real build (when the
+/// workspace's wasm builds are there: `cargo test --workspace` makes them).
+#[tokio::test]
+async fn deploy_writes_then_renames_and_reports_the_hosts_answer() {
+    let dir = std::env::temp_dir().join(format!("orchestrix-deploy-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    let store = format!("sqlite://{}", dir.join("events.db").display());
+    let (mut host, url, _banner) = serve_from(&dir, &["--store", &store]).await;
+    let plugins = dir.join("plugins").display().to_string();
+    let garbage = dir.join("broken.wasm");
+    std::fs::write(&garbage, b"not a module").unwrap();
+    let (ok, stdout, stderr) =
+        orchestrix(&["deploy", garbage.to_str().unwrap(), "--plugins", &plugins, "--url", &url, "--wait", "30"]).await;
+    assert!(!ok && stderr.contains("the host refused") && stderr.contains("broken.wasm"), "{stdout}{stderr}");
+    assert!(stdout.contains("deployed"), "{stdout}");
+    let bank =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm-build/wasm32-wasip2/wasm/bank.wasm");
+    if bank.exists() {
+        let (ok, stdout, stderr) =
+            orchestrix(&["deploy", bank.to_str().unwrap(), "--plugins", &plugins, "--url", &url]).await;
+        assert!(ok && stdout.contains("serving: bank"), "{stdout}{stderr}");
+    } else {
+        eprintln!(
+            "SKIPPED: deploying a real build ({} is not built; `cargo test --workspace` builds it)",
+            bank.display()
+        );
+    }
+    let left: Vec<String> = std::fs::read_dir(dir.join("plugins"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.iter().all(|name| !name.ends_with(".partial")), "{left:?}");
+    host.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -2,7 +2,8 @@
 //!
 //! - `run`   — install the wasm target, build the host and the example
 //!   plugins, and serve them on embedded SQLite (`./orchestrix.db`).
-//! - `test`  — formatting, clippy (`-D warnings`), and every test.
+//! - `test`  — formatting, clippy (`-D warnings`), every test, and
+//!   `cargo package` of the SDK (it must build outside the workspace).
 //! - `dist`  — `target/release/orchestrix` and `target/plugins/<name>.wasm`.
 //! - `bench` — `dist` and the test fixtures some suites load
 //!   (`target/bench-fixtures`), then `target/release/orchestrix-bench` on
@@ -115,7 +116,9 @@ fn test() -> Result<()> {
     ensure_wasm_target()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    run(cargo().args(["test", "--workspace"]))
+    run(cargo().args(["test", "--workspace"]))?;
+    // The SDK is published on its own: it must package (and build) alone.
+    run(cargo().args(["package", "-p", "orchestrix-guest", "--allow-dirty", "--target-dir", "target/package-check"]))
 }
 
 /// Test fixtures the benchmarks load: `counter_upcast.wasm` (the

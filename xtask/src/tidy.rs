@@ -1,6 +1,7 @@
 //! Tidy checks run as ordinary tests (`cargo test -p xtask`), as
-//! rust-analyzer does: every Rust source file opens with a `//!` doc, and
-//! the host's modules depend on each other in one direction only.
+//! rust-analyzer does: every Rust source file opens with a `//!` doc, the
+//! host's modules depend on each other in one direction only, and the
+//! SDK's packaged copy of the contract is the contract.
 //!
 //! Layers of `orchestrix-host`, each allowed to use the ones below it:
 //!
@@ -163,4 +164,16 @@ fn reqwest_clients_are_built_in_one_place() {
         .map(|file| file.strip_prefix(&root).unwrap_or(file).display().to_string())
         .collect();
     assert!(offenders.is_empty(), "build reqwest clients with orchestrix_host::http_client: {offenders:?}");
+}
+
+#[test]
+fn the_sdk_packages_the_contract_itself() {
+    let root = workspace_root();
+    let contract = std::fs::read(root.join("wit/domain.wit")).expect("wit/domain.wit");
+    let copy = std::fs::read(root.join("guest-sdk/wit/domain.wit")).expect("guest-sdk/wit/domain.wit");
+    assert!(
+        contract == copy,
+        "guest-sdk/wit/domain.wit differs from wit/domain.wit, the source of truth: copy it over \
+         (`cp wit/domain.wit guest-sdk/wit/`)"
+    );
 }

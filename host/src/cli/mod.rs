@@ -1,12 +1,14 @@
 //! Subcommands of the `orchestrix` binary other than `serve`, each a thin
 //! HTTP client of a running host: `client` (`send`, `events`, `modules`,
 //! and the helpers the others share), `history` (`state`, `what-if`),
-//! `read_side` (`projections`, `query`), `sagas` and `subscriptions`; and
+//! `read_side` (`projections`, `query`), `sagas`, `subscriptions` and
+//! `deploy` (a file into the plugins directory, then the host's answer); and
 //! `tokens` and `lifecycle` (`store copy|verify|backup`, `export`,
 //! `import`), which talk to the store itself; `keys` and `sign`
 //! (`signing`), which work on files.
 
 pub mod client;
+pub mod deploy;
 pub mod history;
 pub mod lifecycle;
 pub mod read_side;

@@ -240,6 +240,18 @@ mod tests {
     }
 
     #[test]
+    fn a_day_of_an_account_in_chained_commands() {
+        given::<Account>([])
+            .when(OpenAccount { owner: "Ada".into(), initial_balance: 100 })
+            .when(DepositMoney { amount: 50 })
+            .then_expect_events([MoneyDeposited { amount: 50 }])
+            .when(WithdrawMoney { amount: 30 })
+            .then_expect_state(serde_json::json!({"status": "ACTIVE", "owner": "Ada", "balance": 120}))
+            .when(WithdrawMoney { amount: 500 })
+            .then_expect_rejection("insufficient");
+    }
+
+    #[test]
     fn amounts_must_be_positive() {
         for amount in [0, -5] {
             given::<Account>([opened(100)]).when(DepositMoney { amount }).then_expect_invalid("greater than zero");

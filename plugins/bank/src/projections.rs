@@ -178,7 +178,13 @@ mod tests {
             .then_expect_document("statuses", "ACTIVE", json!({"accounts": 0, "balance": 0}))
             .then_expect_document("statuses", "CLOSED", json!({"accounts": 1, "balance": 0}))
             .given("account", "a1", [AccountReactivated {}])
-            .then_expect_document("statuses", "SUSPENDED", json!({"accounts": 0, "balance": 0}))
-            .then_expect_document("statuses", "ACTIVE", json!({"accounts": 1, "balance": 100}));
+            .then_expect_collection(
+                "statuses",
+                [
+                    ("ACTIVE", json!({"accounts": 1, "balance": 100})),
+                    ("SUSPENDED", json!({"accounts": 0, "balance": 0})),
+                    ("CLOSED", json!({"accounts": 1, "balance": 0})),
+                ],
+            );
     }
 }

@@ -168,6 +168,23 @@ mod tests {
     }
 
     #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_path() {
+        let message = |name: &str, payload: &str| match decode::<Order>(name, payload) {
+            Err(DomainError::Invalid(message)) => message,
+            other => panic!("expected an invalid-input error, got {other:?}"),
+        };
+        let nested = message("Placed", r#"{"lines": [{"sku": "a", "quantity": 1}, {"sku": "b", "quantity": "two"}]}"#);
+        assert!(nested.starts_with("`Placed`: lines[1].quantity: invalid type: string \"two\""), "{nested}");
+        let missing = message("Placed", r#"{"lines": [{"sku": "a"}]}"#);
+        assert!(missing.starts_with("`Placed`: lines[0]: missing field `quantity`"), "{missing}");
+        let top = match decode::<Account>("DepositMoney", r#"{"amount": "ten"}"#) {
+            Err(DomainError::Invalid(message)) => message,
+            other => panic!("{other:?}"),
+        };
+        assert!(top.starts_with("`DepositMoney`: amount: invalid type: string \"ten\", expected i64"), "{top}");
+    }
+
+    #[test]
     fn bad_payloads_are_invalid_not_panics() {
         assert!(matches!(decode::<Sample>("Opened", "{"), Err(DomainError::Invalid(_))));
         assert!(matches!(decode::<Sample>("Opened", "{}"), Err(DomainError::Invalid(_))));
@@ -375,7 +392,7 @@ mod tests {
     fn other_errors_name_the_variant_and_the_cause() {
         assert!(
             invalid::<Account>("DepositMoney", r#"{"amount": "ten"}"#)
-                .starts_with("invalid `DepositMoney`: invalid type")
+                .starts_with("`DepositMoney`: amount: invalid type")
         );
         assert!(
             invalid::<Account>("DepositMoney", "3").starts_with("invalid `DepositMoney`: invalid type: integer `3`")

@@ -717,7 +717,7 @@ mod tests {
         let line = line!() + 1;
         let reported = panic_line(|| drop(given::<Lamp>([]).when(LampCommand::Switch {}).then_expect_events([])));
         assert_eq!(reported, line);
-        let line = line!() + 4;
+        let line = line!() + 2;
         let reported = panic_line(|| {
             given::<Lamp>([]).when(LampCommand::Switch {}).then_expect_state(serde_json::json!({"on": false}));
         });

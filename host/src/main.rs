@@ -66,6 +66,10 @@ enum Command {
     Keys(cli::signing::KeysArgs),
     /// Sign a module for hosts that load only signed modules (`serve --trusted-keys`).
     Sign(cli::signing::SignArgs),
+    /// Create a module crate of its own: an aggregate, a projection, native tests, a small release build.
+    New(cli::new::NewArgs),
+    /// In a module's folder: build it, serve it on a local SQLite host, rebuild and hot-swap on every change.
+    Dev(cli::dev::DevArgs),
     /// Deploy a module build into a running host's plugins directory (written, then renamed over) and wait
     /// until the host serves it or says why it refused it.
     Deploy(cli::deploy::DeployArgs),
@@ -210,7 +214,7 @@ impl ServeArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve(_)) {
+    if !matches!(cli.command, Command::Serve(_) | Command::Dev(_)) {
         // A client's output piped into `head` ends it quietly, as with other
         // command-line tools, rather than in a panic on the closed pipe. (The
         // server keeps Rust's default: a closed socket is an error to handle.)
@@ -231,7 +235,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let serving = matches!(cli.command, Command::Serve(_));
+    let serving = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
     // Traces are the server's: a client subcommand exports none.
     let export = if serving { Export::from_env().context("OpenTelemetry settings")? } else { None };
     telemetry::install_subscriber(if serving { "info" } else { "warn" }, export.as_ref())?;
@@ -247,7 +251,7 @@ fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(*args).await,
+            Command::Serve(args) => serve(*args, None).await,
             Command::Send(args) => cli::client::send(args).await,
             Command::Events(args) => cli::client::events(args).await,
             Command::State(args) => cli::history::state(args).await,
@@ -258,6 +262,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Query(args) => cli::read_side::query(args).await,
             Command::Sagas(args) => cli::sagas::sagas(args).await,
             Command::Deploy(args) => cli::deploy::deploy(args).await,
+            Command::New(args) => cli::new::new(args),
+            Command::Dev(args) => cli::dev::dev(args).await,
             Command::Store(args) => cli::lifecycle::store(args).await,
             Command::Export(args) => cli::lifecycle::export(args).await,
             Command::Import(args) => cli::lifecycle::import(args).await,
@@ -274,7 +280,17 @@ fn run(cli: Cli) -> Result<()> {
     result
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+/// `orchestrix serve ARGS…` run by another subcommand (`dev`) in this
+/// process; `ready` gets the URL it serves once it listens.
+pub(crate) async fn serve_in_process(args: Vec<String>, ready: tokio::sync::oneshot::Sender<String>) -> Result<()> {
+    let cli = Cli::try_parse_from(["orchestrix".to_owned(), "serve".to_owned()].into_iter().chain(args))?;
+    match cli.command {
+        Command::Serve(args) => serve(*args, Some(ready)).await,
+        _ => unreachable!("parsed as `serve`"),
+    }
+}
+
+async fn serve(args: ServeArgs, ready: Option<tokio::sync::oneshot::Sender<String>>) -> Result<()> {
     args.check_exposure()?;
     orchestrix_host::server::raise_descriptor_limit();
     let mut config = args.config();
@@ -324,6 +340,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         println!("  refused: {} — {}", failure.file.display(), failure.reason);
     }
     let base = format!("{scheme}://{address}");
+    if let Some(ready) = ready {
+        let _ = ready.send(base.clone());
+    }
     let auth = match config.security.auth {
         AuthMode::Required => r#" -H "authorization: Bearer $ORCHESTRIX_TOKEN""#,
         AuthMode::Off => "",

@@ -651,3 +651,107 @@ async fn deploy_writes_then_renames_and_reports_the_hosts_answer() {
     host.kill().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `orchestrix new` scaffolds a module outside the workspace whose native
+/// tests pass and whose release `.wasm` is small; `orchestrix dev` serves
+/// it (a command through it, its projection's document), swaps in a changed
+/// build, and keeps serving through a build that fails.
+#[tokio::test]
+async fn a_scaffolded_module_tests_builds_small_and_serves() {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let dir = std::env::temp_dir().join(format!("orchestrix-new-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    let sdk = workspace.join("guest-sdk").display().to_string();
+    let (ok, stdout, stderr) =
+        orchestrix(&["new", "shelf", "--aggregate", "book", "--sdk-path", &sdk, "--dir", dir.to_str().unwrap()]).await;
+    assert!(ok && stdout.contains("created"), "{stdout}{stderr}");
+    let (ok, _, stderr) = orchestrix(&["new", "shelf", "--dir", dir.to_str().unwrap()]).await;
+    assert!(!ok && stderr.contains("exists already"), "{stderr}");
+    let crate_dir = dir.join("shelf");
+    // The workspace's lock file pins the same dependency versions (no
+    // registry lookups); a target folder of its own keeps reruns warm.
+    std::fs::copy(workspace.join("Cargo.lock"), crate_dir.join("Cargo.lock")).unwrap();
+    let cargo = |args: &[&str]| {
+        let output = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(args)
+            .current_dir(&crate_dir)
+            .env("CARGO_TARGET_DIR", workspace.join("target/scaffold"))
+            .env_remove("RUSTFLAGS")
+            .output()
+            .expect("cargo runs");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "cargo {args:?}: {text}");
+        text
+    };
+    let tested = cargo(&["test"]);
+    assert!(tested.contains("test result: ok. 2 passed"), "{tested}");
+    cargo(&["build", "--target", "wasm32-wasip2", "--release"]);
+    let wasm = workspace.join("target/scaffold/wasm32-wasip2/release/shelf.wasm");
+    let size = std::fs::metadata(&wasm).unwrap().len();
+    assert!(size <= 500 * 1024, "the release .wasm is {size} bytes");
+
+    // `orchestrix dev` in the crate's folder: it serves the build, then
+    // rebuilds and swaps on a change, and reports a build that fails.
+    use tokio::io::AsyncBufReadExt;
+    // A fresh dev store: the folder is this test's alone.
+    let _ = std::fs::remove_dir_all(workspace.join("target/scaffold/orchestrix-dev"));
+    let mut dev = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrix"))
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .current_dir(&crate_dir)
+        .env("CARGO_TARGET_DIR", workspace.join("target/scaffold"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("orchestrix dev starts");
+    let mut lines = tokio::io::BufReader::new(dev.stdout.take().unwrap()).lines();
+    let mut until = async |wanted: &str| -> String {
+        let waited = tokio::time::timeout(Duration::from_secs(120), async {
+            loop {
+                let line = lines.next_line().await.unwrap().expect("dev keeps running");
+                if line.contains(wanted) {
+                    return line;
+                }
+            }
+        });
+        waited.await.unwrap_or_else(|_| panic!("dev never printed `{wanted}`"))
+    };
+    let url = until("orchestrix listening on ").await.trim_start_matches("orchestrix listening on ").to_owned();
+    let serving = until("dev: serving: shelf").await;
+    assert!(serving.contains("generation 1"), "{serving}");
+    let client = orchestrix_host::http_client::client();
+    let create = async |id: &str| {
+        let response = client
+            .post(format!("{url}/v1/aggregates/book/{id}/commands/Create"))
+            .body(r#"{"name": "Dune"}"#)
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.text().await.unwrap())
+    };
+    assert_eq!(create("b1").await.0, 200);
+    let (status, body) = create("b1").await;
+    assert!(status == 422 && body.contains("already exists"), "{status} {body}");
+    let started = std::time::Instant::now();
+    loop {
+        let document = client.get(format!("{url}/v1/projections/book_names/books/b1")).send().await.unwrap();
+        if document.status() == 200 {
+            assert_eq!(document.json::<Value>().await.unwrap(), serde_json::json!({"name": "Dune"}));
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the projection never showed b1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lib = crate_dir.join("src/lib.rs");
+    let source = std::fs::read_to_string(&lib).unwrap();
+    std::fs::write(&lib, source.replace("the book already exists", "this book exists already")).unwrap();
+    let swapped = until("dev: serving: shelf").await;
+    assert!(swapped.contains("generation 2"), "{swapped}");
+    let (status, body) = create("b1").await;
+    assert!(status == 422 && body.contains("this book exists already"), "{status} {body}");
+    std::fs::write(&lib, source.replace("pub struct Book {", "pub struct Book { broken")).unwrap();
+    until("dev: build failed; the previous build keeps serving").await;
+    assert_eq!(create("b2").await.0, 200, "the previous build still serves");
+    dev.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -67,7 +67,10 @@ async fn a_module_name_is_its_identity_not_its_file_name() {
     // Two files, one module: the newer file serves, the older is reported.
     let reason = failure_for(&host.modules, "/bank.wasm");
     assert!(reason.contains("module name `bank`") && reason.contains("zz-bank-copy.wasm"), "{reason}");
-    assert!(host.modules["modules"][0]["file"].as_str().unwrap().ends_with("zz-bank-copy.wasm"));
+    let bank = &host.modules["modules"][0];
+    assert!(bank["file"].as_str().unwrap().ends_with("zz-bank-copy.wasm"));
+    let hash = bank["content_hash"].as_str().unwrap();
+    assert_eq!(bank["build"], format!("{}+{}", bank["version"].as_str().unwrap(), &hash[..12]), "{bank}");
     let (status, _) = host.account("id", "OpenAccount", r#"{"owner":"Ada","initial_balance":1}"#).await;
     assert_eq!(status, StatusCode::OK);
     host.stop().await;

@@ -69,6 +69,8 @@ enum Problem {
     ArrayForStruct,
     /// An object repeats a key; the path ends at that key.
     DuplicateKey,
+    /// A value inside the payload does not fit its type (serde's message).
+    Data(String),
 }
 
 #[derive(Debug)]
@@ -82,8 +84,9 @@ enum Segment {
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let path = PathDisplay(&self.path);
-        match self.problem {
+        match &self.problem {
             Problem::DuplicateKey => write!(f, "duplicate field `{path}`"),
+            Problem::Data(message) => write!(f, "{path}: {message}"),
             Problem::ArrayForStruct if self.path.is_empty() => {
                 f.write_str("expected a JSON object with named fields, got an array")
             }
@@ -125,14 +128,23 @@ impl Violations {
         error
     }
 
-    /// Pass `result` through; when it is an error unwinding a violation, add
-    /// the place of the value it came from.
-    fn locate<T, E>(&self, result: Result<T, E>, segment: impl FnOnce() -> Option<Segment>) -> Result<T, E> {
-        if result.is_err()
-            && let Some(violation) = self.pending.borrow_mut().as_mut()
+    /// Pass `result` through; when it is an error, add the place of the
+    /// value it came from to the violation it unwinds with — or, for an
+    /// error of the data itself (a wrong type, a missing field inside a
+    /// nested value), start one, so the message names the field's path.
+    fn locate<T, E: fmt::Display>(
+        &self,
+        result: Result<T, E>,
+        segment: impl FnOnce() -> Option<Segment>,
+    ) -> Result<T, E> {
+        if let Err(error) = &result
             && let Some(segment) = segment()
         {
-            violation.path.push(segment);
+            let mut pending = self.pending.borrow_mut();
+            match pending.as_mut() {
+                Some(violation) => violation.path.push(segment),
+                None => *pending = Some(Violation { problem: Problem::Data(error.to_string()), path: vec![segment] }),
+            }
         }
         result
     }

@@ -42,33 +42,62 @@ pub async fn deploy(args: DeployArgs) -> Result<()> {
     if args.wait == 0 {
         return Ok(());
     }
-    let url = format!("{}/v1/modules", args.target.url.trim_end_matches('/'));
-    let deadline = Instant::now() + Duration::from_secs(args.wait);
-    let destination = std::fs::canonicalize(&destination).unwrap_or(destination);
+    match host_answer(&args.target.url, &destination, &bytes, started, Duration::from_secs(args.wait)).await {
+        Answer::Serving(line) => {
+            println!("{line}");
+            Ok(())
+        }
+        Answer::Refused(reason) => bail!("the host refused {}: {reason}", destination.display()),
+        Answer::Silent => bail!(
+            "the host at {} did not report serving the build within {} s (is it running with --plugins {}?)",
+            args.target.url,
+            args.wait,
+            args.plugins.display()
+        ),
+    }
+}
+
+/// What the host did with a build written to its plugins directory.
+pub(crate) enum Answer {
+    /// `serving: NAME VERSION (generation G)`.
+    Serving(String),
+    Refused(String),
+    /// No answer within the wait.
+    Silent,
+}
+
+/// Ask the host at `url` (`GET /v1/modules`) until it serves `bytes` or
+/// reports refusing `destination` since `since`, for at most `wait`.
+pub(crate) async fn host_answer(
+    url: &str,
+    destination: &Path,
+    bytes: &[u8],
+    since: chrono::DateTime<chrono::Utc>,
+    wait: Duration,
+) -> Answer {
+    let hash = hex::encode(Sha256::digest(bytes));
+    let modules = format!("{}/v1/modules", url.trim_end_matches('/'));
+    let deadline = Instant::now() + wait;
+    let destination = std::fs::canonicalize(destination).unwrap_or_else(|_| destination.to_owned());
     loop {
-        if let Ok(response) = client().get(&url).send().await
+        if let Ok(response) = client().get(&modules).send().await
             && let Ok(body) = response.json::<Value>().await
         {
             if let Some(module) = serving(&body, &hash) {
-                println!(
-                    "serving: {} {} (generation {})",
+                return Answer::Serving(format!(
+                    "serving: {} {} (generation {}, content hash {})",
                     module["name"].as_str().unwrap_or("?"),
                     module["version"].as_str().unwrap_or("?"),
-                    module["generation"]
-                );
-                return Ok(());
+                    module["generation"],
+                    &hash[..12]
+                ));
             }
-            if let Some(reason) = refusal(&body, &destination, started) {
-                bail!("the host refused {}: {reason}", destination.display());
+            if let Some(reason) = refusal(&body, &destination, since) {
+                return Answer::Refused(reason);
             }
         }
         if Instant::now() >= deadline {
-            bail!(
-                "the host at {} did not report serving the build within {} s (is it running with --plugins {}?)",
-                args.target.url,
-                args.wait,
-                args.plugins.display()
-            );
+            return Answer::Silent;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -77,7 +106,7 @@ pub async fn deploy(args: DeployArgs) -> Result<()> {
 /// Write `bytes` next to `destination` under a hidden temporary name, flush
 /// them to disk, and rename the file over `destination` (atomic on one file
 /// system).
-fn write_then_rename(bytes: &[u8], destination: &Path) -> Result<()> {
+pub(crate) fn write_then_rename(bytes: &[u8], destination: &Path) -> Result<()> {
     let directory = destination.parent().context("the destination has no directory")?;
     let name = destination.file_name().context("the destination has no name")?.to_string_lossy();
     let temporary = directory.join(format!(".{name}.{}.partial", std::process::id()));

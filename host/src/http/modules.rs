@@ -56,6 +56,8 @@ async fn modules(State(state): State<Arc<ApiState>>) -> Json<Value> {
                 "name": m.name,
                 "version": m.version,
                 "content_hash": m.content_hash,
+                // Two builds of one version told apart: `VERSION+HASH`.
+                "build": format!("{}+{}", m.version, &m.content_hash[..m.content_hash.len().min(12)]),
                 "generation": m.generation(),
                 "file": (!m.file.as_os_str().is_empty()).then(|| m.file.display().to_string()),
                 "state": if m.quarantine().is_some() { "quarantined" } else { "serving" },

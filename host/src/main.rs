@@ -348,14 +348,28 @@ async fn serve(args: ServeArgs, ready: Option<tokio::sync::oneshot::Sender<Strin
         AuthMode::Off => "",
     };
     println!("try:");
-    println!(
-        "  curl -s{auth} -X POST {base}/v1/aggregates/account/acc-1/commands/OpenAccount -H 'content-type: application/json' -d '{{\"owner\":\"Ada\",\"initial_balance\":100}}'"
-    );
-    println!("  curl -s{auth} -X POST {base}/v1/aggregates/account/acc-1/commands/DepositMoney -d '{{\"amount\":50}}'");
-    println!("  curl -s{auth} {base}/v1/aggregates/account/acc-1");
-    println!("  curl -s{auth} {base}/v1/aggregates/account/acc-1/events");
-    println!("  curl -s{auth} {base}/v1/projections");
-    println!("  curl -s{auth} {base}/v1/projections/account_summaries/accounts/acc-1");
+    let mut modules: Vec<_> = runtime.commands.modules().modules().cloned().collect();
+    modules.sort_by(|a, b| a.name.cmp(&b.name));
+    for module in &modules {
+        if let Some(aggregate) = module.manifest.aggregates.first() {
+            if let Some(command) = aggregate.command_types.first() {
+                println!(
+                    "  curl -s{auth} -X POST {base}/v1/aggregates/{}/ID/commands/{command} -d '{{…}}'   # {}: {}",
+                    aggregate.name,
+                    module.name,
+                    aggregate.command_types.join(", ")
+                );
+            }
+            println!("  curl -s{auth} {base}/v1/aggregates/{}/ID", aggregate.name);
+        }
+        if let Some(projection) = module.manifest.projections.first() {
+            println!("  curl -s{auth} {base}/v1/projections/{}", projection.name);
+        }
+    }
+    if modules.is_empty() {
+        println!("  (no module loaded yet: drop a .wasm into the plugins directory, or `orchestrix deploy FILE.wasm`)");
+    }
+    println!("  curl -s{auth} '{base}/v1/events?limit=10'");
     println!("  curl -s{auth} {base}/metrics");
     runtime.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped cleanly");

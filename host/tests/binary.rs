@@ -623,7 +623,16 @@ async fn deploy_writes_then_renames_and_reports_the_hosts_answer() {
     let dir = std::env::temp_dir().join(format!("orchestrix-deploy-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(dir.join("plugins")).unwrap();
     let store = format!("sqlite://{}", dir.join("events.db").display());
-    let (mut host, url, _banner) = serve_from(&dir, &["--store", &store]).await;
+    let (mut host, url, mut banner) = serve_from(&dir, &["--store", &store]).await;
+    let mut said = Vec::new();
+    while let Some(line) = banner.next_line().await.unwrap() {
+        let done = line.contains("/metrics");
+        said.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(said.iter().any(|line| line.contains("no module loaded yet")), "{said:?}");
     let plugins = dir.join("plugins").display().to_string();
     let garbage = dir.join("broken.wasm");
     std::fs::write(&garbage, b"not a module").unwrap();
@@ -717,6 +726,9 @@ async fn a_scaffolded_module_tests_builds_small_and_serves() {
         waited.await.unwrap_or_else(|_| panic!("dev never printed `{wanted}`"))
     };
     let url = until("orchestrix listening on ").await.trim_start_matches("orchestrix listening on ").to_owned();
+    // The banner's examples come from the module it serves.
+    let example = until("/v1/aggregates/book/ID/commands/Create").await;
+    assert!(example.contains("# shelf: Create"), "{example}");
     let serving = until("dev: serving: shelf").await;
     assert!(serving.contains("generation 1"), "{serving}");
     let client = orchestrix_host::http_client::client();

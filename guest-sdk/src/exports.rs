@@ -19,6 +19,7 @@ impl From<DomainError> for types::DomainError {
         match error {
             DomainError::Rejected(reason) => Self::Rejected(reason),
             DomainError::Invalid(reason) => Self::Invalid(reason),
+            DomainError::RejectedWith { code, message } => Self::RejectedWith(types::Rejection { code, message }),
         }
     }
 }

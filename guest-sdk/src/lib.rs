@@ -125,16 +125,33 @@ pub mod bindings {
 /// Why a module refused a command (or could not read its input).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainError {
-    /// A business rule forbids it. The host answers 422.
+    /// A business rule forbids it. The host answers 422, error code
+    /// `rejected`.
     Rejected(String),
     /// The input does not make sense for its type. The host answers 400.
     Invalid(String),
+    /// A business rule forbids it, with a code clients can match on. The
+    /// host answers 422 with `code` as the error code.
+    RejectedWith { code: String, message: String },
 }
 
 impl DomainError {
     /// A business-rule rejection.
     pub fn rejected(reason: impl Into<String>) -> Self {
         Self::Rejected(reason.into())
+    }
+
+    /// A business-rule rejection with a machine-readable code — `snake_case`,
+    /// up to 64 characters (`insufficient_funds`) — which clients get as
+    /// `{"error": {"code": "insufficient_funds", "message": …}}`.
+    ///
+    /// ```
+    /// use orchestrix_guest::DomainError;
+    /// let error = DomainError::rejected_with("insufficient_funds", "balance 10, requested 50");
+    /// assert_eq!(error.to_string(), "rejected (insufficient_funds): balance 10, requested 50");
+    /// ```
+    pub fn rejected_with(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::RejectedWith { code: code.into(), message: message.into() }
     }
 
     /// An invalid-input error.
@@ -148,6 +165,7 @@ impl fmt::Display for DomainError {
         match self {
             Self::Rejected(reason) => write!(f, "rejected: {reason}"),
             Self::Invalid(reason) => write!(f, "invalid: {reason}"),
+            Self::RejectedWith { code, message } => write!(f, "rejected ({code}): {message}"),
         }
     }
 }

@@ -209,14 +209,27 @@ where
         self
     }
 
-    /// Assert a business-rule rejection whose reason contains `reason`.
+    /// Assert a business-rule rejection (with a code or without) whose
+    /// reason contains `reason`.
     #[track_caller]
     pub fn then_expect_rejection(self, reason: &str) {
         match self.result {
-            Err(DomainError::Rejected(actual)) => {
+            Err(DomainError::Rejected(actual) | DomainError::RejectedWith { message: actual, .. }) => {
                 assert!(actual.contains(reason), "rejection `{actual}` does not mention `{reason}`")
             }
             other => panic!("expected a rejection mentioning `{reason}`, got {other:?}"),
+        }
+    }
+
+    /// Assert a business-rule rejection with the code `code`
+    /// ([`DomainError::rejected_with`]).
+    #[track_caller]
+    pub fn then_expect_rejection_code(self, code: &str) {
+        match self.result {
+            Err(DomainError::RejectedWith { code: actual, .. }) => {
+                assert_eq!(actual, code, "the rejection's code")
+            }
+            other => panic!("expected a rejection with the code `{code}`, got {other:?}"),
         }
     }
 

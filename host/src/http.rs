@@ -208,13 +208,14 @@ async fn request_limits(request: axum::extract::Request, next: axum::middleware:
 /// An error response.
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    /// One of the API's codes, or a module's own rejection code.
+    code: std::borrow::Cow<'static, str>,
     message: String,
 }
 
 impl ApiError {
     pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code: code.into(), message: message.into() }
     }
 }
 
@@ -222,7 +223,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response =
             (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response();
-        response.extensions_mut().insert(access::ErrorCode(self.code));
+        response.extensions_mut().insert(access::ErrorCode(self.code.clone()));
         response
     }
 }
@@ -238,7 +239,10 @@ impl From<CommandError> for ApiError {
             CommandError::NoStateAt { .. } => "no_state_at",
             CommandError::Invalid(_) => "invalid_command",
             CommandError::InvalidInput(input) => invalid_input_code(input),
-            CommandError::Rejected(_) => "rejected",
+            CommandError::Rejected { code: Some(code), .. } => {
+                return Self { status: kind_status(error.kind()), code: code.clone().into(), message };
+            }
+            CommandError::Rejected { code: None, .. } => "rejected",
             CommandError::Conflict { .. } => "version_conflict",
             CommandError::Guest(_) => "module_failure",
             CommandError::Quarantined { .. } => "module_quarantined",

@@ -83,8 +83,10 @@ pub enum CommandError {
     InvalidInput(#[from] InvalidInput),
     #[error("{0}")]
     Invalid(String),
-    #[error("{0}")]
-    Rejected(String),
+    /// A business rule said no; `code` is the module's own code for it,
+    /// when it gave one in the shape an API error code takes.
+    #[error("{reason}")]
+    Rejected { code: Option<String>, reason: String },
     #[error("version conflict on {stream}: expected {expected}, aggregate is at {actual}")]
     Conflict { stream: StreamId, expected: u64, actual: u64 },
     #[error(
@@ -117,8 +119,14 @@ impl From<StoreError> for CommandError {
 impl From<DomainError> for CommandError {
     fn from(error: DomainError) -> Self {
         match error {
-            DomainError::Rejected(reason) => CommandError::Rejected(reason),
+            DomainError::Rejected(reason) => CommandError::Rejected { code: None, reason },
             DomainError::Invalid(reason) => CommandError::Invalid(reason),
+            DomainError::RejectedWith(rejection) => {
+                let well_formed = rejection.code.len() <= 64
+                    && rejection.code.starts_with(|c: char| c.is_ascii_lowercase())
+                    && rejection.code.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                CommandError::Rejected { code: well_formed.then_some(rejection.code), reason: rejection.message }
+            }
         }
     }
 }
@@ -212,7 +220,7 @@ impl CommandError {
             | CommandError::NotFound(_)
             | CommandError::NoStateAt { .. } => ErrorKind::NotFound,
             CommandError::Invalid(_) | CommandError::InvalidInput(_) => ErrorKind::Invalid,
-            CommandError::Rejected(_) => ErrorKind::Rejected,
+            CommandError::Rejected { .. } => ErrorKind::Rejected,
             CommandError::Conflict { .. } => ErrorKind::Conflict,
             CommandError::Guest(_) | CommandError::Contract { .. } => ErrorKind::ModuleFailure,
             CommandError::Quarantined { .. } => ErrorKind::Unavailable,

@@ -74,7 +74,9 @@ async fn deposits_and_withdrawals() {
         expect(&host, "a", "DepositMoney", &body, StatusCode::BAD_REQUEST, Some("invalid_command")).await;
         expect(&host, "a", "WithdrawMoney", &body, StatusCode::BAD_REQUEST, Some("invalid_command")).await;
     }
-    expect(&host, "a", "WithdrawMoney", r#"{"amount":121}"#, StatusCode::UNPROCESSABLE_ENTITY, Some("rejected")).await;
+    // An overdraft carries the module's own rejection code.
+    let overdraft = (StatusCode::UNPROCESSABLE_ENTITY, Some("insufficient_funds"));
+    expect(&host, "a", "WithdrawMoney", r#"{"amount":121}"#, overdraft.0, overdraft.1).await;
     expect(&host, "a", "WithdrawMoney", r#"{"amount":120}"#, StatusCode::OK, None).await;
     assert_eq!(host.balance("a").await, 0);
     host.stop().await;

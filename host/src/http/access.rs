@@ -136,8 +136,8 @@ impl Access {
 }
 
 /// The error code of an [`ApiError`] response, for the audit log.
-#[derive(Clone, Copy)]
-pub(super) struct ErrorCode(pub &'static str);
+#[derive(Clone)]
+pub(super) struct ErrorCode(pub std::borrow::Cow<'static, str>);
 
 /// Decide a request (see the module docs).
 pub(super) async fn authorize(State(access): State<Access>, request: Request, next: Next) -> Response {
@@ -194,7 +194,7 @@ pub(super) async fn authorize(State(access): State<Access>, request: Request, ne
     if let Some((action, target)) = audit {
         let status = response.status();
         let outcome = match response.extensions().get::<ErrorCode>() {
-            Some(ErrorCode(code)) => (*code).to_owned(),
+            Some(ErrorCode(code)) => code.to_string(),
             None if status.is_success() => "ok".into(),
             None => status.as_str().to_owned(),
         };
@@ -237,7 +237,7 @@ fn forbidden(scope: &str) -> Response {
     };
     let body = json!({"error": {"code": "forbidden", "message": message, "scope": scope}});
     let mut response = (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
-    response.extensions_mut().insert(ErrorCode("forbidden"));
+    response.extensions_mut().insert(ErrorCode("forbidden".into()));
     response
 }
 

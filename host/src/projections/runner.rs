@@ -440,9 +440,7 @@ fn guest_result<T>(
 ) -> Result<T, BatchFailure> {
     match result {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(crate::sandbox::DomainError::Rejected(reason) | crate::sandbox::DomainError::Invalid(reason))) => {
-            Err(BatchFailure::Guest(format!("`{function}` returned an error: {reason}")))
-        }
+        Ok(Err(error)) => Err(BatchFailure::Guest(format!("`{function}` returned an error: {}", error.describe()))),
         Err(failure) => Err(BatchFailure::Guest(failure.to_string())),
     }
 }

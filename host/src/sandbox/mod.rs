@@ -55,7 +55,7 @@ pub use bindings::exports::orchestrix::domain::saga::{
     CommandResult as GuestCommandResult, Reaction, SagaInput as GuestSagaInput, TimerFired as GuestTimerFired,
 };
 pub use bindings::exports::orchestrix::domain::upcaster::UpcastEvent;
-pub use bindings::orchestrix::domain::types::{Command, DomainError, NewEvent, RecordedEvent};
+pub use bindings::orchestrix::domain::types::{Command, DomainError, NewEvent, RecordedEvent, Rejection};
 
 impl DomainError {
     /// The error as one line: which kind, and the module's reason.
@@ -63,6 +63,7 @@ impl DomainError {
         match self {
             DomainError::Rejected(reason) => format!("rejected: {reason}"),
             DomainError::Invalid(reason) => format!("invalid: {reason}"),
+            DomainError::RejectedWith(rejection) => format!("rejected ({}): {}", rejection.code, rejection.message),
         }
     }
 }
@@ -661,7 +662,7 @@ fn describe_trap(error: &wasmtime::Error, limits: &SandboxLimits) -> (&'static s
 /// The version of the `orchestrix:domain` package this host serves: the
 /// `package` line of `wit/domain.wit`, which the `bindgen!` reads (a test
 /// keeps the two equal).
-const WORLD_VERSION: &str = "0.3.0";
+const WORLD_VERSION: &str = "0.4.0";
 
 /// Refuse a component built against another version of the contract,
 /// naming both versions. Without this, wasmtime's type check would report

@@ -134,10 +134,10 @@ impl Aggregate for Account {
                 self.require(Status::Active, "withdraw")?;
                 positive(amount)?;
                 if self.balance < amount {
-                    return Err(DomainError::rejected(format!(
-                        "insufficient funds: balance {}, requested {amount}",
-                        self.balance
-                    )));
+                    return Err(DomainError::rejected_with(
+                        "insufficient_funds",
+                        format!("insufficient funds: balance {}, requested {amount}", self.balance),
+                    ));
                 }
                 MoneyWithdrawn { amount }
             }
@@ -248,7 +248,7 @@ mod tests {
             .when(WithdrawMoney { amount: 30 })
             .then_expect_state(serde_json::json!({"status": "ACTIVE", "owner": "Ada", "balance": 120}))
             .when(WithdrawMoney { amount: 500 })
-            .then_expect_rejection("insufficient");
+            .then_expect_rejection_code("insufficient_funds");
     }
 
     #[test]

@@ -103,6 +103,59 @@ impl ChainHead {
     }
 }
 
+/// What sealing needs of a backend's connection (it holds whatever
+/// serialises writers: the single SQLite writer, the PostgreSQL lock).
+pub(super) trait ChainRows {
+    async fn chain_head(&mut self) -> Result<ChainHead, StoreError>;
+    /// The position and chain of the last event that has one.
+    async fn last_sealed(&mut self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    async fn events_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Store the chain of each `(position, chain)`.
+    async fn write_chains(&mut self, links: &[(u64, ChainHash)]) -> Result<(), StoreError>;
+}
+
+/// Events sealed per read and write (two parameters each in SQLite's
+/// multi-row update).
+const SEAL_BATCH: usize = 5_000;
+
+/// Chain the unsealed end of the log — events written before the chain
+/// existed (a store migrated from an older version, an older host still
+/// writing) or with it turned off — onto the last sealed event, and return
+/// the head's chain (`None` for an empty log). An unsealed event in the
+/// middle of the log is left for [`verify`] to report.
+pub(super) async fn seal(rows: &mut impl ChainRows) -> Result<Option<ChainHash>, StoreError> {
+    let head = rows.chain_head().await?;
+    if head.position == 0 || head.chain.is_some() {
+        return Ok(head.chain);
+    }
+    let (mut after, mut previous) = match rows.last_sealed().await? {
+        Some((position, chain)) => (position, stored(Some(chain))?.unwrap_or(GENESIS)),
+        None => (0, GENESIS),
+    };
+    let sealed_after = after;
+    let mut count = 0;
+    loop {
+        let events = rows.events_after(after, SEAL_BATCH).await?;
+        let Some(last) = events.last() else { break };
+        after = last.position;
+        let links: Vec<(u64, ChainHash)> = events
+            .iter()
+            .map(|event| {
+                previous = link(&previous, event);
+                (event.position, previous)
+            })
+            .collect();
+        rows.write_chains(&links).await?;
+        count += links.len();
+    }
+    tracing::warn!(
+        events = count,
+        after_position = sealed_after,
+        "sealed events that had no chain (written before the chain existed, or with it off) onto the chain"
+    );
+    Ok(Some(previous))
+}
+
 /// Where a chain stops vouching for the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -138,7 +138,7 @@ impl PostgresStore {
         if options.chain_events {
             let begin = format!("BEGIN; SELECT pg_advisory_xact_lock({})", lock_key(&schema));
             sqlx::raw_sql(AssertSqlSafe(begin)).execute(&mut setup).await.map_err(database_error)?;
-            let sealed = seal_chain(&mut setup).await;
+            let sealed = chain::seal(&mut setup).await;
             let end = if sealed.is_ok() { "COMMIT" } else { "ROLLBACK" };
             setup.execute(end).await.map_err(database_error)?;
             sealed?;
@@ -630,7 +630,7 @@ impl EventStore for PostgresStore {
                 let head_chain = match head.chain {
                     Some(chain) => Some(chain),
                     None if head.position == 0 => Some(chain::GENESIS),
-                    None => Some(seal_chain(connection).await?),
+                    None => Some(chain::seal(connection).await?.unwrap_or(chain::GENESIS)),
                 };
                 let mut streams: Vec<&StreamId> = events.iter().map(|event| &event.stream).collect();
                 streams.sort();
@@ -731,68 +731,45 @@ async fn read_chain_head(connection: &mut PgConnection) -> Result<ChainHead, Sto
     })
 }
 
-/// Chain the unsealed end of the log — events written before the chain
-/// existed (a store migrated from an older version, or an older host
-/// still writing) or with it turned off — onto the last sealed event, and
-/// return the head's chain. The caller holds the appends' advisory lock in
-/// the open transaction. An unsealed event in the middle of the log is left
-/// for `verify` to report.
-async fn seal_chain(connection: &mut PgConnection) -> Result<ChainHash, StoreError> {
-    let head = read_chain_head(connection).await?;
-    if let Some(chain) = head.chain {
-        return Ok(chain);
+impl chain::ChainRows for PgConnection {
+    async fn chain_head(&mut self) -> Result<ChainHead, StoreError> {
+        read_chain_head(self).await
     }
-    let sealed: Option<(i64, Vec<u8>)> =
-        sqlx::query_as("SELECT position, chain FROM events WHERE chain IS NOT NULL ORDER BY position DESC LIMIT 1")
-            .fetch_optional(&mut *connection)
-            .await
-            .map_err(database_error)?;
-    let (mut after, mut previous) = match sealed {
-        Some((position, stored)) => (position as u64, chain::stored(Some(stored))?.unwrap_or(chain::GENESIS)),
-        None => (0, chain::GENESIS),
-    };
-    let sealed_after = after;
-    let mut count = 0u64;
-    loop {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM events WHERE position > $1 ORDER BY position LIMIT 5000"
-        ))
-        .bind(after as i64)
-        .fetch_all(&mut *connection)
-        .await
-        .map_err(database_error)?;
-        if rows.is_empty() {
-            break;
-        }
-        let (mut positions, mut links) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
-        for row in &rows {
-            let event = decode_event(row);
-            previous = chain::link(&previous, &event);
-            positions.push(event.position as i64);
-            links.push(previous.to_vec());
-            after = event.position;
-        }
+
+    async fn last_sealed(&mut self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let sealed: Option<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT position, chain FROM events WHERE chain IS NOT NULL ORDER BY position DESC LIMIT 1")
+                .fetch_optional(&mut *self)
+                .await
+                .map_err(database_error)?;
+        Ok(sealed.map(|(position, chain)| (position as u64, chain)))
+    }
+
+    async fn events_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows =
+            sqlx::query(concat!("SELECT ", columns!(), " FROM events WHERE position > $1 ORDER BY position LIMIT $2"))
+                .bind(after as i64)
+                .bind(limit as i64)
+                .fetch_all(&mut *self)
+                .await
+                .map_err(database_error)?;
+        Ok(rows.iter().map(decode_event).collect())
+    }
+
+    async fn write_chains(&mut self, links: &[(u64, ChainHash)]) -> Result<(), StoreError> {
+        let positions: Vec<i64> = links.iter().map(|(position, _)| *position as i64).collect();
+        let chains: Vec<&[u8]> = links.iter().map(|(_, chain)| chain.as_slice()).collect();
         sqlx::query(
             "UPDATE events SET chain = sealed.chain FROM UNNEST($1::bigint[], $2::bytea[]) AS sealed(position, chain) \
              WHERE events.position = sealed.position",
         )
         .bind(&positions)
-        .bind(&links)
-        .execute(&mut *connection)
+        .bind(&chains)
+        .execute(&mut *self)
         .await
         .map_err(database_error)?;
-        count += positions.len() as u64;
+        Ok(())
     }
-    if count > 0 {
-        tracing::warn!(
-            events = count,
-            after_position = sealed_after,
-            "sealed events that had no chain (written before the chain existed, or with it off) onto the chain"
-        );
-    }
-    Ok(previous)
 }
 
 fn decode_event(row: &PgRow) -> StoredEvent {
@@ -1020,7 +997,7 @@ impl Writer {
             (true, None) if head == 0 => Some(chain::GENESIS),
             // Rows another host wrote without a chain (an older version):
             // sealed here, under the lock.
-            (true, None) => Some(seal_chain(connection).await?),
+            (true, None) => Some(chain::seal(connection).await?.unwrap_or(chain::GENESIS)),
         };
         let generations: HashMap<String, u64> =
             serde_json::from_str(&generations).map_err(|e| StoreError::Corrupt(format!("module generations: {e}")))?;

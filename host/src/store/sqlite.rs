@@ -176,7 +176,7 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::unavailable(format!("migrations failed: {e}")))?;
         if options.chain_events {
-            seal_chain(&mut writer).await?;
+            chain::seal(&mut writer).await?;
         }
         let ChainHead { position: head, chain: head_chain } = read_chain_head(&mut writer).await?;
         let head_chain = options.chain_events.then(|| head_chain.unwrap_or(chain::GENESIS));
@@ -993,58 +993,41 @@ async fn read_chain_head(connection: &mut SqliteConnection) -> Result<ChainHead,
     })
 }
 
-/// Chain the unsealed end of the log — events written before the chain
-/// existed (a store migrated from an older version) or with it turned off —
-/// onto the last sealed event. An unsealed event in the middle of the log is
-/// left for `verify` to report.
-async fn seal_chain(connection: &mut SqliteConnection) -> Result<(), StoreError> {
-    let head = read_chain_head(connection).await?;
-    if head.position == 0 || head.chain.is_some() {
-        return Ok(());
+impl chain::ChainRows for SqliteConnection {
+    async fn chain_head(&mut self) -> Result<ChainHead, StoreError> {
+        read_chain_head(self).await
     }
-    let sealed: Option<(i64, Vec<u8>)> =
-        sqlx::query_as("SELECT position, chain FROM events WHERE chain IS NOT NULL ORDER BY position DESC LIMIT 1")
-            .fetch_optional(&mut *connection)
-            .await
-            .map_err(database_error)?;
-    let (mut after, mut previous) = match sealed {
-        Some((position, stored)) => (position as u64, chain::stored(Some(stored))?.unwrap_or(chain::GENESIS)),
-        None => (0, chain::GENESIS),
-    };
-    let sealed_after = after;
-    let mut count = 0u64;
-    loop {
+
+    async fn last_sealed(&mut self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let sealed: Option<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT position, chain FROM events WHERE chain IS NOT NULL ORDER BY position DESC LIMIT 1")
+                .fetch_optional(&mut *self)
+                .await
+                .map_err(database_error)?;
+        Ok(sealed.map(|(position, chain)| (position as u64, chain)))
+    }
+
+    async fn events_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         let rows =
             sqlx::query(concat!("SELECT ", columns!(), " FROM events WHERE position > ? ORDER BY position LIMIT ?"))
                 .bind(after as i64)
-                .bind(ROWS_PER_INSERT as i64)
-                .fetch_all(&mut *connection)
+                .bind(limit as i64)
+                .fetch_all(&mut *self)
                 .await
                 .map_err(database_error)?;
-        if rows.is_empty() {
-            break;
-        }
-        let mut links = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let event = decode_event(row)?;
-            previous = chain::link(&previous, &event);
-            links.push((event.position as i64, previous));
-            after = event.position;
-        }
-        let mut update: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE events SET chain = sealed.column2 FROM (");
-        update.push_values(&links, |mut row, (position, link)| {
-            row.push_bind(*position).push_bind(link.as_slice());
-        });
-        update.push(") AS sealed WHERE events.position = sealed.column1");
-        update.build().execute(&mut *connection).await.map_err(database_error)?;
-        count += links.len() as u64;
+        rows.iter().map(decode_event).collect()
     }
-    if count > 0 {
-        tracing::warn!(
-            events = count,
-            after_position = sealed_after,
-            "sealed events that had no chain (written before the chain existed, or with it off) onto the chain"
-        );
+
+    async fn write_chains(&mut self, links: &[(u64, ChainHash)]) -> Result<(), StoreError> {
+        // Two parameters a row; SQLite allows 32766 in one statement.
+        for chunk in links.chunks(16_000) {
+            let mut update: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE events SET chain = sealed.column2 FROM (");
+            update.push_values(chunk, |mut row, (position, link)| {
+                row.push_bind(*position as i64).push_bind(link.as_slice());
+            });
+            update.push(") AS sealed WHERE events.position = sealed.column1");
+            update.build().execute(&mut *self).await.map_err(database_error)?;
+        }
+        Ok(())
     }
-    Ok(())
 }

@@ -17,8 +17,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use sqlx::postgres::{PgConnectOptions, PgRow};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteRow};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Connection, PgConnection, Postgres, QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::{ChainHead, EventStore, StoreError, StoreOptions, database_error, database_error_in};
@@ -162,7 +162,7 @@ impl Database {
                 let mut stream = sqlx::query(sql).fetch(connection);
                 let mut rows = Vec::new();
                 while let Some(row) = stream.try_next().await.map_err(database_error)? {
-                    rows.push(decode_sqlite(&row, &kinds)?);
+                    rows.push(decode(&row, &kinds)?);
                 }
                 rows
             }
@@ -170,7 +170,7 @@ impl Database {
                 let mut stream = sqlx::query(sql).fetch(connection);
                 let mut rows = Vec::new();
                 while let Some(row) = stream.try_next().await.map_err(database_error)? {
-                    rows.push(decode_postgres(&row, &kinds)?);
+                    rows.push(decode(&row, &kinds)?);
                 }
                 rows
             }
@@ -231,21 +231,14 @@ impl Database {
     }
 }
 
-fn decode_sqlite(row: &SqliteRow, kinds: &[Kind]) -> Result<Vec<Cell>, StoreError> {
-    kinds
-        .iter()
-        .enumerate()
-        .map(|(index, kind)| {
-            Ok(match kind {
-                Kind::Integer => Cell::Integer(row.try_get(index).map_err(database_error)?),
-                Kind::Text | Kind::Json => Cell::Text(row.try_get(index).map_err(database_error)?),
-                Kind::Bytes => Cell::Bytes(row.try_get(index).map_err(database_error)?),
-            })
-        })
-        .collect()
-}
-
-fn decode_postgres(row: &PgRow, kinds: &[Kind]) -> Result<Vec<Cell>, StoreError> {
+/// A row's values, each read as its column's kind says.
+fn decode<R: Row>(row: &R, kinds: &[Kind]) -> Result<Vec<Cell>, StoreError>
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     kinds
         .iter()
         .enumerate()

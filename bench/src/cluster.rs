@@ -30,8 +30,8 @@ use orchestrix_host::store::StreamId;
 use orchestrix_testkit::with_build_label;
 use parking_lot::Mutex;
 
-use crate::storage::{BenchStorage, append_rate};
-use crate::{Backend, BenchArgs, describe, median_by, percentile_ms};
+use crate::storage::{BenchStorage, option_cost};
+use crate::{Backend, BenchArgs, median_by, percentile_ms};
 
 const STREAMS: usize = 1000;
 const CLIENTS: usize = 64;
@@ -45,24 +45,7 @@ pub async fn cluster(args: &BenchArgs, backend: Backend) -> Result<()> {
 }
 
 async fn fence(args: &BenchArgs, backend: Backend) -> Result<()> {
-    println!(
-        "bench cluster/fence: {CLIENTS} appenders, one event an append over {STREAMS} streams, {} s per run, fence off \
-         then on, alternating, {} runs each, store {}",
-        args.seconds,
-        args.runs,
-        describe(args, backend)
-    );
-    let (mut off, mut on) = (Vec::new(), Vec::new());
-    for run in 1..=args.runs {
-        let without = append_rate(args, backend, |options| options.fence_modules = false).await?;
-        let with = append_rate(args, backend, |options| options.fence_modules = true).await?;
-        println!("  run {run}: fence off {without:.0} appends/s, on {with:.0} appends/s");
-        off.push(without);
-        on.push(with);
-    }
-    let (off, on) = (median_by(off, |r| *r), median_by(on, |r| *r));
-    println!("  median: fence off {off:.0} appends/s, on {on:.0} appends/s ({:.1}%)", on / off * 100.0);
-    Ok(())
+    option_cost(args, backend, "cluster/fence", "fence", |options, on| options.fence_modules = on).await
 }
 
 /// A host of the publish benchmark: store mode, its own cache, no

@@ -17,8 +17,8 @@ use orchestrix_host::store::chain;
 use orchestrix_host::store::transfer;
 use orchestrix_host::store::{self, AppendRequest, EventData, EventMetadata, ExpectedVersion, StoreOptions, StreamId};
 
-use crate::storage::{BenchStorage, append_rate};
-use crate::{Backend, BenchArgs, describe, median_by};
+use crate::storage::{BenchStorage, option_cost};
+use crate::{Backend, BenchArgs, median_by};
 
 pub async fn data(args: &BenchArgs, backend: Backend) -> Result<()> {
     chain_cost(args, backend).await?;
@@ -26,24 +26,7 @@ pub async fn data(args: &BenchArgs, backend: Backend) -> Result<()> {
 }
 
 async fn chain_cost(args: &BenchArgs, backend: Backend) -> Result<()> {
-    println!(
-        "bench data/chain: 64 appenders, one event an append over 1000 streams, {} s per run, chain off then on, \
-         alternating, {} runs each, store {}",
-        args.seconds,
-        args.runs,
-        describe(args, backend)
-    );
-    let (mut off, mut on) = (Vec::new(), Vec::new());
-    for run in 1..=args.runs {
-        let without = append_rate(args, backend, |options| options.chain_events = false).await?;
-        let with = append_rate(args, backend, |options| options.chain_events = true).await?;
-        println!("  run {run}: chain off {without:.0} appends/s, on {with:.0} appends/s");
-        off.push(without);
-        on.push(with);
-    }
-    let (off, on) = (median_by(off, |r| *r), median_by(on, |r| *r));
-    println!("  median: chain off {off:.0} appends/s, on {on:.0} appends/s ({:.1}%)", on / off * 100.0);
-    Ok(())
+    option_cost(args, backend, "data/chain", "chain", |options, on| options.chain_events = on).await
 }
 
 /// `events` events in `url`'s store: 100 an append, 16 writers, on 1,000 streams.

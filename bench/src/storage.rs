@@ -148,3 +148,33 @@ pub async fn append_rate(args: &BenchArgs, backend: Backend, configure: impl FnO
     storage.remove().await?;
     Ok(rate)
 }
+
+/// The group-commit cost of one store option: [`append_rate`] with
+/// `switch` off, then on, alternating, `--runs` times each; prints every
+/// run and the medians (`suite` names the report, `what` the option).
+pub async fn option_cost(
+    args: &BenchArgs,
+    backend: Backend,
+    suite: &str,
+    what: &str,
+    switch: fn(&mut StoreOptions, bool),
+) -> Result<()> {
+    println!(
+        "bench {suite}: {CLIENTS} appenders, one event an append over {STREAMS} streams, {} s per run, {what} off then \
+         on, alternating, {} runs each, store {}",
+        args.seconds,
+        args.runs,
+        crate::describe(args, backend)
+    );
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for run in 1..=args.runs {
+        let without = append_rate(args, backend, |options| switch(options, false)).await?;
+        let with = append_rate(args, backend, |options| switch(options, true)).await?;
+        println!("  run {run}: {what} off {without:.0} appends/s, on {with:.0} appends/s");
+        off.push(without);
+        on.push(with);
+    }
+    let (off, on) = (crate::median_by(off, |r| *r), crate::median_by(on, |r| *r));
+    println!("  median: {what} off {off:.0} appends/s, on {on:.0} appends/s ({:.1}%)", on / off * 100.0);
+    Ok(())
+}

@@ -45,6 +45,60 @@ pub enum ReadModelOp {
 /// own) register it with
 /// [`ModuleBuilder::projection_of`](crate::ModuleBuilder::projection_of),
 /// naming whose events they are.
+///
+/// A worked example — a running total per customer, tested natively:
+///
+/// ```
+/// use orchestrix_guest::testing::projection;
+/// use orchestrix_guest::{DocumentKey, Documents, DomainError, Envelope, Projection};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// enum OrderEvent {
+///     Placed { customer: String, total: i64 },
+///     Cancelled { customer: String, total: i64 },
+/// }
+///
+/// #[derive(Default, Serialize, Deserialize)]
+/// struct Spent {
+///     total: i64,
+///     orders: u32,
+/// }
+///
+/// #[derive(Default)]
+/// struct SpentPerCustomer;
+///
+/// impl Projection for SpentPerCustomer {
+///     const NAME: &'static str = "spent_per_customer";
+///     type Event = OrderEvent;
+///
+///     // Name every document `project` reads: the host loads them first.
+///     fn touches(&self, event: &Envelope<OrderEvent>) -> Vec<DocumentKey> {
+///         match &event.event {
+///             OrderEvent::Placed { customer, .. } | OrderEvent::Cancelled { customer, .. } => {
+///                 vec![DocumentKey::new("customers", customer)]
+///             }
+///         }
+///     }
+///
+///     fn project(&self, event: &Envelope<OrderEvent>, documents: &mut Documents) -> Result<(), DomainError> {
+///         let (customer, change, orders) = match &event.event {
+///             OrderEvent::Placed { customer, total } => (customer, *total, 1),
+///             OrderEvent::Cancelled { customer, total } => (customer, -*total, -1),
+///         };
+///         let mut spent: Spent = documents.get("customers", customer)?.unwrap_or_default();
+///         spent.total += change;
+///         spent.orders = spent.orders.saturating_add_signed(orders);
+///         documents.upsert("customers", customer, &spent)
+///     }
+/// }
+///
+/// projection::<SpentPerCustomer>()
+///     .given("order", "o1", [OrderEvent::Placed { customer: "ada".into(), total: 30 }])
+///     .given("order", "o2", [OrderEvent::Placed { customer: "ada".into(), total: 12 }])
+///     .given("order", "o1", [OrderEvent::Cancelled { customer: "ada".into(), total: 30 }])
+///     .then_expect_collection("customers", [("ada", serde_json::json!({"total": 12, "orders": 1}))]);
+/// ```
 pub trait Projection: Default + Send + Sync + 'static {
     /// Projection name, unique across all modules.
     const NAME: &'static str;
